@@ -1,0 +1,86 @@
+"""Shared harness: simulated instances and the router on real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from wa_router.app import ROUTER, Router, build_app
+from wa_router.config import Config, config_from_dict
+from wa_router.sim import SimInstance
+
+API_KEY = "test-key"
+
+
+async def wait_for(cond: Callable[[], bool], timeout_s: float = 5.0, what: str = "") -> None:
+    """Wait until `cond()` holds; fail after the deadline (never a fixed sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        await asyncio.sleep(0.005)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pool_config(sims: list[SimInstance], **sections: Any) -> Config:
+    raw: dict[str, Any] = {"instances": [{"name": s.name, "url": s.url} for s in sims]}
+    raw.update(sections)
+    return config_from_dict(raw)
+
+
+def with_rule_timeout(cfg: Config, rule_name: str, read_timeout_s: float) -> Config:
+    from wa_router.profiles import BLAZZ_RULES
+
+    rules = tuple(dataclasses.replace(r, read_timeout_s=read_timeout_s)
+                  if r.name == rule_name else r for r in BLAZZ_RULES)
+    return dataclasses.replace(cfg, rules=rules)
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[list[SimInstance]]:
+    nodes = [SimInstance(name=f"node-{i}", api_key=API_KEY, connect_delay_s=0.05)
+             for i in range(4)]
+    for n in nodes:
+        await n.start()
+    yield nodes
+    for n in nodes:
+        await n.stop()
+
+
+StartRouter = Callable[[Config], Awaitable[tuple[TestClient[web.Request, web.Application], Router]]]
+
+
+@pytest.fixture
+def start_router(aiohttp_client: Any) -> StartRouter:
+    async def start(cfg: Config) -> tuple[TestClient[web.Request, web.Application], Router]:
+        app = build_app(cfg)
+        client = await aiohttp_client(app)
+        return client, app[ROUTER]
+
+    return start
+
+
+def send_body(session: str, message: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"session_id": session, "workspace_id": 1, "recipient_phone": "628123456789",
+            "message": message, "type": "text", "api_key": API_KEY, **extra}
+
+
+def sends(sim: SimInstance) -> int:
+    return sim.count("POST", "/api/messages/send")
+
+
+def probes(sim: SimInstance, session: str) -> int:
+    return sim.count("GET", f"/api/sessions/{session}/status")

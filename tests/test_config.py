@@ -1,0 +1,114 @@
+"""Config: YAML + env, one clear message naming the key, CLI exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wa_router.cli import main
+from wa_router.config import load_config
+from wa_router.demo import demo_config
+from wa_router.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE = """
+instances:
+  - {name: a, url: "http://127.0.0.1:3001"}
+  - {name: b, url: "http://127.0.0.1:3002"}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "router.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_config_is_the_demo_default() -> None:
+    cfg = load_config(ROOT / "conf" / "router.yaml", {})
+    assert cfg == demo_config()
+
+
+def test_env_overrides_nested_keys(tmp_path: Path) -> None:
+    env = {
+        "WA_ROUTER_SERVER__PORT": "9001",
+        "WA_ROUTER_DISCOVERY__PROBE_TIMEOUT_S": "0.25",
+        "WA_ROUTER_UPSTREAM__API_KEY": "node-secret",
+        "WA_ROUTER_UPSTREAM__CLIENT_KEYS": "[k1, k2]",
+        "OTHER": "ignored",
+    }
+    cfg = load_config(write(tmp_path, BASE), env)
+    assert cfg.server.port == 9001
+    assert cfg.discovery.probe_timeout_s == 0.25
+    assert cfg.upstream.client_keys == ("k1", "k2")
+
+
+def test_config_file_from_env(tmp_path: Path) -> None:
+    p = write(tmp_path, BASE)
+    cfg = load_config(None, {"WA_ROUTER_CONFIG": str(p)})
+    assert [i.name for i in cfg.instances] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "key", "words"),
+    [
+        (BASE + "servr: {port: 1}\n", {}, "servr", "unknown key"),
+        (BASE + "discovery: {probe_timout_s: 1}\n", {}, "discovery.probe_timout_s",
+         "unknown key"),
+        ("instances: [{name: a, url: 'ftp://x:1'}]\n", {}, "instances[0].url", "http://"),
+        ("instances: [{name: a, url: 'not a url'}]\n", {}, "instances[0].url", "http://"),
+        ("instances: [{name: a, url: 'http://h:1/path'}]\n", {}, "instances[0].url", "no path"),
+        (BASE + "  - {name: a, url: 'http://127.0.0.1:3009'}\n", {}, "instances[2].name",
+         "duplicate"),
+        (BASE + "  - {name: c, url: 'http://127.0.0.1:3001'}\n", {}, "instances[2].url",
+         "already instance"),
+        (BASE + "discovery: {negative_ttl_s: -1}\n", {}, "discovery.negative_ttl_s",
+         "negative"),
+        (BASE, {"WA_ROUTER_UPSTREAM__CONNECT_TIMEOUT_S": "-2"}, "upstream.connect_timeout_s",
+         "negative"),
+        (BASE + "server: {port: high}\n", {}, "server.port", "integer"),
+        (BASE, {"WA_ROUTER_NOPE": "1"}, "nope", "unknown key"),
+        ("instances: []\n", {}, "instances", "at least one"),
+        ("server: {port: 1}\n", {}, "instances", "required"),
+        (BASE + "upstream: {api_key: s}\n", {}, "upstream.api_key", "client_keys"),
+        (BASE + "profile: {name: waha}\n", {}, "profile.name", "not one of"),
+        (BASE + "rules: [{name: r, path: '/x/{session}', session_in: body, field: s}]\n", {},
+         "rules[0].path", "{session}"),
+        (BASE + "rules: [{name: r, path: /x, session_in: body}]\n", {}, "rules[0].field",
+         "names"),
+        (BASE + "rules: [{name: r, path: '/**/x', kind: any_instance, session_in: none}]\n",
+         {}, "rules[0].path", "last"),
+        (BASE + "limits: {session_id_pattern: '['}\n", {}, "limits.session_id_pattern",
+         "regular expression"),
+    ],
+)
+def test_bad_config_names_the_key(
+    tmp_path: Path, text: str, env: dict[str, str], key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env)
+    assert info.value.key == key
+    assert words in info.value.message
+
+
+def test_check_config_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(write(tmp_path, BASE))]) == 0
+    assert "OK (2 instances" in capsys.readouterr().out
+    assert main(["check-config", str(write(tmp_path, BASE + "bogus: 1\n"))]) == 2
+    err = capsys.readouterr().err
+    assert "bogus: unknown key" in err
+    assert main(["check-config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_console_script_exits_2_on_bad_config(tmp_path: Path) -> None:
+    bad = write(tmp_path, BASE + "discovery: {probe_timeout_s: -1}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "wa_router.cli", "serve", "-c", str(bad)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 2
+    assert "discovery.probe_timeout_s" in proc.stderr

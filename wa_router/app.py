@@ -1,0 +1,141 @@
+"""Wiring and lifecycle only: build the parts from the config, start and stop them in order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from .apikeys import KeyPolicy
+from .config import Config
+from .directory import Directory
+from .discovery import Discovery
+from .errors import ConfigError
+from .forward import AiohttpForwarder
+from .pool import Pool
+from .profiles import Profile, build_profile
+from .proxy import Proxy
+from .rules import RuleTable, SessionIdPolicy
+from .stores import MemoryStore, Store
+
+log = structlog.get_logger("wa_router.app")
+
+
+@dataclass(slots=True)
+class Router:
+    config: Config
+    profile: Profile
+    pool: Pool
+    store: Store
+    directory: Directory
+    forwarder: AiohttpForwarder
+    discovery: Discovery
+    proxy: Proxy
+
+
+CONFIG = web.AppKey("config", Config)
+ROUTER = web.AppKey("router", Router)
+
+
+def build_store(cfg: Config) -> Store:
+    if cfg.store.kind == "memory":
+        return MemoryStore(tombstone_ttl_s=cfg.directory.tombstone_ttl_s)
+    raise ConfigError("store.kind", f"the {cfg.store.kind} store is not available yet")
+
+
+def build_router(cfg: Config, *, store: Store | None = None) -> Router:
+    profile = build_profile(cfg.profile, cfg.rules)
+    pool = Pool(cfg.instances, suspect_cooldown_s=cfg.pool.suspect_cooldown_s)
+    store = build_store(cfg) if store is None else store
+    directory = Directory(
+        store,
+        cache_ttl_s=cfg.directory.cache_ttl_s,
+        cache_max_entries=cfg.directory.cache_max_entries,
+    )
+    forwarder = AiohttpForwarder(
+        connect_timeout_s=cfg.upstream.connect_timeout_s,
+        keepalive_s=cfg.upstream.keepalive_s,
+        limit_per_host=cfg.upstream.max_connections_per_instance,
+    )
+    discovery = Discovery(
+        pool=pool,
+        profile=profile,
+        forwarder=forwarder,
+        directory=directory,
+        probe_timeout_s=cfg.discovery.probe_timeout_s,
+        negative_ttl_s=cfg.discovery.negative_ttl_s,
+    )
+    proxy = Proxy(
+        profile=profile,
+        rules=RuleTable(profile.rules),
+        ids=SessionIdPolicy(cfg.limits.session_id_max_length, cfg.limits.session_id_pattern),
+        keys=KeyPolicy(profile, cfg.upstream.api_key, cfg.upstream.client_keys),
+        pool=pool,
+        directory=directory,
+        discovery=discovery,
+        forwarder=forwarder,
+        max_body_bytes=cfg.limits.max_body_bytes,
+        probe_timeout_s=cfg.discovery.probe_timeout_s,
+    )
+    return Router(cfg, profile, pool, store, directory, forwarder, discovery, proxy)
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Start the parts; after the server stopped taking requests and those in flight ended
+    (aiohttp's shutdown, bounded by server.shutdown_grace_s), stop them in reverse order."""
+    router = app[ROUTER]
+    await router.forwarder.start()
+    log.info(
+        "router_started",
+        instances=[i.name for i in router.pool.instances],
+        profile=router.profile.name,
+        store=router.config.store.kind,
+    )
+    try:
+        yield
+    finally:
+        await router.forwarder.close()
+        await router.store.close()
+        log.info("router_stopped")
+
+
+def build_app(cfg: Config, *, store: Store | None = None) -> web.Application:
+    router = build_router(cfg, store=store)
+    # Bodies are read by the proxy itself (JSON 413); aiohttp's own limit only backs it up.
+    app = web.Application(client_max_size=cfg.limits.max_body_bytes + 1)
+    app[CONFIG] = cfg
+    app[ROUTER] = router
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_route("*", "/{tail:.*}", router.proxy.handle)
+    return app
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed: the proxy's hot path is mostly socket I/O."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def serve(cfg: Config) -> None:
+    """Run until SIGTERM/SIGINT: stop accepting, let requests in flight finish (bounded by
+    server.shutdown_grace_s), then close upstream connections and the store."""
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    log.info("router_listening", host=cfg.server.host, port=cfg.server.port)
+    web.run_app(
+        build_app(cfg),
+        host=cfg.server.host,
+        port=cfg.server.port,
+        shutdown_timeout=cfg.server.shutdown_grace_s,
+        access_log=None,
+        print=None,
+        loop=loop,
+        handle_signals=True,
+    )

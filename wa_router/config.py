@@ -1,0 +1,393 @@
+"""Configuration: YAML plus `WA_ROUTER_*` environment overrides, validated once.
+
+Every section is a frozen dataclass; durations end in `_s`, sizes in `_bytes`. The loader
+walks the dataclasses, so a key the dataclasses do not name is an error (a typo must not be
+silently ignored), and every error names the dotted key it is about.
+
+Environment overrides: `WA_ROUTER_<SECTION>__<KEY>=value` (double underscore between levels),
+the value read as a YAML scalar or flow collection, e.g.
+`WA_ROUTER_SERVER__PORT=9000`, `WA_ROUTER_UPSTREAM__CLIENT_KEYS='[k1, k2]'`.
+`WA_ROUTER_CONFIG` names the file itself and is not an override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin
+
+import yaml
+from yarl import URL
+
+from .errors import ConfigError
+
+ENV_PREFIX = "WA_ROUTER_"
+ENV_CONFIG_FILE = "WA_ROUTER_CONFIG"
+
+ROUTE_KINDS = ("session", "create", "pool_health", "pool_list", "any_instance")
+SESSION_SOURCES = ("path", "body", "query", "header", "none")
+PROFILES = ("blazz", "simple")
+STORE_KINDS = ("memory", "redis")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # On SIGTERM: stop accepting, let requests in flight finish for at most this long.
+    shutdown_grace_s: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    name: str
+    url: str
+    # Other spellings of this instance's URL, e.g. `http://localhost:3001` as Node names
+    # itself in `X-Instance-Url`. Loopback spellings are added automatically.
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRuleConfig:
+    """Where the session id of a request is, and what kind of route it is.
+
+    `path` is a template of `/`-separated segments: a literal, `{session}` (the session id),
+    `*` (any one segment) or, last only, `**` (any rest, including nothing).
+    """
+
+    name: str
+    path: str
+    methods: tuple[str, ...] = ()  # empty: any method
+    kind: str = "session"  # one of ROUTE_KINDS
+    session_in: str = "path"  # one of SESSION_SOURCES
+    field: str = ""  # body field, query parameter or header name
+    read_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileConfig:
+    """How the upstream API speaks; None means the named profile's default."""
+
+    name: str = "blazz"
+    status_path: str | None = None  # probe used by discovery, with `{session}`
+    list_path: str | None = None
+    health_path: str | None = None
+    owning_statuses: tuple[str, ...] | None = None  # ranked, best first
+    api_key_query: str | None = None  # query parameter carrying the key on GET
+    api_key_field: str | None = None  # JSON body field carrying the key otherwise
+    api_key_header: str | None = None  # header carrying the key (simplified API)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    connect_timeout_s: float = 1.0
+    # Node closes idle keep-alive connections after 5 s; ours must close first, or a request
+    # can be written into a socket Node is closing (and we cannot tell whether it ran).
+    keepalive_s: float = 2.0
+    max_connections_per_instance: int = 256
+    # The key the router injects for callers that present one of `client_keys`.
+    api_key: str | None = None
+    client_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    probe_timeout_s: float = 1.0
+    negative_ttl_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryConfig:
+    cache_ttl_s: float = 300.0
+    cache_max_entries: int = 100_000
+    # A forgotten session is remembered as forgotten this long, so a late retry of an
+    # older webhook cannot bring it back.
+    tombstone_ttl_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    kind: str = "memory"  # one of STORE_KINDS
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "wa-router:"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    # After a connect failure on live traffic an instance is suspect: discovery skips it
+    # for this long, then gives it another chance.
+    suspect_cooldown_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_body_bytes: int = 16 * 1024 * 1024
+    session_id_max_length: int = 128
+    session_id_pattern: str = r"[A-Za-z0-9][A-Za-z0-9_.:@+=-]*"
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"  # auto (JSON unless on a terminal) | json | console
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    instances: tuple[InstanceConfig, ...]
+    server: ServerConfig = field(default_factory=ServerConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    rules: tuple[RouteRuleConfig, ...] | None = None  # None: the profile's default rules
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read `path` (or `$WA_ROUTER_CONFIG`), apply env overrides, build and validate."""
+    env = {} if env is None else env
+    if path is None:
+        path = env.get(ENV_CONFIG_FILE)
+    raw: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
+        if raw is None:
+            raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("", "the top level of the config must be a mapping")
+    apply_env(raw, env)
+    return config_from_dict(raw)
+
+
+def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Overlay `WA_ROUTER_A__B=v` onto raw["a"]["b"] (in place)."""
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        key = ".".join(parts)
+        if not all(parts):
+            raise ConfigError(key, f"malformed environment variable {name}")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(key, f"{name} is not a valid YAML value") from None
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(key, f"{name} reaches into a value that is not a mapping")
+            node = child
+        node[parts[-1]] = parsed
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+    cfg = _build(Config, raw, "")
+    assert isinstance(cfg, Config)
+    validate(cfg)
+    return cfg
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _build(tp: Any, value: Any, key: str) -> Any:
+    """Convert YAML data to the annotated type `tp`, or raise ConfigError naming `key`."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _build(args[0], value, key)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"must be a mapping, got {_kind(value)}")
+        hints = _hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        for k in value:
+            if k not in names:
+                known = ", ".join(sorted(names))
+                raise ConfigError(_join(key, str(k)), f"unknown key (known here: {known})")
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(tp):
+            sub = _join(key, f.name)
+            if f.name in value:
+                kwargs[f.name] = _build(hints[f.name], value[f.name], sub)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(sub, "is required")
+        return tp(**kwargs)
+    if origin is tuple:
+        (item_tp, _) = get_args(tp)
+        if isinstance(value, str | int | float) and item_tp is str:
+            value = [value]  # `methods: GET` reads as a one-element list
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {_kind(value)}")
+        return tuple(_build(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {_kind(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {_kind(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"must be a number, got {_kind(value)}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(key, f"must be a string, got {_kind(value)}")
+        return str(value)
+    raise ConfigError(key, f"unsupported type {tp!r}")  # pragma: no cover - schema bug
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Validation: rules that span fields
+
+
+def validate(cfg: Config) -> None:
+    _validate_numbers(cfg, "")
+    if not cfg.instances:
+        raise ConfigError("instances", "at least one instance is required")
+    names: set[str] = set()
+    urls: dict[str, str] = {}
+    for i, inst in enumerate(cfg.instances):
+        key = f"instances[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", inst.name):
+            raise ConfigError(f"{key}.name", f"{inst.name!r}: use letters, digits, _ . -")
+        if inst.name in names:
+            raise ConfigError(f"{key}.name", f"duplicate instance name {inst.name!r}")
+        names.add(inst.name)
+        for j, u in enumerate((inst.url, *inst.aliases)):
+            ukey = f"{key}.url" if j == 0 else f"{key}.aliases[{j - 1}]"
+            norm = normalize_url(u, ukey)
+            if norm in urls and urls[norm] != inst.name:
+                raise ConfigError(ukey, f"{u} is already instance {urls[norm]!r}")
+            if norm in urls and j == 0:
+                raise ConfigError(ukey, f"duplicate instance URL {u}")
+            urls[norm] = inst.name
+    _validate_choice("profile.name", cfg.profile.name, PROFILES)
+    _validate_choice("store.kind", cfg.store.kind, STORE_KINDS)
+    _validate_choice("log.format", cfg.log.format, ("auto", "json", "console"))
+    _validate_choice("log.level", cfg.log.level.lower(), ("debug", "info", "warning", "error"))
+    if cfg.upstream.client_keys and not cfg.upstream.api_key:
+        raise ConfigError("upstream.client_keys", "needs upstream.api_key to inject")
+    if cfg.upstream.api_key and not cfg.upstream.client_keys:
+        # Injecting for everybody would make the router an open relay for the key.
+        raise ConfigError("upstream.api_key", "needs upstream.client_keys (who may use it)")
+    try:
+        re.compile(cfg.limits.session_id_pattern)
+    except re.error as exc:
+        raise ConfigError("limits.session_id_pattern", f"not a regular expression: {exc}") from None
+    if cfg.profile.status_path is not None and "{session}" not in cfg.profile.status_path:
+        raise ConfigError("profile.status_path", "must contain {session}")
+    for i, rule in enumerate(cfg.rules or ()):
+        validate_rule(rule, f"rules[{i}]")
+
+
+def _validate_numbers(obj: Any, key: str) -> None:
+    """Durations and sizes are never negative; ports, limits and TTLs are positive."""
+    if isinstance(obj, tuple):
+        for i, item in enumerate(obj):
+            _validate_numbers(item, f"{key}[{i}]")
+        return
+    if not dataclasses.is_dataclass(obj):
+        return
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        sub = _join(key, f.name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if value < 0:
+                raise ConfigError(sub, f"must not be negative, got {value}")
+            if value == 0 and not f.name.endswith("grace_s") and f.name != "port":
+                raise ConfigError(sub, "must be greater than 0")
+            if f.name == "port" and value > 65535:
+                raise ConfigError(sub, f"is not a port number: {value}")
+        else:
+            _validate_numbers(value, sub)
+
+
+def _validate_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def validate_rule(rule: RouteRuleConfig, key: str) -> None:
+    _validate_choice(f"{key}.kind", rule.kind, ROUTE_KINDS)
+    _validate_choice(f"{key}.session_in", rule.session_in, SESSION_SOURCES)
+    if not rule.path.startswith("/"):
+        raise ConfigError(f"{key}.path", f"{rule.path!r} must start with /")
+    segments = rule.path.strip("/").split("/")
+    if "**" in segments[:-1]:
+        raise ConfigError(f"{key}.path", "** may only be the last segment")
+    has_session = "{session}" in segments
+    if (rule.session_in == "path") != has_session:
+        raise ConfigError(f"{key}.path", "has {session} exactly when session_in is path")
+    needs_session = rule.kind in ("session", "create")
+    if needs_session and rule.session_in == "none":
+        raise ConfigError(f"{key}.session_in", f"a {rule.kind} route needs a session id")
+    if not needs_session and rule.session_in != "none":
+        raise ConfigError(f"{key}.session_in", f"a {rule.kind} route takes no session id")
+    if rule.session_in in ("body", "query", "header") and not rule.field:
+        raise ConfigError(f"{key}.field", f"names the {rule.session_in} field of the session id")
+    for m in rule.methods:
+        if not re.fullmatch(r"[A-Z]+", m):
+            raise ConfigError(f"{key}.methods", f"{m!r} is not an upper-case HTTP method")
+
+
+def normalize_url(url: str, key: str) -> str:
+    """`scheme://host:port` of an instance URL; loopback names are not unified here."""
+    try:
+        u = URL(url)
+    except (ValueError, TypeError):
+        raise ConfigError(key, f"{url!r} is not a URL") from None
+    if u.scheme not in ("http", "https") or not u.host:
+        raise ConfigError(key, f"{url!r} must be http://host:port or https://host:port")
+    if u.path not in ("", "/") or u.query_string or u.fragment:
+        raise ConfigError(key, f"{url!r} must have no path, query or fragment")
+    if u.user or u.password:
+        raise ConfigError(key, f"{url!r} must not carry credentials")
+    host = u.host
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        host = host.lower()
+    return f"{u.scheme}://{host}:{u.port}"

@@ -1,0 +1,80 @@
+"""Every exception wa-router raises, in one tree (the httpx way).
+
+    WaRouterError
+     ├── ConfigError               bad configuration; the CLI exits 2
+     ├── RequestRejected           the caller's request cannot be served as sent (4xx/5xx JSON)
+     └── UpstreamError             one attempt at an upstream instance failed
+          ├── NotReached           the request never reached the instance: safe to re-send
+          │    ├── ConnectFailed   refused / reset / unreachable before sending
+          │    └── ConnectTimeout
+          └── SentNoAnswer         the request was sent, no (complete) answer came back:
+               │                   a POST may have been processed, never re-sent blindly
+               ├── ReadTimeout
+               └── Disconnected    the connection closed before the response head
+
+Third-party exceptions (aiohttp's) are mapped to these in exactly one place: `forward.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class WaRouterError(Exception):
+    """Base of everything wa-router raises on purpose."""
+
+
+class ConfigError(WaRouterError):
+    """The configuration is invalid. `key` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class RequestRejected(WaRouterError):
+    """An answer the router gives itself: `{"error": code, "message": ..., **extra}`."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+        super().__init__(f"{status} {code}: {message}")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.extra}
+
+
+class UpstreamError(WaRouterError):
+    """One attempt at an instance failed; `instance` is the pool member's name."""
+
+    def __init__(self, instance: str, detail: str) -> None:
+        self.instance = instance
+        self.detail = detail
+        super().__init__(f"{instance}: {detail}")
+
+
+class NotReached(UpstreamError):
+    """Nothing was sent: re-sending cannot duplicate anything."""
+
+
+class ConnectFailed(NotReached):
+    pass
+
+
+class ConnectTimeout(NotReached):
+    pass
+
+
+class SentNoAnswer(UpstreamError):
+    """The request left; the instance may have acted on it."""
+
+
+class ReadTimeout(SentNoAnswer):
+    pass
+
+
+class Disconnected(SentNoAnswer):
+    pass

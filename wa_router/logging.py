@@ -1,0 +1,64 @@
+"""structlog setup: JSON lines when not on a terminal, readable lines when on one.
+
+Event names are constants (`session_rediscovered`), facts are key/value fields. A last
+processor drops fields that could carry message text or secrets, in case a call site
+forgets: logs never contain message bodies, phone numbers or api keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+from .config import LogConfig
+
+REDACTED_FIELDS = frozenset(
+    {
+        "api_key",
+        "apikey",
+        "key",
+        "message",
+        "text",
+        "body",
+        "recipient_phone",
+        "phone",
+        "phone_number",
+        "authorization",
+        "x-api-key",
+        "secret",
+        "signature",
+    }
+)
+
+
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for name in list(event):
+        if name.lower() in REDACTED_FIELDS:
+            event[name] = "[redacted]"
+    return event
+
+
+def setup_logging(cfg: LogConfig, *, stream: Any = None) -> None:
+    stream = sys.stderr if stream is None else stream
+    as_json = cfg.format == "json" or (cfg.format == "auto" and not stream.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[cfg.level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )

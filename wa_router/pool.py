@@ -1,0 +1,153 @@
+"""The pool: instances, their health state, load and draining.
+
+State machine (passive part; active health checks drive the same transitions later):
+
+    healthy --connect failure on live traffic--> suspect --cool-down over--> (tried again)
+    suspect --any answer--> healthy;  * --health check says so--> down / healthy
+
+A suspect instance is skipped by discovery and placement during its cool-down, so one dead
+instance costs each request at most one failed connect, not one per scan.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import structlog
+from yarl import URL
+
+from .config import InstanceConfig, normalize_url
+from .errors import ConfigError
+
+log = structlog.get_logger("wa_router.pool")
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class State(StrEnum):
+    HEALTHY = "healthy"
+    SUSPECT = "suspect"
+    DOWN = "down"
+
+
+@dataclass(eq=False, slots=True)
+class Instance:
+    name: str
+    url: URL
+    base: str  # `scheme://host:port`, no trailing slash: the prefix of every upstream URL
+    state: State = State.HEALTHY
+    draining: bool = False
+    suspect_until: float = 0.0
+    inflight: int = 0
+    last_error: str | None = None
+    state_changed_at: float = field(default_factory=time.time)
+
+
+class Pool:
+    def __init__(
+        self,
+        instances: Sequence[InstanceConfig],
+        *,
+        suspect_cooldown_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._cooldown_s = suspect_cooldown_s
+        self.instances: tuple[Instance, ...] = tuple(
+            Instance(c.name, URL(c.url), str(URL(c.url).origin()).rstrip("/")) for c in instances
+        )
+        self._by_name = {i.name: i for i in self.instances}
+        self._by_url: dict[str, Instance] = {}
+        for cfg, inst in zip(instances, self.instances, strict=True):
+            for u in (cfg.url, *cfg.aliases):
+                for spelling in _spellings(normalize_url(u, "")):
+                    self._by_url.setdefault(spelling, inst)
+        self._rr = itertools.cycle(self.instances)
+
+    def get(self, name: str) -> Instance | None:
+        return self._by_name.get(name)
+
+    def by_url(self, url: str) -> Instance | None:
+        """The pool member a URL names (`X-Instance-Url: http://localhost:3002`): its URL or
+        an alias, loopback spellings unified; else the one loopback member on that port.
+        Never used as a destination, only to name a member."""
+        try:
+            norm = normalize_url(url, "")
+        except ConfigError:
+            return None
+        inst = self._by_url.get(norm)
+        if inst is not None:
+            return inst
+        port = URL(url).port
+        on_port = [i for i in self.instances if i.url.port == port]
+        return on_port[0] if len(on_port) == 1 else None
+
+    def routable(self, inst: Instance) -> bool:
+        """May live traffic and discovery probes go to `inst` now?"""
+        if inst.state is State.HEALTHY:
+            return True
+        return inst.state is State.SUSPECT and self._clock() >= inst.suspect_until
+
+    def discoverable(self) -> list[Instance]:
+        return [i for i in self.instances if self.routable(i)]
+
+    def for_placement(self, counts: Mapping[str, int]) -> Instance | None:
+        """The least-loaded routable, non-draining instance (sessions, then requests)."""
+        usable = [i for i in self.instances if not i.draining and self.routable(i)]
+        if not usable:
+            return None
+        return min(usable, key=lambda i: (counts.get(i.name, 0), i.inflight, i.name))
+
+    def any_routable(self) -> Instance | None:
+        for _ in range(len(self.instances)):
+            inst = next(self._rr)
+            if self.routable(inst):
+                return inst
+        return None
+
+    def mark_suspect(self, inst: Instance, reason: str) -> None:
+        inst.suspect_until = self._clock() + self._cooldown_s
+        inst.last_error = reason
+        if inst.state is State.HEALTHY:
+            self._set(inst, State.SUSPECT, reason)
+
+    def mark_healthy(self, inst: Instance) -> None:
+        if inst.state is not State.HEALTHY:
+            self._set(inst, State.HEALTHY, "answered")
+
+    def mark_down(self, inst: Instance, reason: str) -> None:
+        inst.last_error = reason
+        if inst.state is not State.DOWN:
+            self._set(inst, State.DOWN, reason)
+
+    def _set(self, inst: Instance, state: State, reason: str) -> None:
+        log.warning(
+            "instance_state_changed",
+            instance=inst.name,
+            old=inst.state.value,
+            new=state.value,
+            reason=reason,
+        )
+        inst.state = state
+        inst.state_changed_at = time.time()
+
+
+def _spellings(norm: str) -> list[str]:
+    """`http://127.0.0.1:3001` is also `http://localhost:3001` and `http://[::1]:3001`."""
+    url = URL(norm)
+    host = url.host or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        return [norm]
+    out = [norm]
+    for name in LOOPBACK_NAMES:
+        out.append(normalize_url(str(URL.build(scheme=url.scheme, host=name, port=url.port)), ""))
+    return out

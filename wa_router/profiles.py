@@ -1,0 +1,167 @@
+"""How an upstream API speaks: where the status probe is, which statuses mean "owned here",
+how "session not here" looks, where the api key goes, and its default route rules.
+
+`blazz` is the whatsapp-service of the Laravel project Blazz (node-pool-api.md): api key in
+the query on GET and in the JSON body otherwise. `simple` is the simplified form of the
+design card, `/session/{id}/...` with an `X-Api-Key` header.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .config import ProfileConfig, RouteRuleConfig
+
+# Node's own per-route timeouts (routes/index.js): sessions 60 s, send 45 s, health 5 s,
+# else 30 s. Waiting as long as Node does lets Node's own 408 reach the caller first.
+SESSIONS_S = 60.0
+SEND_S = 45.0
+HEALTH_S = 5.0
+OTHER_S = 30.0
+
+BLAZZ_RULES: tuple[RouteRuleConfig, ...] = (
+    RouteRuleConfig("health", "/health", ("GET", "HEAD"), "pool_health", "none", "", HEALTH_S),
+    RouteRuleConfig(
+        "health_detail", "/health/**", ("GET", "HEAD"), "any_instance", "none", "", HEALTH_S
+    ),
+    RouteRuleConfig(
+        "sessions_list", "/api/sessions", ("GET",), "pool_list", "none", "", SESSIONS_S
+    ),
+    RouteRuleConfig(
+        "sessions_create", "/api/sessions", ("POST",), "create", "body", "session_id", SESSIONS_S
+    ),
+    # reconnect / regenerate-qr / restore recreate the session where it is; restore of a
+    # session the pool has lost is placed like a create.
+    RouteRuleConfig(
+        "sessions_restore",
+        "/api/sessions/{session}/restore",
+        ("POST",),
+        "create",
+        "path",
+        "",
+        SESSIONS_S,
+    ),
+    RouteRuleConfig(
+        "sessions_one", "/api/sessions/{session}/**", (), "session", "path", "", SESSIONS_S
+    ),
+    RouteRuleConfig(
+        "messages_validate",
+        "/api/messages/{session}/validate",
+        ("GET",),
+        "session",
+        "path",
+        "",
+        OTHER_S,
+    ),
+    RouteRuleConfig(
+        "messages_send", "/api/messages/*", ("POST",), "session", "body", "session_id", SEND_S
+    ),
+    RouteRuleConfig(
+        "messages_other", "/api/messages/**", (), "session", "body", "session_id", OTHER_S
+    ),
+    # The simplified form works against the same pool when callers use it.
+    RouteRuleConfig("simple_session", "/session/{session}/**", (), "session", "path", "", OTHER_S),
+)
+
+SIMPLE_RULES: tuple[RouteRuleConfig, ...] = (
+    RouteRuleConfig("health", "/health", ("GET", "HEAD"), "pool_health", "none", "", HEALTH_S),
+    RouteRuleConfig("sessions_list", "/sessions", ("GET",), "pool_list", "none", "", OTHER_S),
+    RouteRuleConfig(
+        "session_start", "/session/{session}/start", ("POST",), "create", "path", "", SESSIONS_S
+    ),
+    RouteRuleConfig("session_one", "/session/{session}/**", (), "session", "path", "", OTHER_S),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    name: str
+    status_path: str
+    list_path: str
+    health_path: str
+    owning_statuses: tuple[str, ...]  # ranked, best first, lower case
+    api_key_query: str | None
+    api_key_field: str | None
+    api_key_header: str | None
+    rules: tuple[RouteRuleConfig, ...]
+
+    def rank(self, status: object) -> int | None:
+        """0 for the best owning status, None when `status` does not mean "owned here"."""
+        if not isinstance(status, str):
+            return None
+        try:
+            return self.owning_statuses.index(status.lower())
+        except ValueError:
+            return None
+
+    def status_path_for(self, session: str) -> str:
+        return self.status_path.replace("{session}", session)
+
+    @staticmethod
+    def says_not_here(http_status: int, body: bytes) -> bool:
+        """True when an instance answered that the session is not on it.
+
+        421 Misdirected Request (RFC 9110 15.5.20) is the generic way. Blazz answers 404 for
+        an unknown path too (`Endpoint not found`), so a 404 counts only when its body says
+        `Session not found`: only that one means "ask the other instances".
+        """
+        if http_status == 421:
+            return True
+        if http_status != 404:
+            return False
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return b"session not found" in body.lower()
+        if not isinstance(doc, dict):
+            return False
+        return any(
+            isinstance(doc.get(k), str) and "session not found" in doc[k].lower()
+            for k in ("error", "message")
+        )
+
+
+_DEFAULTS: dict[str, Profile] = {
+    "blazz": Profile(
+        name="blazz",
+        status_path="/api/sessions/{session}/status",
+        list_path="/api/sessions",
+        health_path="/health",
+        owning_statuses=("connected", "authenticated", "qr_scanning"),
+        api_key_query="api_key",
+        api_key_field="api_key",
+        api_key_header=None,
+        rules=BLAZZ_RULES,
+    ),
+    "simple": Profile(
+        name="simple",
+        status_path="/session/{session}/status",
+        list_path="/sessions",
+        health_path="/health",
+        owning_statuses=("connected", "authenticated", "qr_scanning"),
+        api_key_query=None,
+        api_key_field=None,
+        api_key_header="X-Api-Key",
+        rules=SIMPLE_RULES,
+    ),
+}
+
+
+def build_profile(cfg: ProfileConfig, rules: tuple[RouteRuleConfig, ...] | None) -> Profile:
+    base = _DEFAULTS[cfg.name]
+    return Profile(
+        name=base.name,
+        status_path=cfg.status_path or base.status_path,
+        list_path=cfg.list_path or base.list_path,
+        health_path=cfg.health_path or base.health_path,
+        owning_statuses=tuple(s.lower() for s in cfg.owning_statuses)
+        if cfg.owning_statuses
+        else base.owning_statuses,
+        api_key_query=cfg.api_key_query if cfg.api_key_query is not None else base.api_key_query,
+        api_key_field=cfg.api_key_field if cfg.api_key_field is not None else base.api_key_field,
+        api_key_header=cfg.api_key_header
+        if cfg.api_key_header is not None
+        else base.api_key_header,
+        rules=rules if rules is not None else base.rules,
+    )

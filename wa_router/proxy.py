@@ -1,0 +1,439 @@
+"""The request handler: extract -> resolve -> forward -> retry policy (DESIGN.md).
+
+One request costs, when its session has not moved: a rule match, one dict lookup in the
+directory cache, and one upstream attempt whose answer is streamed back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from . import retry
+from .apikeys import KeyPolicy
+from .directory import Directory
+from .discovery import ERROR, Discovery, Found
+from .errors import Disconnected, NotReached, RequestRejected, UpstreamError
+from .forward import HOP_BY_HOP, Forwarder, UpstreamRequest, UpstreamResponse, strip_hop_by_hop
+from .pool import Instance, Pool, State
+from .pooled import PoolRoutes
+from .profiles import Profile
+from .rules import Match, Rule, RuleTable, SessionIdPolicy, check_path, extract_session
+from .rules import parse_json_object as parse_json
+from .singleflight import SingleFlight
+from .stores.base import Source
+
+log = structlog.get_logger("wa_router.proxy")
+
+# Answers up to this size are read whole and sent with a Content-Length in one write;
+# larger ones are streamed chunk by chunk.
+SMALL_BODY_BYTES = 256 * 1024
+# Request headers the router sets itself.
+_DROP_REQUEST = frozenset(
+    {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+)
+_BODYLESS_STATUSES = frozenset({204, 304})
+
+
+@dataclass(slots=True)
+class ProxyStats:
+    requests: int = 0
+    retries: int = 0
+    placements: int = 0
+
+
+@dataclass(slots=True)
+class Call:
+    """One caller request, as it will be sent upstream."""
+
+    request: web.Request
+    match: Match
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    body: bytes
+    session: str | None = None
+    probe_key: str | None = None
+
+    @property
+    def rule(self) -> Rule:
+        return self.match.rule
+
+    def upstream(self) -> UpstreamRequest:
+        return UpstreamRequest(
+            self.method, self.path_qs, self.headers, self.body, self.rule.read_timeout_s
+        )
+
+
+class Proxy:
+    def __init__(
+        self,
+        *,
+        profile: Profile,
+        rules: RuleTable,
+        ids: SessionIdPolicy,
+        keys: KeyPolicy,
+        pool: Pool,
+        directory: Directory,
+        discovery: Discovery,
+        forwarder: Forwarder,
+        max_body_bytes: int,
+        probe_timeout_s: float,
+    ) -> None:
+        self.profile = profile
+        self.rules = rules
+        self.ids = ids
+        self.keys = keys
+        self.pool = pool
+        self.directory = directory
+        self.discovery = discovery
+        self.forwarder = forwarder
+        self.max_body_bytes = max_body_bytes
+        self.stats = ProxyStats()
+        self.pooled = PoolRoutes(
+            pool=pool, profile=profile, forwarder=forwarder, probe_timeout_s=probe_timeout_s
+        )
+        self._placements: SingleFlight[str, Instance] = SingleFlight()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.stats.requests += 1
+        session: str | None = None
+        try:
+            call = await self._prepare(request)
+            session = call.session
+            kind = call.rule.kind
+            if kind == "pool_health":
+                return await self.pooled.health(call.upstream())
+            if kind == "pool_list":
+                return await self.pooled.listing(call.upstream())
+            if kind == "any_instance":
+                return await self._forward_any(call)
+            return await self._forward_session(call)
+        except RequestRejected as exc:
+            if session is not None and "session" not in exc.extra:
+                exc.extra["session"] = session
+            return json_error(exc)
+
+    # -- extract ---------------------------------------------------------------------------
+
+    async def _prepare(self, request: web.Request) -> Call:
+        raw_path = request.rel_url.raw_path
+        check_path(raw_path)
+        method = request.method
+        match = self.rules.match(method, raw_path)
+        if match is None:
+            raise RequestRejected(
+                400,
+                "bad_request",
+                f"no route rule matches {method} {request.path}: the router cannot tell "
+                "which session this request is for",
+            )
+        body = await read_body(request, self.max_body_bytes)
+        rule = match.rule
+        needs_doc = rule.session_in == "body" or (
+            method not in ("GET", "HEAD") and body and self.profile.api_key_field is not None
+        )
+        doc = _parse_loose(body, strict=rule.session_in == "body") if needs_doc else None
+        headers = forward_headers(request)
+        call = Call(request, match, method, request.rel_url.raw_path_qs, headers, body)
+        if rule.kind in ("session", "create"):
+            call.session = extract_session(
+                match, self.ids, query=request.query, headers=request.headers, body=doc
+            )
+        presented = self.keys.presented(method, request.query, request.headers, doc)
+        if self.keys.is_client(presented):
+            call.path_qs, call.body = self.keys.inject(method, call.path_qs, headers, body, doc)
+            call.probe_key = self.keys.upstream_key
+        else:
+            call.probe_key = presented
+        return call
+
+    # -- resolve ---------------------------------------------------------------------------
+
+    async def _resolve(self, call: Call) -> Instance:
+        assert call.session is not None
+        entry = await self.directory.lookup(call.session)
+        if entry is not None and entry.instance is not None:
+            inst = self.pool.get(entry.instance)
+            if inst is not None and self.pool.routable(inst):
+                return inst
+        previous = entry.instance if entry is not None else None
+        return await self._relocate(call, previous=previous, failed=None)
+
+    async def _relocate(self, call: Call, *, previous: str | None, failed: str | None) -> Instance:
+        """The owner to try after the believed one failed (or when none is known)."""
+        session = call.session
+        assert session is not None
+        if failed is not None:
+            # Another request may have found the new owner meanwhile: use it, no new scan.
+            self.directory.invalidate(session)
+            entry = await self.directory.lookup(session)
+            if entry is not None and entry.instance not in (None, failed):
+                assert entry.instance is not None
+                inst = self.pool.get(entry.instance)
+                if inst is not None and self.pool.routable(inst):
+                    return inst
+        if call.rule.creates:
+            return await self._placements.run(session, lambda: self._place(call, previous))
+        found = await self.discovery.find(session, api_key=call.probe_key, previous=previous)
+        if found.owner is not None:
+            return found.owner
+        raise not_found_answer(session, found)
+
+    async def _place(self, call: Call, previous: str | None) -> Instance:
+        session = call.session
+        assert session is not None
+        # A create for a session that lives somewhere must go there: Node would otherwise
+        # hold it twice (two Chromiums fighting over one WhatsApp login).
+        found = await self.discovery.find(session, api_key=call.probe_key, previous=previous)
+        if found.owner is not None:
+            return found.owner
+        inst = self.pool.for_placement(await self.directory.counts())
+        if inst is None:
+            raise no_healthy_instance(session)
+        await self.directory.observe(session, inst.name, Source.PLACEMENT)
+        self.discovery.forget_negative(session)
+        self.stats.placements += 1
+        log.info("session_placed", session=session, instance=inst.name, previous=previous)
+        return inst
+
+    # -- forward ---------------------------------------------------------------------------
+
+    async def _forward_session(self, call: Call) -> web.StreamResponse:
+        session = call.session
+        assert session is not None
+        target = await self._resolve(call)
+        req = call.upstream()
+        retried = False
+        while True:
+            try:
+                up = await self._send(target, req)
+            except UpstreamError as exc:
+                if isinstance(exc, NotReached | Disconnected):
+                    self.pool.mark_suspect(target, exc.detail)
+                log.warning(
+                    "upstream_failed",
+                    session=session,
+                    instance=target.name,
+                    route=call.rule.name,
+                    error=type(exc).__name__,
+                    retried=retried,
+                )
+                if retried or not retry.should_retry(exc, call.method, call.request.headers):
+                    raise retry.failure_answer(exc, session, retried=retried) from None
+                target = await self._relocate(call, previous=target.name, failed=target.name)
+                retried = True
+                self.stats.retries += 1
+                continue
+            if up.status in (404, 421):
+                body = await self._read(up)
+                if self.profile.says_not_here(up.status, body):
+                    log.info(
+                        "session_not_here",
+                        session=session,
+                        instance=target.name,
+                        route=call.rule.name,
+                    )
+                    if retried:
+                        raise RequestRejected(
+                            404,
+                            "session_not_found",
+                            f"session {session} is not on {target.name}, the instance "
+                            "rediscovery found",
+                            session=session,
+                            asked=[target.name],
+                        )
+                    target = await self._relocate(call, previous=target.name, failed=target.name)
+                    retried = True
+                    self.stats.retries += 1
+                    continue
+                return _buffered(up, body)
+            if call.rule.creates and up.status >= 300:
+                await self._undo_placement(session, target)
+            return await relay(call.request, up, session)
+
+    async def _forward_any(self, call: Call) -> web.StreamResponse:
+        req = call.upstream()
+        tried: set[str] = set()
+        while True:
+            inst = self.pool.any_routable()
+            if inst is None or inst.name in tried:
+                raise no_healthy_instance(None)
+            tried.add(inst.name)
+            try:
+                up = await self._send(inst, req)
+            except NotReached as exc:
+                self.pool.mark_suspect(inst, exc.detail)
+                continue
+            except UpstreamError as exc:
+                raise retry.failure_answer(exc, None, retried=len(tried) > 1) from None
+            return await relay(call.request, up, None)
+
+    async def _send(self, inst: Instance, req: UpstreamRequest) -> UpstreamResponse:
+        inst.inflight += 1
+        try:
+            up = await self.forwarder.send(inst, req)
+        finally:
+            inst.inflight -= 1
+        if inst.state is not State.HEALTHY:
+            self.pool.mark_healthy(inst)
+        return up
+
+    async def _read(self, up: UpstreamResponse) -> bytes:
+        try:
+            return await up.read()
+        finally:
+            up.release()
+
+    async def _undo_placement(self, session: str, target: Instance) -> None:
+        entry = await self.directory.lookup(session)
+        if entry is not None and entry.source is Source.PLACEMENT and entry.instance == target.name:
+            await self.directory.forget(session, Source.PLACEMENT)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _parse_loose(body: bytes, *, strict: bool) -> dict[str, Any] | None:
+    """The body as a JSON object; only a rule that reads the session from it insists."""
+    if strict:
+        return parse_json(body)
+    try:
+        return parse_json(body)
+    except RequestRejected:
+        return None
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, or 413 as soon as it is known to exceed `limit`. The body is
+    buffered because a request may have to be sent twice (to the rediscovered owner)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise payload_too_large(limit)
+    if not request.body_exists:
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise payload_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def forward_headers(request: web.Request) -> CIMultiDict[str]:
+    headers = strip_hop_by_hop(
+        ((k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST),
+        request.headers.get("Connection"),
+    )
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-Host"] = request.host
+    return headers
+
+
+def _response_headers(up: UpstreamResponse) -> CIMultiDict[str]:
+    return strip_hop_by_hop(up.headers.items(), up.headers.get("Connection"))
+
+
+def _buffered(up: UpstreamResponse, body: bytes) -> web.Response:
+    headers = _response_headers(up)
+    headers.popall("Content-Length", None)
+    return web.Response(status=up.status, reason=up.reason, headers=headers, body=body)
+
+
+async def relay(
+    request: web.Request, up: UpstreamResponse, session: str | None
+) -> web.StreamResponse:
+    """Send the upstream answer back: status, headers (less hop-by-hop), bytes unchanged."""
+    try:
+        length = up.headers.get("Content-Length")
+        bodyless = request.method == "HEAD" or up.status in _BODYLESS_STATUSES
+        if (
+            not bodyless
+            and length is not None
+            and length.isdigit()
+            and int(length) <= SMALL_BODY_BYTES
+        ):
+            try:
+                body = await up.read()
+            except UpstreamError as exc:
+                raise retry.failure_answer(exc, session, retried=False) from None
+            return _buffered(up, body)
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=_response_headers(up))
+        await resp.prepare(request)
+        if not bodyless:
+            try:
+                async for chunk in up.chunks():
+                    await resp.write(chunk)
+            except UpstreamError as exc:
+                # The head is sent already: all that is left is to cut the caller's
+                # connection, so a truncated body cannot pass for a whole one.
+                log.warning("upstream_body_broken", instance=exc.instance, error=type(exc).__name__)
+                if request.transport is not None:
+                    request.transport.abort()
+                return resp
+        await resp.write_eof()
+        return resp
+    finally:
+        up.release()
+
+
+def json_error(exc: RequestRejected) -> web.Response:
+    return web.Response(
+        status=exc.status,
+        body=json.dumps(exc.body(), separators=(",", ":")).encode(),
+        content_type="application/json",
+    )
+
+
+def payload_too_large(limit: int) -> RequestRejected:
+    return RequestRejected(
+        413, "payload_too_large", f"the request body is over {limit} bytes", limit_bytes=limit
+    )
+
+
+def no_healthy_instance(session: str | None) -> RequestRejected:
+    return RequestRejected(
+        503,
+        "no_healthy_instance",
+        "no instance of the pool can take this request now",
+        session=session,
+    )
+
+
+def not_found_answer(session: str, found: Found) -> RequestRejected:
+    if not found.probes or all(p.outcome == ERROR for p in found.probes):
+        # Nobody answered: "not found" would be a guess. Say what is true.
+        ans = no_healthy_instance(session)
+        if found.probes:
+            ans.extra["unreachable"] = found.unreachable
+        return ans
+    if found.unauthorized:
+        return RequestRejected(
+            401,
+            "unauthorized",
+            "the instances refused the api key, so the session could not be looked for",
+            session=session,
+            asked=found.asked,
+        )
+    extra: dict[str, Any] = {"session": session, "asked": found.asked}
+    if found.unreachable:
+        extra["unreachable"] = found.unreachable
+    return RequestRejected(
+        404,
+        "session_not_found",
+        f"session {session} is on none of the instances asked",
+        **extra,
+    )
+
+
+__all__ = ["HOP_BY_HOP", "Proxy", "json_error", "read_body", "relay"]

@@ -1,0 +1,51 @@
+"""The in-process store: a dict. The embedded default; one router only."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from .base import Entry, newer
+
+
+class MemoryStore:
+    def __init__(
+        self, *, tombstone_ttl_s: float = 600.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._entries: dict[str, Entry] = {}
+        self._counts: Counter[str] = Counter()
+        self._tombstone_ttl_s = tombstone_ttl_s
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, session: str) -> Entry | None:
+        entry = self._entries.get(session)
+        if (
+            entry is not None
+            and entry.instance is None
+            and entry.observed_at < self._clock() - self._tombstone_ttl_s
+        ):
+            del self._entries[session]
+            return None
+        return entry
+
+    async def put(self, session: str, entry: Entry) -> bool:
+        # No await between read and write: atomic on the event loop.
+        existing = self._entries.get(session)
+        if not newer(entry, existing):
+            return False
+        if existing is not None and existing.instance is not None:
+            self._counts[existing.instance] -= 1
+        if entry.instance is not None:
+            self._counts[entry.instance] += 1
+        self._entries[session] = entry
+        return True
+
+    async def counts(self) -> dict[str, int]:
+        return {name: n for name, n in self._counts.items() if n > 0}
+
+    async def close(self) -> None:
+        return None

@@ -44,15 +44,16 @@ def pool_config(sims: list[SimInstance], **sections: Any) -> Config:
 def with_rule_timeout(cfg: Config, rule_name: str, read_timeout_s: float) -> Config:
     from wa_router.profiles import BLAZZ_RULES
 
-    rules = tuple(dataclasses.replace(r, read_timeout_s=read_timeout_s)
-                  if r.name == rule_name else r for r in BLAZZ_RULES)
+    rules = tuple(
+        dataclasses.replace(r, read_timeout_s=read_timeout_s) if r.name == rule_name else r
+        for r in BLAZZ_RULES
+    )
     return dataclasses.replace(cfg, rules=rules)
 
 
 @pytest.fixture
 async def sims() -> AsyncIterator[list[SimInstance]]:
-    nodes = [SimInstance(name=f"node-{i}", api_key=API_KEY, connect_delay_s=0.05)
-             for i in range(4)]
+    nodes = [SimInstance(name=f"node-{i}", api_key=API_KEY, connect_delay_s=0.05) for i in range(4)]
     for n in nodes:
         await n.start()
     yield nodes
@@ -74,8 +75,15 @@ def start_router(aiohttp_client: Any) -> StartRouter:
 
 
 def send_body(session: str, message: str = "hello", **extra: Any) -> dict[str, Any]:
-    return {"session_id": session, "workspace_id": 1, "recipient_phone": "628123456789",
-            "message": message, "type": "text", "api_key": API_KEY, **extra}
+    return {
+        "session_id": session,
+        "workspace_id": 1,
+        "recipient_phone": "628123456789",
+        "message": message,
+        "type": "text",
+        "api_key": API_KEY,
+        **extra,
+    }
 
 
 def sends(sim: SimInstance) -> int:

@@ -17,8 +17,13 @@ class Clock:
 def make(ttl_s: float = 10.0, max_entries: int = 100) -> tuple[Directory, MemoryStore, Clock]:
     clock = Clock()
     store = MemoryStore(tombstone_ttl_s=60.0, clock=clock)
-    return (Directory(store, cache_ttl_s=ttl_s, cache_max_entries=max_entries,
-                      monotonic=clock, wall=clock), store, clock)
+    return (
+        Directory(
+            store, cache_ttl_s=ttl_s, cache_max_entries=max_entries, monotonic=clock, wall=clock
+        ),
+        store,
+        clock,
+    )
 
 
 async def test_observe_then_lookup_hits_cache() -> None:

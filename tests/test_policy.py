@@ -37,16 +37,19 @@ from wa_router.singleflight import SingleFlight
         (Disconnected("a", "x"), "PATCH", {}, False),
     ],
 )
-def test_retry_policy(exc: UpstreamError, method: str, headers: dict[str, str],
-                      retry: bool) -> None:
+def test_retry_policy(
+    exc: UpstreamError, method: str, headers: dict[str, str], retry: bool
+) -> None:
     assert should_retry(exc, method, headers) is retry
 
 
 @pytest.mark.parametrize(
     ("exc", "status", "code"),
-    [(ReadTimeout("a", "t"), 504, "upstream_timeout"),
-     (Disconnected("a", "x"), 502, "upstream_unreachable"),
-     (ConnectFailed("a", "x"), 502, "upstream_unreachable")],
+    [
+        (ReadTimeout("a", "t"), 504, "upstream_timeout"),
+        (Disconnected("a", "x"), 502, "upstream_unreachable"),
+        (ConnectFailed("a", "x"), 502, "upstream_unreachable"),
+    ],
 )
 def test_failure_answers(exc: UpstreamError, status: int, code: str) -> None:
     ans = failure_answer(exc, "s1", retried=False)
@@ -73,8 +76,9 @@ def test_inject_get_query_and_post_body() -> None:
     assert path == "/api/sessions/s1/status?x=1&api_key=node-secret"
     assert "X-Api-Key" not in headers
     doc = {"session_id": "s1", "api_key": "c", "message": "hi"}
-    path, body = keys.inject("POST", "/api/messages/send", CIMultiDict(),
-                             json.dumps(doc).encode(), doc)
+    path, body = keys.inject(
+        "POST", "/api/messages/send", CIMultiDict(), json.dumps(doc).encode(), doc
+    )
     assert json.loads(body) == {**doc, "api_key": "node-secret"}
     _, body = keys.inject("POST", "/api/sessions/s1/reconnect", CIMultiDict(), b"", None)
     assert json.loads(body) == {"api_key": "node-secret"}
@@ -106,9 +110,15 @@ class Clock:
 
 def test_pool_suspect_cooldown_and_placement() -> None:
     clock = Clock()
-    pool = Pool([InstanceConfig("a", "http://127.0.0.1:3001"),
-                 InstanceConfig("b", "http://127.0.0.1:3002", aliases=("http://node-b:80",)),
-                 InstanceConfig("c", "http://10.0.0.3:3000")], suspect_cooldown_s=5, clock=clock)
+    pool = Pool(
+        [
+            InstanceConfig("a", "http://127.0.0.1:3001"),
+            InstanceConfig("b", "http://127.0.0.1:3002", aliases=("http://node-b:80",)),
+            InstanceConfig("c", "http://10.0.0.3:3000"),
+        ],
+        suspect_cooldown_s=5,
+        clock=clock,
+    )
     a, b, c = pool.instances
     assert pool.by_url("http://localhost:3001") is a
     assert pool.by_url("http://[::1]:3002") is b

@@ -10,16 +10,27 @@ import pytest
 from wa_router.config import LimitsConfig, ProfileConfig, RouteRuleConfig
 from wa_router.errors import RequestRejected
 from wa_router.profiles import Profile, build_profile
-from wa_router.rules import RuleTable, SessionIdPolicy, check_path, extract_session, parse_json_object
+from wa_router.rules import (
+    RuleTable,
+    SessionIdPolicy,
+    check_path,
+    extract_session,
+    parse_json_object,
+)
 
 BLAZZ = build_profile(ProfileConfig(), None)
 IDS = SessionIdPolicy(LimitsConfig().session_id_max_length, LimitsConfig().session_id_pattern)
 TABLE = RuleTable(BLAZZ.rules)
 
 
-def route(method: str, path: str, body: dict[str, Any] | None = None,
-          query: dict[str, str] | None = None, headers: dict[str, str] | None = None,
-          table: RuleTable = TABLE) -> tuple[str, str | None, float]:
+def route(
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    query: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    table: RuleTable = TABLE,
+) -> tuple[str, str | None, float]:
     check_path(path)
     m = table.match(method, path)
     if m is None:
@@ -42,8 +53,12 @@ def route(method: str, path: str, body: dict[str, Any] | None = None,
         ("POST", "/api/sessions/s1/regenerate-qr", None, ("session", "s1", 60)),
         ("POST", "/api/sessions/s1/restore", None, ("create", "s1", 60)),
         ("DELETE", "/api/sessions/s1", {"workspace_id": 1}, ("session", "s1", 60)),
-        ("POST", "/api/messages/send", {"session_id": "webjs_1_abc"},
-         ("session", "webjs_1_abc", 45)),
+        (
+            "POST",
+            "/api/messages/send",
+            {"session_id": "webjs_1_abc"},
+            ("session", "webjs_1_abc", 45),
+        ),
         ("POST", "/api/messages/send-media", {"session_id": "s2"}, ("session", "s2", 45)),
         ("POST", "/api/messages/bulk-send", {"session_id": "s2"}, ("session", "s2", 45)),
         ("GET", "/api/messages/s3/validate", None, ("session", "s3", 30)),
@@ -57,16 +72,19 @@ def route(method: str, path: str, body: dict[str, Any] | None = None,
         ("POST", "/health", None, ("no_rule", None, 0)),
     ],
 )
-def test_blazz_rules(method: str, path: str, body: dict[str, Any] | None,
-                     want: tuple[str, str | None, float]) -> None:
+def test_blazz_rules(
+    method: str, path: str, body: dict[str, Any] | None, want: tuple[str, str | None, float]
+) -> None:
     assert route(method, path, body) == want
 
 
 def test_query_and_header_rules() -> None:
-    table = RuleTable((
-        RouteRuleConfig("q", "/q/**", (), "session", "query", "session"),
-        RouteRuleConfig("h", "/h/*", ("GET",), "session", "header", "X-Session-Id"),
-    ))
+    table = RuleTable(
+        (
+            RouteRuleConfig("q", "/q/**", (), "session", "query", "session"),
+            RouteRuleConfig("h", "/h/*", ("GET",), "session", "header", "X-Session-Id"),
+        )
+    )
     assert route("GET", "/q/a/b", query={"session": "s9"}, table=table)[1] == "s9"
     assert route("GET", "/h/x", headers={"X-Session-Id": "s8"}, table=table)[1] == "s8"
     assert route("POST", "/h/x", headers={"X-Session-Id": "s8"}, table=table)[0] == "no_rule"
@@ -89,8 +107,9 @@ def test_query_and_header_rules() -> None:
         ("POST", "/api/messages/send", None, "missing"),
     ],
 )
-def test_bad_session_ids_are_400(method: str, path: str, body: dict[str, Any] | None,
-                                 words: str) -> None:
+def test_bad_session_ids_are_400(
+    method: str, path: str, body: dict[str, Any] | None, words: str
+) -> None:
     with pytest.raises(RequestRejected) as info:
         route(method, path, body)
     assert info.value.status == 400
@@ -98,8 +117,10 @@ def test_bad_session_ids_are_400(method: str, path: str, body: dict[str, Any] | 
     assert words in info.value.message
 
 
-@pytest.mark.parametrize(("raw", "ok"), [(b"", True), (b"{}", True), (b"[1]", False),
-                                        (b"{bad", False), (b"\xff\xfe", False)])
+@pytest.mark.parametrize(
+    ("raw", "ok"),
+    [(b"", True), (b"{}", True), (b"[1]", False), (b"{bad", False), (b"\xff\xfe", False)],
+)
 def test_parse_json_object(raw: bytes, ok: bool) -> None:
     if ok:
         parse_json_object(raw)

@@ -105,7 +105,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 def build_app(cfg: Config, *, store: Store | None = None) -> web.Application:
     router = build_router(cfg, store=store)
     # Bodies are read by the proxy itself (JSON 413); aiohttp's own limit only backs it up.
-    app = web.Application(client_max_size=cfg.limits.max_body_bytes + 1)
+    # auto_decompress off: a gzip request body must reach Node as the gzip bytes it is,
+    # matching the Content-Encoding header that goes with it.
+    app = web.Application(
+        client_max_size=cfg.limits.max_body_bytes + 1,
+        handler_args={"auto_decompress": False},
+    )
     app[CONFIG] = cfg
     app[ROUTER] = router
     app.cleanup_ctx.append(_lifecycle)

@@ -1,0 +1,401 @@
+"""The `wa-router` command as a real process: graceful shutdown, bounded grace, the demo,
+check-config. Simulated instances run in the test's event loop; the router is a subprocess
+on a loopback port, driven by signals as an init system or a container runtime drives it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from yarl import URL
+
+from wa_router.sim import SimInstance
+
+from .conftest import API_KEY, free_port, send_body, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+# A message text that cannot appear in logs by chance: finding it there means a leak.
+SECRET_TEXT = "lifecycle-secret-text-5d1c9e"
+DEMO_KEY = "demo-key"
+SEND = "/api/messages/send"
+
+
+# -- process helpers -------------------------------------------------------------------------
+
+
+def cli_command(*args: str) -> list[str]:
+    """The console script when it is installed, else the module (same entry point)."""
+    script = shutil.which("wa-router")
+    if script is not None:
+        return [script, *args]
+    return [sys.executable, "-m", "wa_router.cli", *args]
+
+
+async def spawn(argv: Sequence[str], *, stdout: Any, stderr: Any) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *argv, cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=stderr
+    )
+
+
+async def wait_exit(proc: asyncio.subprocess.Process, timeout_s: float) -> int:
+    try:
+        return await asyncio.wait_for(proc.wait(), timeout_s)
+    except TimeoutError:
+        raise AssertionError(f"process {proc.pid} still running after {timeout_s} s") from None
+
+
+async def reap(proc: asyncio.subprocess.Process) -> None:
+    """Never leave a process behind: terminate, then kill after a deadline."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 5.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def router_process(cfg: Path, logs: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`wa-router serve -c cfg`, stdout and stderr in `logs`.out/.err."""
+    with (
+        logs.with_suffix(".out").open("wb") as out,
+        logs.with_suffix(".err").open("wb") as err,
+    ):
+        proc = await spawn(
+            [sys.executable, "-m", "wa_router.cli", "serve", "-c", str(cfg)],
+            stdout=out,
+            stderr=err,
+        )
+        try:
+            yield proc
+        finally:
+            await reap(proc)
+
+
+def output_of(logs: Path) -> str:
+    return (
+        logs.with_suffix(".out").read_text(errors="replace")
+        + logs.with_suffix(".err").read_text(errors="replace")
+    )
+
+
+def write_config(tmp_path: Path, sims: list[SimInstance], port: int, grace_s: float) -> Path:
+    raw = {
+        "instances": [{"name": s.name, "url": s.url} for s in sims],
+        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": grace_s},
+    }
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+async def wait_healthy(
+    proc: asyncio.subprocess.Process, base: str, logs: Path | None = None, timeout_s: float = 20.0
+) -> dict[str, Any]:
+    """Poll GET /health until 200; fail at once if the process died."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    timeout = aiohttp.ClientTimeout(total=2.0)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        while True:
+            if proc.returncode is not None:
+                out = output_of(logs) if logs is not None else ""
+                raise AssertionError(f"router exited with {proc.returncode} before serving\n{out}")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(f"{base}/health") as resp:
+                    if resp.status == 200:
+                        doc: dict[str, Any] = await resp.json()
+                        return doc
+            if loop.time() > deadline:
+                raise AssertionError(f"{base}/health did not answer 200 within {timeout_s} s")
+            await asyncio.sleep(0.05)
+
+
+async def wait_refused(base: str, timeout_s: float) -> None:
+    """Poll new connections (never reused) until one is refused."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    timeout = aiohttp.ClientTimeout(total=1.0)
+    while True:
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+            try:
+                async with http.get(f"{base}/health") as resp:
+                    await resp.read()
+            except aiohttp.ClientConnectorError:
+                return
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # accepted just before the listener closed: try again
+        if loop.time() > deadline:
+            raise AssertionError(f"{base} still accepts connections after {timeout_s} s")
+        await asyncio.sleep(0.01)
+
+
+def consecutive_free_ports(n: int, attempts: int = 20) -> int:
+    """The first of `n` consecutive loopback ports that are free now."""
+    for _ in range(attempts):
+        base = random.randint(20000, 40000 - n)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        else:
+            return base
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError(f"no {n} consecutive free ports found in {attempts} attempts")
+
+
+@pytest.fixture
+async def two_sims() -> AsyncIterator[list[SimInstance]]:
+    nodes = [SimInstance(name=f"node-{i}", api_key=API_KEY) for i in range(2)]
+    try:
+        for n in nodes:
+            await n.start()
+        yield nodes
+    finally:
+        for n in nodes:
+            with contextlib.suppress(Exception):
+                await n.stop()
+
+
+# -- serve: graceful shutdown ----------------------------------------------------------------
+
+
+async def test_sigterm_finishes_in_flight_request_and_refuses_new_connections(
+    tmp_path: Path, two_sims: list[SimInstance]
+) -> None:
+    sim = two_sims[0]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cfg = write_config(tmp_path, two_sims, port, grace_s=10)
+    logs = tmp_path / "router"
+    async with router_process(cfg, logs) as proc:
+        health = await wait_healthy(proc, base, logs)
+        assert health["healthy_instances"] == 2
+
+        sim.add_session("s1")
+        sim.route_delay_s = {SEND: 1.5}
+        loop = asyncio.get_running_loop()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+
+            async def send() -> tuple[int, dict[str, Any]]:
+                async with http.post(f"{base}{SEND}", json=send_body("s1", SECRET_TEXT)) as r:
+                    return r.status, await r.json()
+
+            in_flight = asyncio.create_task(send())
+            try:
+                await wait_for(lambda: sim.count("POST", SEND) == 1, 10, "the send at the sim")
+                proc.send_signal(signal.SIGTERM)
+                signalled = loop.time()
+
+                # The listener closes first; the request in flight is still being served.
+                await wait_refused(base, timeout_s=1.0)
+                assert not in_flight.done(), "in-flight request ended before the listener closed"
+
+                status, doc = await asyncio.wait_for(in_flight, 10)
+            finally:
+                if not in_flight.done():
+                    in_flight.cancel()
+                    with contextlib.suppress(BaseException):
+                        await in_flight
+        assert status == 200, doc
+        assert doc.get("success") is True
+        assert doc.get("message_id")
+
+        code = await wait_exit(proc, 10)
+        assert code == 0, output_of(logs)
+        assert loop.time() - signalled < 10
+        assert sim.count("POST", SEND) == 1  # not re-sent
+
+    out = output_of(logs)
+    assert "router_listening" in out  # the logs were captured: the checks below mean something
+    assert API_KEY not in out
+    assert SECRET_TEXT not in out
+
+
+async def test_sigterm_grace_is_bounded_when_instance_hangs(
+    tmp_path: Path, two_sims: list[SimInstance]
+) -> None:
+    sim = two_sims[0]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cfg = write_config(tmp_path, two_sims, port, grace_s=1)
+    logs = tmp_path / "router"
+    async with router_process(cfg, logs) as proc:
+        await wait_healthy(proc, base, logs)
+        sim.add_session("s1")
+        loop = asyncio.get_running_loop()
+        # The client's own timeout is far above the grace: hitting it would mean a hang.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=8)) as http:
+            # The router learns the owner first: a hung instance also hangs discovery probes.
+            status_url = f"{base}/api/sessions/s1/status?api_key={API_KEY}"
+            async with http.get(status_url) as r:
+                assert r.status == 200, await r.text()
+            sim.hang = True
+
+            async def send() -> tuple[int, bytes]:
+                async with http.post(f"{base}{SEND}", json=send_body("s1", SECRET_TEXT)) as r:
+                    return r.status, await r.read()
+
+            hung = asyncio.create_task(send())
+            try:
+                await wait_for(lambda: sim.count("POST", SEND) == 1, 10, "the send at the sim")
+                proc.send_signal(signal.SIGTERM)
+                signalled = loop.time()
+                code = await wait_exit(proc, 5)
+                exited_after = loop.time() - signalled
+
+                outcome: tuple[int, bytes] | BaseException
+                try:
+                    outcome = await asyncio.wait_for(hung, 5)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    outcome = exc
+            finally:
+                if not hung.done():
+                    hung.cancel()
+                    with contextlib.suppress(BaseException):
+                        await hung
+
+        assert code == 0, output_of(logs)
+        assert 0.5 < exited_after < 5, exited_after  # waited for the grace, not much longer
+        # Either an error answer or a closed connection, never the client's timeout.
+        assert not isinstance(outcome, TimeoutError), "the hung caller was left hanging"
+        if isinstance(outcome, tuple):
+            assert outcome[0] >= 500, outcome
+        else:
+            assert isinstance(outcome, aiohttp.ClientError), repr(outcome)
+        assert sim.count("POST", SEND) == 1
+
+    out = output_of(logs)
+    assert API_KEY not in out
+    assert SECRET_TEXT not in out
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+
+async def read_until(stream: asyncio.StreamReader, marker: str, timeout_s: float) -> str:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    seen: list[str] = []
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise AssertionError(f"no {marker!r} in {timeout_s} s; got:\n{''.join(seen)}")
+        try:
+            line = await asyncio.wait_for(stream.readline(), remaining)
+        except TimeoutError:
+            continue
+        if not line:
+            raise AssertionError(f"output ended before {marker!r}; got:\n{''.join(seen)}")
+        seen.append(line.decode(errors="replace"))
+        if marker in seen[-1]:
+            return "".join(seen)
+
+
+async def test_demo_serves_the_documented_requests_and_stops_on_sigint(tmp_path: Path) -> None:
+    instance_port = consecutive_free_ports(4)
+    port = free_port()
+    while instance_port <= port < instance_port + 4:
+        port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    err_path = tmp_path / "demo.err"
+    with err_path.open("wb") as err:
+        proc = await spawn(
+            cli_command("demo", "--port", str(port), "--instance-port", str(instance_port)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=err,
+        )
+        try:
+            assert proc.stdout is not None
+            text = await read_until(proc.stdout, "Ctrl-C", 20)
+            assert f"{base}{SEND}" in text
+            assert f"ports {instance_port}-{instance_port + 3}" in text
+
+            timeout = aiohttp.ClientTimeout(total=5)
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                async with http.get(f"{base}/health") as r:
+                    assert r.status == 200
+                    health = await r.json()
+                assert health["healthy_instances"] == 4, health
+                assert all(i["healthy"] for i in health["instances"].values()), health
+
+                body = {
+                    "session_id": "demo-3",
+                    "workspace_id": 1,
+                    "recipient_phone": "628123456789",
+                    "message": "hi",
+                    "type": "text",
+                    "api_key": DEMO_KEY,
+                }
+                async with http.post(f"{base}{SEND}", json=body) as r:
+                    doc = await r.json()
+                    assert r.status == 200, doc
+                assert doc.get("message_id"), doc
+
+                create = {"session_id": "my-session", "workspace_id": 1, "api_key": DEMO_KEY}
+                async with http.post(f"{base}/api/sessions", json=create) as r:
+                    doc = await r.json()
+                    assert r.status == 200, doc
+
+                status_url = f"{base}/api/sessions/my-session/status?api_key={DEMO_KEY}"
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10
+                last: Any = None
+                while True:
+                    async with http.get(status_url) as r:
+                        last = (r.status, await r.json())
+                    if last[0] == 200 and last[1].get("status") == "connected":
+                        break
+                    assert loop.time() < deadline, f"my-session never connected: {last}"
+                    await asyncio.sleep(0.05)
+
+                bad = URL(f"{base}/api/sessions/..%2Fetc/status?api_key={DEMO_KEY}", encoded=True)
+                async with http.get(bad) as r:
+                    doc = await r.json()
+                    assert r.status == 400, doc
+                    assert r.content_type == "application/json"
+                assert doc.get("error") == "bad_request", doc
+
+            proc.send_signal(signal.SIGINT)
+            code = await wait_exit(proc, 10)
+            assert code == 0, err_path.read_text(errors="replace")
+        finally:
+            await reap(proc)
+
+
+# -- check-config ----------------------------------------------------------------------------
+
+
+async def test_check_config_accepts_the_shipped_config() -> None:
+    proc = await spawn(
+        cli_command("check-config", "conf/router.yaml"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        await reap(proc)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    assert b"OK" in out

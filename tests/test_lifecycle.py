@@ -87,10 +87,7 @@ async def router_process(cfg: Path, logs: Path) -> AsyncIterator[asyncio.subproc
 
 
 def output_of(logs: Path) -> str:
-    return (
-        logs.with_suffix(".out").read_text(errors="replace")
-        + logs.with_suffix(".err").read_text(errors="replace")
-    )
+    return "".join(logs.with_suffix(ext).read_text(errors="replace") for ext in (".out", ".err"))
 
 
 def write_config(tmp_path: Path, sims: list[SimInstance], port: int, grace_s: float) -> Path:
@@ -277,7 +274,9 @@ async def test_sigterm_grace_is_bounded_when_instance_hangs(
                         await hung
 
         assert code == 0, output_of(logs)
-        assert 0.5 < exited_after < 5, exited_after  # waited for the grace, not much longer
+        # Waited for the grace, then cancelled what was left: not twice the grace (aiohttp's
+        # own shutdown_timeout would apply it twice; the router's drain applies it once).
+        assert 0.9 < exited_after < 1.9 + 1.0, exited_after
         # Either an error answer or a closed connection, never the client's timeout.
         assert not isinstance(outcome, TimeoutError), "the hung caller was left hanging"
         if isinstance(outcome, tuple):

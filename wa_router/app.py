@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 
 from .apikeys import KeyPolicy
+from .backlog import Backlog, SqliteBacklog
 from .config import Config
 from .directory import Directory
 from .discovery import Discovery
@@ -20,6 +23,7 @@ from .profiles import Profile, build_profile
 from .proxy import Proxy
 from .rules import RuleTable, SessionIdPolicy
 from .stores import MemoryStore, Store
+from .webhooks import Webhooks
 
 log = structlog.get_logger("wa_router.app")
 
@@ -34,6 +38,25 @@ class Router:
     forwarder: AiohttpForwarder
     discovery: Discovery
     proxy: Proxy
+    webhooks: Webhooks
+    # Handler tasks in flight, so shutdown can wait for them (and only for its grace).
+    inflight: set[asyncio.Task[object]] = field(default_factory=set)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def tracked(router: Router, handler: Handler) -> Handler:
+    async def run(request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        router.inflight.add(task)
+        try:
+            return await handler(request)
+        finally:
+            router.inflight.discard(task)
+
+    return run
 
 
 CONFIG = web.AppKey("config", Config)
@@ -80,26 +103,69 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         max_body_bytes=cfg.limits.max_body_bytes,
         probe_timeout_s=cfg.discovery.probe_timeout_s,
     )
-    return Router(cfg, profile, pool, store, directory, forwarder, discovery, proxy)
+    backlog: Backlog | None = None
+    if cfg.webhooks.secrets and cfg.webhooks.laravel_url:
+        backlog = SqliteBacklog(
+            Path(cfg.state.dir) / "webhooks.sqlite3", max_items=cfg.webhooks.backlog_max_items
+        )
+    webhooks = Webhooks(
+        cfg=cfg.webhooks,
+        pool=pool,
+        directory=directory,
+        discovery=discovery,
+        forwarder=forwarder,
+        backlog=backlog,
+    )
+    return Router(cfg, profile, pool, store, directory, forwarder, discovery, proxy, webhooks)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    """Start the parts; after the server stopped taking requests and those in flight ended
-    (aiohttp's shutdown, bounded by server.shutdown_grace_s), stop them in reverse order."""
+    """Start the parts; after the server stopped taking requests and those in flight ended,
+    stop them in reverse order."""
     router = app[ROUTER]
     await router.forwarder.start()
-    log.info(
-        "router_started",
-        instances=[i.name for i in router.pool.instances],
-        profile=router.profile.name,
-        store=router.config.store.kind,
-    )
+    backlog = router.webhooks.backlog
+    deliverer: asyncio.Task[None] | None = None
     try:
+        if backlog is not None:
+            await backlog.open()
+            if router.webhooks.deliverer is not None:
+                deliverer = asyncio.create_task(router.webhooks.deliverer.run())
+        log.info(
+            "router_started",
+            instances=[i.name for i in router.pool.instances],
+            profile=router.profile.name,
+            store=router.config.store.kind,
+            webhooks=bool(router.config.webhooks.secrets),
+            backlog=await backlog.size() if backlog is not None else None,
+        )
         yield
     finally:
+        if deliverer is not None:
+            deliverer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await deliverer
+        if backlog is not None:
+            await backlog.close()
         await router.forwarder.close()
         await router.store.close()
         log.info("router_stopped")
+
+
+async def _drain(app: web.Application) -> None:
+    """on_shutdown runs once the listener is closed: give requests in flight the grace,
+    then cancel what is left. (aiohttp's own shutdown_timeout is applied twice over.)"""
+    router = app[ROUTER]
+    grace_s = router.config.server.shutdown_grace_s
+    pending = set(router.inflight)
+    if pending:
+        log.info("router_draining", inflight=len(pending), grace_s=grace_s)
+        _, late = await asyncio.wait(pending, timeout=grace_s) if grace_s > 0 else ((), pending)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("router_drain_cancelled", requests=len(late))
+            await asyncio.wait(late, timeout=1.0)
 
 
 def build_app(cfg: Config, *, store: Store | None = None) -> web.Application:
@@ -114,7 +180,15 @@ def build_app(cfg: Config, *, store: Store | None = None) -> web.Application:
     app[CONFIG] = cfg
     app[ROUTER] = router
     app.cleanup_ctx.append(_lifecycle)
-    app.router.add_route("*", "/{tail:.*}", router.proxy.handle)
+    app.on_shutdown.append(_drain)
+    wh = cfg.webhooks
+    app.router.add_post(wh.path, tracked(router, router.webhooks.intake))
+    app.router.add_route(
+        "*",
+        wh.passthrough_prefix.rstrip("/") + "/{tail:.*}",
+        tracked(router, router.webhooks.passthrough),
+    )
+    app.router.add_route("*", "/{tail:.*}", tracked(router, router.proxy.handle))
     return app
 
 
@@ -138,7 +212,8 @@ def serve(cfg: Config) -> None:
         build_app(cfg),
         host=cfg.server.host,
         port=cfg.server.port,
-        shutdown_timeout=cfg.server.shutdown_grace_s,
+        # The grace is applied by _drain; this only bounds aiohttp's own last wait.
+        shutdown_timeout=1.0,
         access_log=None,
         print=None,
         loop=loop,

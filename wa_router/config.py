@@ -133,6 +133,36 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """Webhooks from the instances: verified, learned from, relayed to Laravel."""
+
+    # HMAC secrets accepted (several during a key rotation). The first one re-signs a
+    # relayed webhook whose timestamp has aged past the receiver's window. Empty: intake off.
+    secrets: tuple[str, ...] = ()
+    # Laravel's base URL (`http://laravel.internal`); webhooks and Node's other calls to
+    # Laravel go on to the same path there. None: webhooks are learned from, not relayed.
+    laravel_url: str | None = None
+    path: str = "/api/whatsapp/webhooks/webjs"
+    passthrough_prefix: str = "/api/whatsapp/"
+    window_s: float = 300.0  # Laravel's: |now - X-Timestamp| <= 300
+    # Node re-signs each retry with a new timestamp: an identical body from the same
+    # instance within this span is the same event.
+    retry_dedupe_s: float = 60.0
+    max_body_bytes: int = 1024 * 1024
+    forget_reasons: tuple[str, ...] = ("LOGOUT", "UNPAIRED", "UNPAIRED_IDLE")
+    relay_timeout_s: float = 10.0
+    backlog_max_items: int = 100_000
+    retry_base_s: float = 1.0
+    retry_max_s: float = 60.0
+    resign_after_s: float = 240.0  # re-sign queued webhooks older than this
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    dir: str = "state"  # the webhook backlog (SQLite) lives here
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"  # auto (JSON unless on a terminal) | json | console
@@ -150,6 +180,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -321,6 +353,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError("profile.status_path", "must contain {session}")
     for i, rule in enumerate(cfg.rules or ()):
         validate_rule(rule, f"rules[{i}]")
+    _validate_webhooks(cfg.webhooks)
+
+
+def _validate_webhooks(wh: WebhookConfig) -> None:
+    for i, secret in enumerate(wh.secrets):
+        if not secret:
+            raise ConfigError(f"webhooks.secrets[{i}]", "must not be empty")
+    if wh.laravel_url is not None:
+        try:
+            u = URL(wh.laravel_url)
+        except (ValueError, TypeError):
+            u = URL()
+        if u.scheme not in ("http", "https") or not u.host or u.query_string:
+            raise ConfigError(
+                "webhooks.laravel_url", f"{wh.laravel_url!r} must be http(s)://host[:port][/base]"
+            )
+    for key in ("path", "passthrough_prefix"):
+        if not getattr(wh, key).startswith("/"):
+            raise ConfigError(f"webhooks.{key}", "must start with /")
+    if wh.resign_after_s >= wh.window_s:
+        raise ConfigError(
+            "webhooks.resign_after_s",
+            "must be below webhooks.window_s, or re-signing comes too late",
+        )
+    if wh.retry_base_s > wh.retry_max_s:
+        raise ConfigError("webhooks.retry_base_s", "must not exceed webhooks.retry_max_s")
 
 
 def _validate_numbers(obj: Any, key: str) -> None:

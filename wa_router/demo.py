@@ -66,7 +66,7 @@ async def _run(port: int, instance_port: int) -> None:
         SimInstance(name=i.name, port=instance_port + n, api_key=DEMO_KEY, connect_delay_s=1.0)
         for n, i in enumerate(cfg.instances)
     ]
-    runner = web.AppRunner(build_app(cfg), access_log=None, shutdown_timeout=5.0)
+    runner = web.AppRunner(build_app(cfg), access_log=None, shutdown_timeout=1.0)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,201 @@
+"""Relaying webhooks to Laravel, now or later.
+
+`post_raw` makes one attempt and says what it means (`delivered`, `final`: Laravel refused
+it for good, `retry`: try again later). `Deliverer` empties the durable backlog in the
+background: the oldest webhook of each session first (per-session order), exponential
+backoff with jitter per session while Laravel is down, no limit on age. A webhook whose
+timestamp has aged past Laravel's window is re-signed with a fresh one, or Laravel would
+refuse a webhook that only waited for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+from multidict import CIMultiDict
+from yarl import URL
+
+from .backlog import Backlog, Pending
+from .errors import UpstreamError
+from .forward import Forwarder, UpstreamRequest
+from .pool import Instance
+
+log = structlog.get_logger("wa_router.delivery")
+
+TIMESTAMP = "X-Timestamp"
+SIGNATURE = "X-HMAC-Signature"
+_BATCH = 256
+_CONCURRENCY = 16
+_IDLE_WAIT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RelayResult:
+    verdict: str  # delivered | final | retry
+    status: int | None
+    body: bytes = b""
+    content_type: str = "application/json"
+    detail: str = ""
+
+
+def verdict_for(status: int) -> str:
+    """408/425/429 and 5xx may pass later; another 4xx is Laravel's final word."""
+    if status < 400:
+        return "delivered"
+    if status >= 500 or status in (408, 425, 429):
+        return "retry"
+    return "final"
+
+
+def laravel_instance(url: str) -> Instance:
+    """Laravel as a forwarding target (the forwarder's one seam serves it too)."""
+    return Instance(name="laravel", url=URL(url), base=url.rstrip("/"))
+
+
+async def post_raw(
+    forwarder: Forwarder,
+    laravel: Instance,
+    path: str,
+    body: bytes,
+    headers: Sequence[tuple[str, str]],
+    timeout_s: float,
+) -> RelayResult:
+    req = UpstreamRequest("POST", path, CIMultiDict(headers), body, timeout_s)
+    try:
+        async with asyncio.timeout(timeout_s):
+            resp = await forwarder.send(laravel, req)
+            try:
+                answer = await resp.read()
+            finally:
+                resp.release()
+    except UpstreamError as exc:
+        return RelayResult("retry", None, detail=exc.detail)
+    except TimeoutError:
+        return RelayResult("retry", None, detail="timed out")
+    return RelayResult(
+        verdict_for(resp.status),
+        resp.status,
+        answer,
+        resp.headers.get("Content-Type", "application/json"),
+        detail=f"HTTP {resp.status}",
+    )
+
+
+def resign(
+    headers: Sequence[tuple[str, str]], body: bytes, secret: str, now: int
+) -> list[tuple[str, str]]:
+    ts = str(now)
+    sig = hmac.new(secret.encode(), ts.encode() + body, hashlib.sha256).hexdigest()
+    out = [(k, v) for k, v in headers if k.lower() not in (TIMESTAMP.lower(), SIGNATURE.lower())]
+    return [*out, (TIMESTAMP, ts), (SIGNATURE, sig)]
+
+
+def backoff_s(attempts: int, base_s: float, max_s: float, rand: float) -> float:
+    """Full-jitter-ish exponential backoff: between half and all of base * 2^(n-1)."""
+    ceiling = min(max_s, base_s * float(2 ** max(0, attempts - 1)))
+    return float(ceiling * (0.5 + rand / 2))
+
+
+class Deliverer:
+    def __init__(
+        self,
+        backlog: Backlog,
+        forwarder: Forwarder,
+        laravel: Instance,
+        *,
+        secret: str,
+        resign_after_s: float,
+        timeout_s: float,
+        retry_base_s: float,
+        retry_max_s: float,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._backlog = backlog
+        self._forwarder = forwarder
+        self._laravel = laravel
+        self._secret = secret
+        self._resign_after_s = resign_after_s
+        self._timeout_s = timeout_s
+        self._base_s = retry_base_s
+        self._max_s = retry_max_s
+        self._wall = wall
+        self._monotonic = monotonic
+        self._wake = asyncio.Event()
+        self._not_before: dict[str, float] = {}  # session -> monotonic time of next try
+        self.delivered = 0
+        self.dropped = 0
+        self.failures = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            heads = await self._backlog.heads(_BATCH)
+            now = self._monotonic()
+            due = [h for h in heads if self._not_before.get(h.session, 0.0) <= now]
+            if due:
+                sem = asyncio.Semaphore(_CONCURRENCY)
+                await asyncio.gather(*(self._one(h, sem) for h in due))
+                continue
+            waits = [
+                self._not_before[h.session] - now for h in heads if h.session in self._not_before
+            ]
+            timeout = min(waits) if waits else _IDLE_WAIT_S
+            try:
+                async with asyncio.timeout(max(0.0, timeout)):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _one(self, item: Pending, sem: asyncio.Semaphore) -> None:
+        async with sem:
+            headers: Sequence[tuple[str, str]] = item.headers
+            now = self._wall()
+            if now - item.timestamp > self._resign_after_s and self._secret:
+                headers = resign(headers, item.body, self._secret, int(now))
+            result = await post_raw(
+                self._forwarder, self._laravel, item.path, item.body, headers, self._timeout_s
+            )
+            if result.verdict == "retry":
+                self.failures += 1
+                await self._backlog.attempted(item.id)
+                delay = backoff_s(item.attempts + 1, self._base_s, self._max_s, random.random())
+                self._not_before[item.session] = self._monotonic() + delay
+                log.info(
+                    "webhook_delivery_failed",
+                    id=item.id,
+                    session=item.session,
+                    attempts=item.attempts + 1,
+                    retry_in_s=round(delay, 2),
+                    detail=result.detail,
+                )
+                return
+            await self._backlog.ack(item.id)
+            self._not_before.pop(item.session, None)
+            if result.verdict == "delivered":
+                self.delivered += 1
+                log.info(
+                    "webhook_delivered",
+                    id=item.id,
+                    session=item.session,
+                    attempts=item.attempts + 1,
+                    waited_s=round(now - item.enqueued_at, 1),
+                )
+            else:
+                self.dropped += 1
+                log.error(
+                    "webhook_refused_by_laravel",
+                    id=item.id,
+                    session=item.session,
+                    status=result.status,
+                )

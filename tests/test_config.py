@@ -30,7 +30,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_shipped_config_is_the_demo_default() -> None:
     cfg = load_config(ROOT / "conf" / "router.yaml", {})
-    assert cfg == demo_config()
+    assert cfg == demo_config(webhooks=False)
 
 
 def test_env_overrides_nested_keys(tmp_path: Path) -> None:

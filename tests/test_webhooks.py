@@ -433,3 +433,18 @@ async def test_new_webhook_waits_behind_its_sessions_backlog(
     assert (await sims[1].emit("message_received", {"session_id": "z", "seq": 0})) == 200
     await wait_for(lambda: len(laravel.events) == 5, timeout_s=15)
     assert laravel.seqs("a") == [0, 1, 2, 3]
+
+
+async def test_key_rotation_accepts_every_configured_secret(
+    sims: list[SimInstance], laravel: Laravel, start_router: StartRouter, tmp_path: Path
+) -> None:
+    cfg = pool_config(sims, webhooks={"secrets": ["new-secret", SECRET]},
+                      state={"dir": str(tmp_path)})
+    client, router = await start_router(cfg)
+    for n, secret in enumerate(["new-secret", SECRET]):
+        code, body = await post_hook(client, "session_ready", {"session_id": f"k{n}"},
+                                     secret=secret, instance_url=local(sims[n]))
+        assert (code, body) == (200, {"status": "accepted"})  # no Laravel: learned only
+        assert (await router.directory.lookup(f"k{n}")).instance == sims[n].name  # type: ignore[union-attr]
+    code, body = await post_hook(client, "session_ready", {"session_id": "k9"}, secret="old")
+    assert code == 401 and body["reason"] == "bad_signature"

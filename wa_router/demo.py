@@ -13,16 +13,19 @@ import signal
 from aiohttp import web
 
 from .app import build_app, new_event_loop
-from .config import Config, InstanceConfig, LogConfig, ServerConfig
+from .config import Config, InstanceConfig, LogConfig, ServerConfig, WebhookConfig
 from .logging import setup_logging
 from .sim import SimInstance
 
 DEMO_KEY = "demo-key"
+DEMO_SECRET = "demo-secret"
 DEMO_SESSIONS = ("demo-1", "demo-2", "demo-3", "demo-4")
 
 
-def demo_config(port: int = 8080, instance_port: int = 3001) -> Config:
+def demo_config(port: int = 8080, instance_port: int = 3001, *, webhooks: bool = True) -> Config:
+    """conf/router.yaml, plus webhook intake (no Laravel: the router learns from them)."""
     return Config(
+        webhooks=WebhookConfig(secrets=(DEMO_SECRET,)) if webhooks else WebhookConfig(),
         server=ServerConfig(host="127.0.0.1", port=port),
         instances=tuple(
             InstanceConfig(f"node-{instance_port + i}", f"http://127.0.0.1:{instance_port + i}")
@@ -62,8 +65,16 @@ Ctrl-C stops everything.
 
 async def _run(port: int, instance_port: int) -> None:
     cfg = demo_config(port, instance_port)
+    hook = f"http://127.0.0.1:{port}{cfg.webhooks.path}"
     sims = [
-        SimInstance(name=i.name, port=instance_port + n, api_key=DEMO_KEY, connect_delay_s=1.0)
+        SimInstance(
+            name=i.name,
+            port=instance_port + n,
+            api_key=DEMO_KEY,
+            connect_delay_s=1.0,
+            webhook_url=hook,
+            webhook_secret=DEMO_SECRET,
+        )
         for n, i in enumerate(cfg.instances)
     ]
     runner = web.AppRunner(build_app(cfg), access_log=None, shutdown_timeout=1.0)

@@ -92,3 +92,12 @@ def sends(sim: SimInstance) -> int:
 
 def probes(sim: SimInstance, session: str) -> int:
     return sim.count("GET", f"/api/sessions/{session}/status")
+
+
+def caller_traffic(sim: SimInstance) -> int:
+    """Requests that came from callers (not the router's own health checks and syncs)."""
+    return sum(
+        1
+        for r in sim.received
+        if r.path != "/health" and not (r.method == "GET" and r.path == "/api/sessions")
+    )

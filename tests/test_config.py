@@ -84,7 +84,8 @@ def test_config_file_from_env(tmp_path: Path) -> None:
         (BASE, {"WA_ROUTER_NOPE": "1"}, "nope", "unknown key"),
         ("instances: []\n", {}, "instances", "at least one"),
         ("server: {port: 1}\n", {}, "instances", "required"),
-        (BASE + "upstream: {api_key: s}\n", {}, "upstream.api_key", "client_keys"),
+        (BASE + "upstream: {client_keys: [c]}\n", {}, "upstream.client_keys", "api_key"),
+        (BASE + "admin: {token: short}\n", {}, "admin.token", "16 characters"),
         (BASE + "profile: {name: waha}\n", {}, "profile.name", "not one of"),
         (
             BASE + "rules: [{name: r, path: '/x/{session}', session_in: body, field: s}]\n",

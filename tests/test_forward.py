@@ -69,6 +69,15 @@ def upstream_app() -> web.Application:
         return web.Response(status=204, headers={"X-Empty": "1"})
 
     app = web.Application(client_max_size=64 * 1024 * 1024, handler_args={"auto_decompress": False})
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "healthy"})
+
+    async def listing(_: web.Request) -> web.Response:
+        return web.json_response({"sessions": []})
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/api/sessions", listing)
     app.router.add_get("/api/sessions/{s}/status", status)
     app.router.add_route("*", "/api/sessions/{s}/echo", echo)
     app.router.add_get("/api/sessions/{s}/gzip", gz)

@@ -438,12 +438,18 @@ async def test_new_webhook_waits_behind_its_sessions_backlog(
 async def test_key_rotation_accepts_every_configured_secret(
     sims: list[SimInstance], laravel: Laravel, start_router: StartRouter, tmp_path: Path
 ) -> None:
-    cfg = pool_config(sims, webhooks={"secrets": ["new-secret", SECRET]},
-                      state={"dir": str(tmp_path)})
+    cfg = pool_config(
+        sims, webhooks={"secrets": ["new-secret", SECRET]}, state={"dir": str(tmp_path)}
+    )
     client, router = await start_router(cfg)
     for n, secret in enumerate(["new-secret", SECRET]):
-        code, body = await post_hook(client, "session_ready", {"session_id": f"k{n}"},
-                                     secret=secret, instance_url=local(sims[n]))
+        code, body = await post_hook(
+            client,
+            "session_ready",
+            {"session_id": f"k{n}"},
+            secret=secret,
+            instance_url=local(sims[n]),
+        )
         assert (code, body) == (200, {"status": "accepted"})  # no Laravel: learned only
         assert (await router.directory.lookup(f"k{n}")).instance == sims[n].name  # type: ignore[union-attr]
     code, body = await post_hook(client, "session_ready", {"session_id": "k9"}, secret="old")

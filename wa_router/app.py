@@ -18,11 +18,13 @@ from .directory import Directory
 from .discovery import Discovery
 from .errors import ConfigError
 from .forward import AiohttpForwarder
+from .health import HealthChecker
 from .pool import Pool
 from .profiles import Profile, build_profile
 from .proxy import Proxy
 from .rules import RuleTable, SessionIdPolicy
 from .stores import MemoryStore, Store
+from .sync import Syncer
 from .webhooks import Webhooks
 
 log = structlog.get_logger("wa_router.app")
@@ -39,6 +41,10 @@ class Router:
     discovery: Discovery
     proxy: Proxy
     webhooks: Webhooks
+    health: HealthChecker
+    syncer: Syncer
+    # Warm: the first sync is done (or gave up); /readyz says so.
+    warm: bool = False
     # Handler tasks in flight, so shutdown can wait for them (and only for its grace).
     inflight: set[asyncio.Task[object]] = field(default_factory=set)
 
@@ -71,7 +77,12 @@ def build_store(cfg: Config) -> Store:
 
 def build_router(cfg: Config, *, store: Store | None = None) -> Router:
     profile = build_profile(cfg.profile, cfg.rules)
-    pool = Pool(cfg.instances, suspect_cooldown_s=cfg.pool.suspect_cooldown_s)
+    pool = Pool(
+        cfg.instances,
+        suspect_cooldown_s=cfg.pool.suspect_cooldown_s,
+        fall=cfg.health.fall,
+        rise=cfg.health.rise,
+    )
     store = build_store(cfg) if store is None else store
     directory = Directory(
         store,
@@ -116,7 +127,53 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         forwarder=forwarder,
         backlog=backlog,
     )
-    return Router(cfg, profile, pool, store, directory, forwarder, discovery, proxy, webhooks)
+    syncer = Syncer(
+        pool=pool,
+        profile=profile,
+        forwarder=forwarder,
+        directory=directory,
+        api_key=cfg.upstream.api_key,
+        timeout_s=profile_list_timeout(profile),
+    )
+    health = HealthChecker(
+        pool=pool,
+        profile=profile,
+        forwarder=forwarder,
+        cfg=cfg.health,
+        on_recovered=lambda inst: syncer.run(only=inst),
+    )
+    return Router(
+        cfg, profile, pool, store, directory, forwarder, discovery, proxy, webhooks, health, syncer
+    )
+
+
+def profile_list_timeout(profile: Profile) -> float:
+    """Listing sessions is a sessions route: Node gives it up to 60 s."""
+    rule = next((r for r in profile.rules if r.kind == "pool_list"), None)
+    return rule.read_timeout_s if rule is not None else 60.0
+
+
+async def _sync_loop(router: Router) -> None:
+    """Warm sync at start (readiness waits for it, bounded), then every interval."""
+    cfg = router.config.sync
+    first = asyncio.ensure_future(router.syncer.run())
+    try:
+        await asyncio.wait_for(asyncio.shield(first), cfg.startup_timeout_s)
+    except TimeoutError:
+        log.warning("sync_startup_timeout", timeout_s=cfg.startup_timeout_s)
+    except Exception as exc:  # a failed sync must not stop the router from serving
+        log.error("sync_failed", error=repr(exc))
+    router.warm = True
+    try:
+        await first
+    except Exception as exc:
+        log.error("sync_failed", error=repr(exc))
+    while True:
+        await asyncio.sleep(cfg.interval_s)
+        try:
+            await router.syncer.run()
+        except Exception as exc:
+            log.error("sync_failed", error=repr(exc))
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -125,12 +182,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     router = app[ROUTER]
     await router.forwarder.start()
     backlog = router.webhooks.backlog
-    deliverer: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = []
     try:
         if backlog is not None:
             await backlog.open()
             if router.webhooks.deliverer is not None:
-                deliverer = asyncio.create_task(router.webhooks.deliverer.run())
+                tasks.append(asyncio.create_task(router.webhooks.deliverer.run()))
+        tasks.append(asyncio.create_task(router.health.run()))
+        tasks.append(asyncio.create_task(_sync_loop(router)))
         log.info(
             "router_started",
             instances=[i.name for i in router.pool.instances],
@@ -141,10 +200,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         )
         yield
     finally:
-        if deliverer is not None:
-            deliverer.cancel()
+        for task in reversed(tasks):
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await deliverer
+                await task
+        await router.health.stop()
         if backlog is not None:
             await backlog.close()
         await router.forwarder.close()

@@ -91,7 +91,8 @@ class UpstreamConfig:
     # can be written into a socket Node is closing (and we cannot tell whether it ran).
     keepalive_s: float = 2.0
     max_connections_per_instance: int = 256
-    # The key the router injects for callers that present one of `client_keys`.
+    # The Node api key: the router's own calls (sync) use it, and it is injected into the
+    # requests of callers that present one of `client_keys` (nobody else's).
     api_key: str | None = None
     client_keys: tuple[str, ...] = ()
 
@@ -123,6 +124,31 @@ class PoolConfig:
     # After a connect failure on live traffic an instance is suspect: discovery skips it
     # for this long, then gives it another chance.
     suspect_cooldown_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """Active health checks: each instance's health route, all at once, every interval."""
+
+    interval_s: float = 2.0
+    timeout_s: float = 1.0
+    fall: int = 2  # consecutive failures (checks or live-traffic connects) -> down
+    rise: int = 1  # consecutive successes -> healthy again
+
+
+@dataclass(frozen=True, slots=True)
+class SyncConfig:
+    """Full reconciliation of the directory with every instance's session list."""
+
+    interval_s: float = 60.0
+    # /readyz says not ready until the first sync is done, or this long after start.
+    startup_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    # Bearer token of /admin/*; None: the admin API is off (404).
+    token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +205,9 @@ class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     state: StateConfig = field(default_factory=StateConfig)
@@ -342,9 +371,8 @@ def validate(cfg: Config) -> None:
     _validate_choice("log.level", cfg.log.level.lower(), ("debug", "info", "warning", "error"))
     if cfg.upstream.client_keys and not cfg.upstream.api_key:
         raise ConfigError("upstream.client_keys", "needs upstream.api_key to inject")
-    if cfg.upstream.api_key and not cfg.upstream.client_keys:
-        # Injecting for everybody would make the router an open relay for the key.
-        raise ConfigError("upstream.api_key", "needs upstream.client_keys (who may use it)")
+    if cfg.admin.token is not None and len(cfg.admin.token) < 16:
+        raise ConfigError("admin.token", "use at least 16 characters")
     try:
         re.compile(cfg.limits.session_id_pattern)
     except re.error as exc:

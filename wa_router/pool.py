@@ -1,12 +1,14 @@
 """The pool: instances, their health state, load and draining.
 
-State machine (passive part; active health checks drive the same transitions later):
+State machine:
 
-    healthy --connect failure on live traffic--> suspect --cool-down over--> (tried again)
-    suspect --any answer--> healthy;  * --health check says so--> down / healthy
+    healthy --a failure (health check, or connect on live traffic)--> suspect
+    suspect --`fall` consecutive failures--> down
+    suspect/down --`rise` consecutive successes (or any answer to live traffic)--> healthy
 
 A suspect instance is skipped by discovery and placement during its cool-down, so one dead
-instance costs each request at most one failed connect, not one per scan.
+instance costs each request at most one failed connect, not one per scan. A down one gets
+nothing until a health check sees it answer again.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class Instance:
     inflight: int = 0
     last_error: str | None = None
     state_changed_at: float = field(default_factory=time.time)
+    failures: int = 0  # consecutive
+    successes: int = 0  # consecutive
+    latency_s: float | None = None  # of the last health check
+    last_check_at: float | None = None  # Unix seconds
+    reported_sessions: int | None = None  # what its own /health said
 
 
 class Pool:
@@ -54,10 +61,14 @@ class Pool:
         instances: Sequence[InstanceConfig],
         *,
         suspect_cooldown_s: float = 5.0,
+        fall: int = 2,
+        rise: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
         self._cooldown_s = suspect_cooldown_s
+        self._fall = fall
+        self._rise = rise
         self.instances: tuple[Instance, ...] = tuple(
             Instance(c.name, URL(c.url), str(URL(c.url).origin()).rstrip("/")) for c in instances
         )
@@ -111,12 +122,29 @@ class Pool:
         return None
 
     def mark_suspect(self, inst: Instance, reason: str) -> None:
+        """A failure: suspect at once, down after `fall` in a row."""
         inst.suspect_until = self._clock() + self._cooldown_s
         inst.last_error = reason
-        if inst.state is State.HEALTHY:
+        inst.failures += 1
+        inst.successes = 0
+        if inst.failures >= self._fall:
+            self.mark_down(inst, reason)
+        elif inst.state is State.HEALTHY:
             self._set(inst, State.SUSPECT, reason)
 
+    def record_success(self, inst: Instance) -> bool:
+        """A health check answered; True when this brought a down instance back."""
+        inst.failures = 0
+        inst.successes += 1
+        if inst.state is State.HEALTHY or inst.successes < self._rise:
+            return False
+        was_down = inst.state is State.DOWN
+        self._set(inst, State.HEALTHY, "health check answered")
+        return was_down
+
     def mark_healthy(self, inst: Instance) -> None:
+        """Live traffic got an answer: whatever the checks said, it is serving."""
+        inst.failures = 0
         if inst.state is not State.HEALTHY:
             self._set(inst, State.HEALTHY, "answered")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -49,6 +50,17 @@ class Store(Protocol):
 
     async def counts(self) -> dict[str, int]:
         """Live sessions per instance name."""
+        ...
+
+    def items(self) -> AsyncIterator[tuple[str, Entry]]:
+        """Every live entry (no tombstones), in no particular order."""
+        ...
+
+    async def page(
+        self, *, after: str | None, limit: int, instance: str | None = None
+    ) -> list[tuple[str, Entry]]:
+        """Live entries with session ids above `after`, in id order, at most `limit`
+        (the admin API's cursor pagination); only `instance`'s when given."""
         ...
 
     async def close(self) -> None: ...

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from .base import Entry, newer
 
@@ -46,6 +47,27 @@ class MemoryStore:
 
     async def counts(self) -> dict[str, int]:
         return {name: n for name, n in self._counts.items() if n > 0}
+
+    async def items(self) -> AsyncIterator[tuple[str, Entry]]:
+        for session, entry in list(self._entries.items()):
+            if entry.instance is not None:
+                yield session, entry
+
+    async def page(
+        self, *, after: str | None, limit: int, instance: str | None = None
+    ) -> list[tuple[str, Entry]]:
+        # O(n log limit): no sorted index to keep up on the hot path for an admin listing.
+        return heapq.nsmallest(
+            limit,
+            (
+                (k, e)
+                for k, e in self._entries.items()
+                if e.instance is not None
+                and (after is None or k > after)
+                and (instance is None or e.instance == instance)
+            ),
+            key=lambda kv: kv[0],
+        )
 
     async def close(self) -> None:
         return None

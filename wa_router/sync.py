@@ -1,0 +1,253 @@
+"""Full reconciliation: list the sessions of every instance, compare with the directory.
+
+This replaces Blazz's 5-minute `whatsapp:sync-instance-urls` cron job, which never worked
+(it sent the api key as a header and got 401 for every session). Moved sessions are fixed,
+unknown ones learned, and two things only a person can settle are reported: sessions that
+are lost (in the directory, live on no instance: a QR rescan is needed) and duplicated ones
+(live on two instances: the `connected` / most recently connected one is kept).
+
+Sync writes with the time its listing started, so a webhook that arrives meanwhile (a
+newer fact) is never overwritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import structlog
+from multidict import CIMultiDict
+
+from .directory import Directory
+from .errors import NotReached, UpstreamError
+from .forward import Forwarder, UpstreamRequest
+from .pool import Instance, Pool
+from .profiles import Profile
+from .stores.base import Source
+
+log = structlog.get_logger("wa_router.sync")
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    instance: str
+    status: str
+    connected_at: str  # ISO text or ""; sorts chronologically
+
+
+@dataclass(slots=True)
+class SyncReport:
+    dry_run: bool
+    started_at: float
+    duration_s: float = 0.0
+    instances: dict[str, str] = field(default_factory=dict)  # name -> "ok" | error
+    fixed: list[tuple[str, str, str]] = field(default_factory=list)  # session, old, new
+    learned: list[tuple[str, str]] = field(default_factory=list)  # session, instance
+    verified: int = 0
+    lost: list[tuple[str, str]] = field(default_factory=list)  # session, believed instance
+    duplicated: list[tuple[str, str, list[str]]] = field(default_factory=list)
+    unverified: int = 0  # believed on an instance whose list could not be read
+
+    @property
+    def ok(self) -> bool:
+        return not self.lost and not self.duplicated
+
+    @property
+    def updated(self) -> int:
+        return len(self.fixed) + len(self.learned)
+
+    def lines(self) -> list[str]:
+        """The original command's output form (cron greps it)."""
+        out = [f"Fixed: {s} ({old} -> {new})" for s, old, new in self.fixed]
+        out += [f"Learned: {s} ({inst})" for s, inst in self.learned]
+        out += [
+            f"Lost: {s} (was {inst}; on no instance: rescan the QR code)" for s, inst in self.lost
+        ]
+        out += [
+            f"Duplicated: {s} (kept {kept}; also on {', '.join(others)})"
+            for s, kept, others in self.duplicated
+        ]
+        out += [
+            f"Error: {name}: {state}" for name, state in self.instances.items() if state != "ok"
+        ]
+        out.append(
+            f"Summary: {self.updated} updated, {self.verified} verified, {len(self.lost)} lost, "
+            f"{len(self.duplicated)} duplicated" + (" (dry run)" if self.dry_run else "")
+        )
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "started_at": self.started_at,
+            "duration_s": round(self.duration_s, 3),
+            "instances": self.instances,
+            "fixed": [{"session": s, "old": o, "new": n} for s, o, n in self.fixed],
+            "learned": [{"session": s, "instance": i} for s, i in self.learned],
+            "verified": self.verified,
+            "lost": [{"session": s, "instance": i} for s, i in self.lost],
+            "duplicated": [{"session": s, "kept": k, "others": o} for s, k, o in self.duplicated],
+            "unverified": self.unverified,
+            "summary": self.lines()[-1],
+            "ok": self.ok,
+        }
+
+
+class Syncer:
+    def __init__(
+        self,
+        *,
+        pool: Pool,
+        profile: Profile,
+        forwarder: Forwarder,
+        directory: Directory,
+        api_key: str | None,
+        timeout_s: float,
+    ) -> None:
+        self._pool = pool
+        self._profile = profile
+        self._forwarder = forwarder
+        self._directory = directory
+        self._api_key = api_key
+        self._timeout_s = timeout_s
+        self._lock = asyncio.Lock()  # one sync at a time; a second caller waits its turn
+        self.runs = 0
+        self.last: SyncReport | None = None
+
+    async def run(self, *, dry_run: bool = False, only: Instance | None = None) -> SyncReport:
+        async with self._lock:
+            report = await self._run(dry_run, only)
+        self.runs += 1
+        if not dry_run and only is None:
+            self.last = report
+        log.info(
+            "sync_done",
+            dry_run=dry_run,
+            only=only.name if only else None,
+            fixed=len(report.fixed),
+            learned=len(report.learned),
+            verified=report.verified,
+            lost=len(report.lost),
+            duplicated=len(report.duplicated),
+            duration_s=round(report.duration_s, 3),
+        )
+        return report
+
+    async def _run(self, dry_run: bool, only: Instance | None) -> SyncReport:
+        report = SyncReport(dry_run=dry_run, started_at=time.time())
+        started = time.monotonic()
+        targets = (
+            [only]
+            if only is not None
+            else [i for i in self._pool.instances if self._pool.routable(i)]
+        )
+        for inst in self._pool.instances:
+            if inst not in targets and only is None:
+                report.instances[inst.name] = f"skipped: {inst.state.value}"
+        listings = await asyncio.gather(*(self._list(i) for i in targets))
+        live: dict[str, list[Listed]] = {}
+        present: set[tuple[str, str]] = set()  # (session, instance), any status
+        for inst, listing in zip(targets, listings, strict=True):
+            if isinstance(listing, str):
+                report.instances[inst.name] = listing
+                continue
+            report.instances[inst.name] = "ok"
+            inst.reported_sessions = len(listing)
+            for session, status, connected_at in listing:
+                present.add((session, inst.name))
+                if self._profile.rank(status) is not None:
+                    live.setdefault(session, []).append(
+                        Listed(inst.name, status.lower(), connected_at)
+                    )
+        answered = {n for n, state in report.instances.items() if state == "ok"}
+        for session, owners in sorted(live.items()):
+            kept = self._keep(owners)
+            if len(owners) > 1:
+                others = sorted(o.instance for o in owners if o is not kept)
+                report.duplicated.append((session, kept.instance, others))
+            entry = await self._directory.store.get(session)
+            if entry is None or entry.instance is None:
+                report.learned.append((session, kept.instance))
+            elif entry.instance != kept.instance:
+                report.fixed.append((session, entry.instance, kept.instance))
+            else:
+                report.verified += 1
+                continue
+            if not dry_run:
+                await self._directory.observe(
+                    session,
+                    kept.instance,
+                    Source.SYNC,
+                    observed_at=report.started_at,
+                    status=kept.status,
+                )
+        if only is None:
+            everyone_answered = all(
+                report.instances.get(i.name) == "ok" for i in self._pool.instances
+            )
+            async for session, entry in self._directory.store.items():
+                if session in live or (session, entry.instance) in present:
+                    continue
+                if entry.instance in answered and everyone_answered:
+                    report.lost.append((session, entry.instance or ""))
+                else:
+                    report.unverified += 1
+            report.lost.sort()
+        report.duration_s = time.monotonic() - started
+        return report
+
+    def _keep(self, owners: list[Listed]) -> Listed:
+        """`connected` first; among equals the most recently connected (ISO 8601 sorts)."""
+        ranks = {o.instance: self._profile.rank(o.status) or 0 for o in owners}
+        best = min(ranks.values())
+        return max((o for o in owners if ranks[o.instance] == best), key=lambda o: o.connected_at)
+
+    async def _list(self, inst: Instance) -> list[tuple[str, str, str]] | str:
+        """(session, status, connected_at) of each session on `inst`, or an error text."""
+        profile = self._profile
+        path = profile.list_path
+        headers: CIMultiDict[str] = CIMultiDict()
+        if self._api_key is not None:
+            if profile.api_key_query:
+                path += "?" + urlencode({profile.api_key_query: self._api_key})
+            if profile.api_key_header:
+                headers[profile.api_key_header] = self._api_key
+        req = UpstreamRequest("GET", path, headers, b"", self._timeout_s)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                resp = await self._forwarder.send(inst, req)
+                try:
+                    body = await resp.read()
+                finally:
+                    resp.release()
+        except NotReached as exc:
+            self._pool.mark_suspect(inst, exc.detail)
+            return f"unreachable: {exc.detail}"
+        except UpstreamError as exc:
+            return f"failed: {exc.detail}"
+        except TimeoutError:
+            return "failed: timed out"
+        if resp.status in (401, 403):
+            hint = "" if self._api_key else " (set upstream.api_key)"
+            return f"refused: HTTP {resp.status}{hint}"
+        if resp.status != 200:
+            return f"failed: HTTP {resp.status}"
+        try:
+            doc = json.loads(body)
+            items = doc["sessions"]
+            assert isinstance(items, list)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            return "failed: the session list is not {sessions: [...]}"
+        out: list[tuple[str, str, str]] = []
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            sid, status = item.get("session_id"), item.get("status")
+            if isinstance(sid, str) and isinstance(status, str):
+                when = item.get("connected_at")
+                out.append((sid, status, when if isinstance(when, str) else ""))
+        return out

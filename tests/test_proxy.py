@@ -363,3 +363,33 @@ async def test_logs_carry_no_message_text_phone_or_key(
             assert secret not in out
     finally:
         structlog.reset_defaults()
+
+
+async def test_log_lines_carry_the_request_id(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    import io
+    import json as jsonlib
+
+    import structlog
+
+    from wa_router.config import LogConfig
+    from wa_router.logging import setup_logging
+
+    buf = io.StringIO()
+    setup_logging(LogConfig(level="info", format="json"), stream=buf)
+    try:
+        sims[1].add_session("rid")
+        client, _ = await start_router(pool_config(sims, sync={"interval_s": 3600}))
+        await client.post(
+            "/api/messages/send", json=send_body("rid"), headers={"X-Request-Id": "req-42"}
+        )
+        await client.post("/api/messages/send", json=send_body("nobody"))
+        lines = [jsonlib.loads(line) for line in buf.getvalue().splitlines()]
+        found = [x for x in lines if x["event"] == "session_rediscovered"]
+        assert found and found[0]["request_id"] == "req-42"
+        missing = [x for x in lines if x["event"] == "session_not_found"]
+        assert missing and missing[0]["request_id"] not in ("req-42", "")
+        assert not [x for x in lines if x["event"] == "sync_done" and "request_id" in x]
+    finally:
+        structlog.reset_defaults()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from .discovery import Discovery
 from .errors import ConfigError
 from .forward import AiohttpForwarder
 from .health import HealthChecker
+from .metrics import Metrics
 from .pool import Pool
 from .profiles import Profile, build_profile
 from .proxy import Proxy
@@ -52,21 +55,40 @@ class Router:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+_request_ids = itertools.count(1)
+_ID_PREFIX = f"{os.getpid():x}-"
+
+
+def request_id(request: web.Request) -> str:
+    """The caller's X-Request-Id when it is a sane token, else a cheap unique one."""
+    given = request.headers.get("X-Request-Id", "")
+    if 0 < len(given) <= 64 and given.isascii() and given.isprintable():
+        return given
+    return f"{_ID_PREFIX}{next(_request_ids):x}"
+
+
 def tracked(router: Router, handler: Handler) -> Handler:
+    """Run `handler` counted as in flight (for the drain) with a request id bound to every
+    log line it writes."""
+
     async def run(request: web.Request) -> web.StreamResponse:
         task = asyncio.current_task()
         assert task is not None
         router.inflight.add(task)
-        try:
-            return await handler(request)
-        finally:
-            router.inflight.discard(task)
+        # bound_contextvars resets on exit: aiohttp serves a keep-alive connection's
+        # requests in one task, so an id must not outlive its request.
+        with structlog.contextvars.bound_contextvars(request_id=request_id(request)):
+            try:
+                return await handler(request)
+            finally:
+                router.inflight.discard(task)
 
     return run
 
 
 CONFIG = web.AppKey("config", Config)
 ROUTER = web.AppKey("router", Router)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 def build_store(cfg: Config) -> Store:
@@ -242,6 +264,9 @@ def build_app(cfg: Config, *, store: Store | None = None) -> web.Application:
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_drain)
     wh = cfg.webhooks
+    metrics = Metrics(router)
+    app[METRICS] = metrics
+    app.router.add_get("/metrics", metrics.handle)
     app.router.add_post(wh.path, tracked(router, router.webhooks.intake))
     app.router.add_route(
         "*",

@@ -60,5 +60,7 @@ def setup_logging(cfg: LogConfig, *, stream: Any = None) -> None:
             logging.getLevelNamesMapping()[cfg.level.upper()]
         ),
         logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=True,
+        # Not cached: module-level loggers may be used before setup (config errors), and a
+        # cached one would keep the old configuration. Logging is off the hot path.
+        cache_logger_on_first_use=False,
     )

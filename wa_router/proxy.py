@@ -7,7 +7,10 @@ directory cache, and one upstream attempt whose answer is streamed back.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -45,6 +48,10 @@ class ProxyStats:
     requests: int = 0
     retries: int = 0
     placements: int = 0
+    # (route kind, instance or "none", status class) -> requests; read by metrics.py
+    outcomes: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    # "answered" (the retry got an instance's answer) | "failed"
+    retry_outcomes: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -59,6 +66,9 @@ class Call:
     body: bytes
     session: str | None = None
     probe_key: str | None = None
+    target: str = "none"  # the instance that answered (or was last tried)
+    retried: bool = False
+    answered: bool = False  # an instance's answer was relayed
 
     @property
     def rule(self) -> Rule:
@@ -99,25 +109,36 @@ class Proxy:
             pool=pool, profile=profile, forwarder=forwarder, probe_timeout_s=probe_timeout_s
         )
         self._placements: SingleFlight[str, Instance] = SingleFlight()
+        # Upstream latency (instance, seconds to the response head); metrics.py sets it.
+        self.observe_latency: Callable[[str, float], None] | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
-        session: str | None = None
+        call: Call | None = None
+        resp: web.StreamResponse
         try:
             call = await self._prepare(request)
-            session = call.session
             kind = call.rule.kind
             if kind == "pool_health":
-                return await self.pooled.health(call.upstream())
-            if kind == "pool_list":
-                return await self.pooled.listing(call.upstream())
-            if kind == "any_instance":
-                return await self._forward_any(call)
-            return await self._forward_session(call)
+                resp = await self.pooled.health(call.upstream())
+            elif kind == "pool_list":
+                resp = await self.pooled.listing(call.upstream())
+            elif kind == "any_instance":
+                resp = await self._forward_any(call)
+            else:
+                resp = await self._forward_session(call)
         except RequestRejected as exc:
-            if session is not None and "session" not in exc.extra:
-                exc.extra["session"] = session
-            return json_error(exc)
+            if call is not None and call.session is not None and "session" not in exc.extra:
+                exc.extra["session"] = call.session
+            resp = json_error(exc)
+        stats = self.stats
+        if call is None:
+            stats.outcomes[("rejected", "none", f"{resp.status // 100}xx")] += 1
+        else:
+            stats.outcomes[(call.rule.kind, call.target, f"{resp.status // 100}xx")] += 1
+            if call.retried:
+                stats.retry_outcomes["answered" if call.answered else "failed"] += 1
+        return resp
 
     # -- extract ---------------------------------------------------------------------------
 
@@ -211,6 +232,8 @@ class Proxy:
         req = call.upstream()
         retried = False
         while True:
+            call.target = target.name
+            call.retried = retried
             try:
                 up = await self._send(target, req)
             except UpstreamError as exc:
@@ -252,9 +275,11 @@ class Proxy:
                     retried = True
                     self.stats.retries += 1
                     continue
+                call.answered = True
                 return _buffered(up, body)
             if call.rule.creates and up.status >= 300:
                 await self._undo_placement(session, target)
+            call.answered = True
             return await relay(call.request, up, session)
 
     async def _forward_any(self, call: Call) -> web.StreamResponse:
@@ -265,6 +290,7 @@ class Proxy:
             if inst is None or inst.name in tried:
                 raise no_healthy_instance(None)
             tried.add(inst.name)
+            call.target = inst.name
             try:
                 up = await self._send(inst, req)
             except NotReached as exc:
@@ -272,14 +298,18 @@ class Proxy:
                 continue
             except UpstreamError as exc:
                 raise retry.failure_answer(exc, None, retried=len(tried) > 1) from None
+            call.answered = True
             return await relay(call.request, up, None)
 
     async def _send(self, inst: Instance, req: UpstreamRequest) -> UpstreamResponse:
         inst.inflight += 1
+        started = time.perf_counter()
         try:
             up = await self.forwarder.send(inst, req)
         finally:
             inst.inflight -= 1
+        if self.observe_latency is not None:
+            self.observe_latency(inst.name, time.perf_counter() - started)
         if inst.state is not State.HEALTHY:
             self.pool.mark_healthy(inst)
         return up

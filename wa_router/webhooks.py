@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,6 +144,9 @@ class SeenSet:
 
 @dataclass(slots=True)
 class WebhookStats:
+    # (event, result) -> webhooks; result: accepted (learned, no Laravel), relayed,
+    # refused (Laravel said 4xx), queued, duplicate, rejected. Read by metrics.py.
+    events: Counter[tuple[str, str]] = field(default_factory=Counter)
     accepted: int = 0
     duplicates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
@@ -193,14 +196,17 @@ class Webhooks:
 
     async def intake(self, request: web.Request) -> web.Response:
         try:
-            return await self._intake(request)
+            resp, name, result = await self._intake(request)
         except RequestRejected as exc:
             reason = str(exc.extra.get("reason", exc.code))
             self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+            self.stats.events[("unknown", "rejected")] += 1
             log.warning("webhook_rejected", reason=reason, status=exc.status)
             return json_error(exc)
+        self.stats.events[(name, result)] += 1
+        return resp
 
-    async def _intake(self, request: web.Request) -> web.Response:
+    async def _intake(self, request: web.Request) -> tuple[web.Response, str, str]:
         if not self.cfg.secrets:
             raise RequestRejected(
                 503, "not_configured", "webhook intake is off: set webhooks.secrets"
@@ -218,11 +224,12 @@ class Webhooks:
         if not self._replays.add(replay_key) or not self._retries.add(retry_key):
             self.stats.duplicates += 1
             log.info("webhook_duplicate", webhook_event=event.name, session=event.session)
-            return web.json_response({"status": "duplicate"})
+            return web.json_response({"status": "duplicate"}), event.name, "duplicate"
         self.stats.accepted += 1
         await self._learn(event, instance_url, ts)
         try:
-            return await self._relay(request, event, body)
+            resp, result = await self._relay(request, event, body)
+            return resp, event.name, result
         except BaseException:
             # Not taken after all (full backlog, crash): Node's retry must not look like
             # a duplicate of an event nobody has.
@@ -266,9 +273,11 @@ class Webhooks:
                 webhook_event=event.name,
             )
 
-    async def _relay(self, request: web.Request, event: Event, body: bytes) -> web.Response:
+    async def _relay(
+        self, request: web.Request, event: Event, body: bytes
+    ) -> tuple[web.Response, str]:
         if self.laravel is None:
-            return web.json_response({"status": "accepted"})
+            return web.json_response({"status": "accepted"}), "accepted"
         headers = [(k, request.headers[k]) for k in RELAYED_HEADERS if k in request.headers]
         session = event.session or ""
         assert self.backlog is not None
@@ -279,18 +288,19 @@ class Webhooks:
             )
             if result.verdict != "retry":
                 self.stats.relayed += 1
-                return web.Response(
+                resp = web.Response(
                     status=result.status or 502,
                     body=result.body,
                     headers={"Content-Type": result.content_type},
                 )
+                return resp, "relayed" if result.verdict == "delivered" else "refused"
             log.warning(
                 "webhook_relay_failed",
                 session=event.session,
                 webhook_event=event.name,
                 detail=result.detail,
             )
-        return await self._enqueue(request.path, event, body, headers, request)
+        return await self._enqueue(request.path, event, body, headers, request), "queued"
 
     async def _enqueue(
         self,

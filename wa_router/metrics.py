@@ -1,0 +1,188 @@
+"""Prometheus metrics at `/metrics`, from a registry of the router's own.
+
+The hot path only bumps plain counters in the parts' `stats` objects (a dict increment);
+they are turned into Prometheus families when scraped (a custom collector), so counting a
+request costs no label lookup. The one histogram (upstream latency) keeps one child per
+instance, looked up once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .app import Router
+
+# Loopback to Node answers in ~1 ms; sends through WhatsApp take seconds.
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+class RouterCollector(Collector):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        # Filled by Metrics.refresh() before each scrape: these need the (async) store.
+        self.sessions: dict[str, int] = {}
+        self.backlog: int | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        r = self._router
+        requests = CounterMetricFamily(
+            "wa_router_requests",
+            "Caller requests by route kind, instance and status class",
+            labels=["route_kind", "instance", "status_class"],
+        )
+        for (kind, inst, cls), n in sorted(r.proxy.stats.outcomes.items()):
+            requests.add_metric([kind, inst, cls], n)
+        yield requests
+
+        d = r.directory.stats
+        lookups = CounterMetricFamily(
+            "wa_router_directory_lookups",
+            "Directory lookups by tier and result",
+            labels=["tier", "result"],
+        )
+        lookups.add_metric(["cache", "hit"], d.cache_hits)
+        lookups.add_metric(["store", "hit"], d.store_hits)
+        lookups.add_metric(["store", "miss"], d.misses)
+        yield lookups
+        stale = CounterMetricFamily(
+            "wa_router_directory_stale_observations",
+            "Observations refused because a newer one was stored",
+        )
+        stale.add_metric([], d.stale_writes)
+        yield stale
+
+        s = r.discovery.stats
+        redisc = CounterMetricFamily(
+            "wa_router_rediscoveries", "Rediscoveries by outcome", labels=["outcome"]
+        )
+        redisc.add_metric(["found"], s.found)
+        redisc.add_metric(["not_found"], s.not_found)
+        redisc.add_metric(["negative_cache"], s.negative_hits)
+        yield redisc
+        probes = CounterMetricFamily("wa_router_discovery_probes", "Status probes sent")
+        probes.add_metric([], s.probes)
+        yield probes
+
+        retries = CounterMetricFamily(
+            "wa_router_retries", "Requests sent a second time, by outcome", labels=["outcome"]
+        )
+        for outcome in ("answered", "failed"):
+            retries.add_metric([outcome], r.proxy.stats.retry_outcomes.get(outcome, 0))
+        yield retries
+        placements = CounterMetricFamily(
+            "wa_router_placements", "New sessions placed on an instance"
+        )
+        placements.add_metric([], r.proxy.stats.placements)
+        yield placements
+
+        up = GaugeMetricFamily(
+            "wa_router_instance_up", "1 when the instance is healthy, else 0", labels=["instance"]
+        )
+        state = GaugeMetricFamily(
+            "wa_router_instance_state",
+            "The instance's state (1 for the current one)",
+            labels=["instance", "state"],
+        )
+        draining = GaugeMetricFamily(
+            "wa_router_instance_draining",
+            "1 while the instance takes no new sessions",
+            labels=["instance"],
+        )
+        sessions = GaugeMetricFamily(
+            "wa_router_instance_sessions",
+            "Sessions the directory places on the instance",
+            labels=["instance"],
+        )
+        for member in r.pool.instances:
+            name, current = member.name, member.state.value
+            up.add_metric([name], 1.0 if current == "healthy" else 0.0)
+            for st in ("healthy", "suspect", "down"):
+                state.add_metric([name, st], 1.0 if current == st else 0.0)
+            draining.add_metric([name], 1.0 if member.draining else 0.0)
+            sessions.add_metric([name], float(self.sessions.get(name, 0)))
+        yield from (up, state, draining, sessions)
+
+        w = r.webhooks.stats
+        hooks = CounterMetricFamily(
+            "wa_router_webhooks", "Webhooks by event and result", labels=["event", "result"]
+        )
+        for (event, result), n in sorted(w.events.items()):
+            hooks.add_metric([event, result], n)
+        yield hooks
+        if self.backlog is not None:
+            backlog = GaugeMetricFamily(
+                "wa_router_webhook_backlog", "Webhooks waiting to be relayed to Laravel"
+            )
+            backlog.add_metric([], float(self.backlog))
+            yield backlog
+        deliverer = r.webhooks.deliverer
+        if deliverer is not None:
+            later = CounterMetricFamily(
+                "wa_router_webhook_deliveries",
+                "Backlog delivery attempts by outcome",
+                labels=["outcome"],
+            )
+            later.add_metric(["delivered"], deliverer.delivered)
+            later.add_metric(["failed"], deliverer.failures)
+            later.add_metric(["refused"], deliverer.dropped)
+            yield later
+
+        syncs = CounterMetricFamily("wa_router_syncs", "Sync runs")
+        syncs.add_metric([], r.syncer.runs)
+        yield syncs
+
+
+class Metrics:
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._collector = RouterCollector(router)
+        self.registry.register(self._collector)
+        self._latency = Histogram(
+            "wa_router_upstream_latency_seconds",
+            "Time from sending a request to an instance to its response head",
+            ["instance"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._children = {i.name: self._latency.labels(i.name) for i in router.pool.instances}
+        router.proxy.observe_latency = self.observe
+
+    def observe(self, instance: str, seconds: float) -> None:
+        child = self._children.get(instance)
+        if child is not None:
+            child.observe(seconds)
+
+    async def refresh(self) -> None:
+        self._collector.sessions = await self._router.directory.counts()
+        backlog = self._router.webhooks.backlog
+        self._collector.backlog = await backlog.size() if backlog is not None else None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await self.refresh()
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

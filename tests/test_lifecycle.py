@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import shutil
 import signal
@@ -69,14 +70,16 @@ async def reap(proc: asyncio.subprocess.Process) -> None:
 
 
 @contextlib.asynccontextmanager
-async def router_process(cfg: Path, logs: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`wa-router serve -c cfg`, stdout and stderr in `logs`.out/.err."""
+async def router_process(
+    cfg: Path, logs: Path, *extra: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`wa-router serve -c cfg [extra]`, stdout and stderr in `logs`.out/.err."""
     with (
         logs.with_suffix(".out").open("wb") as out,
         logs.with_suffix(".err").open("wb") as err,
     ):
         proc = await spawn(
-            [sys.executable, "-m", "wa_router.cli", "serve", "-c", str(cfg)],
+            [sys.executable, "-m", "wa_router.cli", "serve", "-c", str(cfg), *extra],
             stdout=out,
             stderr=err,
         )
@@ -398,3 +401,33 @@ async def test_check_config_accepts_the_shipped_config() -> None:
         await reap(proc)
     assert proc.returncode == 0, err.decode(errors="replace")
     assert b"OK" in out
+
+
+async def test_two_workers_share_the_port_and_stop_together(
+    tmp_path: Path, two_sims: list[SimInstance]
+) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cfg = write_config(tmp_path, two_sims, port, grace_s=2)
+    logs = tmp_path / "router"
+    two_sims[1].add_session("w")
+    async with router_process(cfg, logs, "--workers", "2", "--loop", "asyncio") as proc:
+        await wait_healthy(proc, base, logs)
+        pids: set[int] = set()
+        connector = aiohttp.TCPConnector(force_close=True)  # new connections: both workers
+        async with aiohttp.ClientSession(connector=connector) as http:
+            for _ in range(40):
+                async with http.post(f"{base}{SEND}", json=send_body("w")) as r:
+                    assert r.status == 200
+        await wait_for(lambda: "router_listening" in output_of(logs), 10, "worker logs")
+        for line in output_of(logs).splitlines():
+            if line.startswith("{"):
+                doc = json.loads(line)
+                if doc["event"] in ("router_listening", "session_rediscovered"):
+                    pids.add(doc.get("pid", 0))
+        # Two listening workers, and both took requests (each found the session itself).
+        events = [json.loads(x)["event"] for x in output_of(logs).splitlines() if x[:1] == "{"]
+        assert len(pids - {0}) == 2 and events.count("session_rediscovered") == 2
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc, 10) == 0
+    assert two_sims[1].count("POST", SEND) == 40

@@ -273,34 +273,9 @@ def build_app(cfg: Config, *, store: Store | None = None) -> web.Application:
         wh.passthrough_prefix.rstrip("/") + "/{tail:.*}",
         tracked(router, router.webhooks.passthrough),
     )
+    # Imported here: admin.py imports Router and tracked from this module.
+    from .admin import add_admin_routes
+
+    add_admin_routes(app, router)
     app.router.add_route("*", "/{tail:.*}", tracked(router, router.proxy.handle))
     return app
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop where it is installed: the proxy's hot path is mostly socket I/O."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
-def serve(cfg: Config) -> None:
-    """Run until SIGTERM/SIGINT: stop accepting, let requests in flight finish (bounded by
-    server.shutdown_grace_s), then close upstream connections and the store."""
-    loop = new_event_loop()
-    asyncio.set_event_loop(loop)
-    log.info("router_listening", host=cfg.server.host, port=cfg.server.port)
-    web.run_app(
-        build_app(cfg),
-        host=cfg.server.host,
-        port=cfg.server.port,
-        # The grace is applied by _drain; this only bounds aiohttp's own last wait.
-        shutdown_timeout=1.0,
-        access_log=None,
-        print=None,
-        loop=loop,
-        handle_signals=True,
-    )

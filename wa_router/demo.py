@@ -12,9 +12,10 @@ import signal
 
 from aiohttp import web
 
-from .app import build_app, new_event_loop
+from .app import build_app
 from .config import Config, InstanceConfig, LogConfig, ServerConfig, WebhookConfig
 from .logging import setup_logging
+from .server import new_event_loop
 from .sim import SimInstance
 
 DEMO_KEY = "demo-key"

@@ -1,4 +1,4 @@
-"""The `wa-router` command: serve, demo, check-config."""
+"""The `wa-router` command: serve, demo, check-config, status, sync."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from . import statuscli
 from .config import Config, load_config
 from .errors import ConfigError
 from .logging import setup_logging
@@ -23,6 +24,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the router")
     p_serve.add_argument("-c", "--config", help="YAML config file (default: $WA_ROUTER_CONFIG)")
+    p_serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port (SO_REUSEPORT); default 1",
+    )
+    p_serve.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop (default uvloop)",
+    )
     p_check = sub.add_parser("check-config", help="validate a config file and exit")
     p_check.add_argument("file")
     p_demo = sub.add_parser("demo", help="4 simulated instances and the router, in one process")
@@ -33,6 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=3001,
         help="first simulated instance port (default 3001)",
     )
+    p_status = sub.add_parser("status", help="a running router's admin status, as a table")
+    statuscli.add_client_arguments(p_status)
+    p_sync = sub.add_parser(
+        "sync",
+        help="reconcile a running router's directory with the instances; "
+        "exit 1 when sessions are lost or duplicated",
+    )
+    statuscli.add_client_arguments(p_sync)
+    p_sync.add_argument("--dry-run", action="store_true", help="report, change nothing")
     args = parser.parse_args(argv)
 
     try:
@@ -49,10 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("", "no config: give -c FILE or set WA_ROUTER_CONFIG")
             cfg = _load(args.config)
             setup_logging(cfg.log)
-            from .app import serve
+            from .server import serve_workers
 
-            serve(cfg)
-            return 0
+            return serve_workers(cfg, workers=args.workers, loop_kind=args.loop)
+        if args.command in ("status", "sync"):
+            return statuscli.status(args) if args.command == "status" else statuscli.sync(args)
         if args.command == "demo":
             from .demo import run_demo
 

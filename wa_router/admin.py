@@ -1,0 +1,402 @@
+"""The operator's side: liveness, readiness and the token-protected `/admin` API.
+
+`/healthz` and `/readyz` answer without a token: load balancers and orchestrators probe
+them. Everything under `/admin/` needs `Authorization: Bearer <admin.token>` (RFC 6750);
+with no token configured the admin API is off and every `/admin/...` path says so (404), so
+it can never fall through to the proxy's catch-all and reach an instance.
+
+The endpoints (documented, and tested against this table, in `openapi.py`):
+
+    GET    /admin/status                     pool, directory, discovery, sync, webhooks
+    GET    /admin/sessions                   directory entries, cursor-paged
+    GET    /admin/sessions/{session}         one entry
+    DELETE /admin/sessions/{session}         forget it
+    POST   /admin/sessions/{session}/rediscover
+    POST   /admin/sync?dry_run=1             full reconciliation, `wa-router sync`'s form
+    POST   /admin/instances/{name}/drain     no new sessions there (rolling restarts)
+    POST   /admin/instances/{name}/undrain
+    GET    /admin/openapi.json
+
+Draining is per router process: with several replicas, drain the instance on each.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hmac
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from .app import Handler, Router, tracked
+from .errors import RequestRejected
+from .openapi import openapi_document
+from .pool import Instance
+from .proxy import json_error
+from .stores.base import Entry, Source
+
+log = structlog.get_logger("wa_router.admin")
+
+ADMIN_PREFIX = "/admin/"
+# Registered after the endpoints: unknown admin paths answer here (404/405), never reach
+# the proxy's own catch-all.
+ADMIN_FALLBACK = "/admin/{tail:.*}"
+LIMIT_DEFAULT = 100
+LIMIT_MAX = 1000
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+JsonHandler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+# -- pure policy ---------------------------------------------------------------------------
+
+
+def readiness(warm: bool, states: Iterable[str]) -> str | None:
+    """Why the router is not ready, or None when it is: warm, and one instance healthy."""
+    if not warm:
+        return "warming up"
+    if not any(s == "healthy" for s in states):
+        return "no healthy instance"
+    return None
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The credentials of `Authorization: Bearer <token>`; the scheme is case-insensitive
+    (RFC 7235 2.1)."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def token_matches(presented: str, expected: str) -> bool:
+    # Constant-time, on bytes: compare_digest refuses non-ASCII str, and a header may carry
+    # anything; surrogatepass encodes every str aiohttp can hand us.
+    return hmac.compare_digest(
+        presented.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
+
+
+def parse_limit(raw: str | None) -> int:
+    if raw is None:
+        return LIMIT_DEFAULT
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= LIMIT_MAX:
+        raise RequestRejected(400, "bad_request", f"limit must be an integer in 1..{LIMIT_MAX}")
+    return int(raw)
+
+
+def parse_flag(raw: str | None, name: str) -> bool:
+    value = (raw or "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise RequestRejected(400, "bad_request", f"{name} must be 1 or 0 (true or false)")
+
+
+def encode_cursor(session: str) -> str:
+    """The last session id of a page, opaque to clients (they must not build cursors)."""
+    return base64.urlsafe_b64encode(session.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        return raw.decode()
+    except (binascii.Error, ValueError):
+        raise RequestRejected(400, "bad_request", "the cursor is not one this API gave") from None
+
+
+def entry_json(session: str, entry: Entry) -> dict[str, Any]:
+    return {
+        "session": session,
+        "instance": entry.instance,
+        "source": entry.source.value,
+        "observed_at": entry.observed_at,
+        "status": entry.status,
+    }
+
+
+def instance_json(inst: Instance, sessions: int) -> dict[str, Any]:
+    return {
+        "name": inst.name,
+        "url": inst.base,
+        "state": inst.state.value,
+        "draining": inst.draining,
+        "sessions": sessions,
+        "reported_sessions": inst.reported_sessions,
+        "latency_ms": None if inst.latency_s is None else round(inst.latency_s * 1000, 2),
+        "last_check_at": inst.last_check_at,
+        "failures": inst.failures,
+        "last_error": inst.last_error,
+        "inflight": inst.inflight,
+    }
+
+
+def allowed_methods(routes: Iterable[tuple[str, str]], path: str) -> list[str]:
+    """Methods of the admin endpoints whose template matches `path` (for a 405's Allow)."""
+    out: set[str] = set()
+    for method, template in routes:
+        pattern = re.sub(r"\\\{[^}]*\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            out.add(method)
+    return sorted(out)
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.json_response(doc, status=status)
+
+
+# -- handlers ------------------------------------------------------------------------------
+
+
+class Admin:
+    def __init__(self, router: Router, token: str) -> None:
+        self.router = router
+        self._token = token
+        self.routes: list[tuple[str, str, JsonHandler]] = [
+            ("GET", "/admin/status", self.status),
+            ("GET", "/admin/sessions", self.sessions),
+            ("GET", "/admin/sessions/{session}", self.session),
+            ("DELETE", "/admin/sessions/{session}", self.forget),
+            ("POST", "/admin/sessions/{session}/rediscover", self.rediscover),
+            ("POST", "/admin/sync", self.sync),
+            ("POST", "/admin/instances/{name}/drain", self.drain),
+            ("POST", "/admin/instances/{name}/undrain", self.undrain),
+            ("GET", "/admin/openapi.json", self.openapi),
+        ]
+
+    def guarded(self, handler: JsonHandler) -> Handler:
+        async def run(request: web.Request) -> web.StreamResponse:
+            try:
+                self._authorize(request)
+                return await handler(request)
+            except RequestRejected as exc:
+                resp = json_error(exc)
+                if exc.status == 401:
+                    # RFC 6750 3: a bearer challenge; error= only when a token was presented.
+                    challenge = 'Bearer realm="wa-router admin"'
+                    if exc.extra.get("reason") == "wrong_token":
+                        challenge += ', error="invalid_token"'
+                    resp.headers["WWW-Authenticate"] = challenge
+                elif exc.status == 405:
+                    resp.headers["Allow"] = ", ".join(exc.extra.get("allowed", []))
+                return resp
+
+        return run
+
+    def _authorize(self, request: web.Request) -> None:
+        presented = bearer_token(request.headers.get("Authorization"))
+        if presented is None:
+            raise RequestRejected(
+                401, "unauthorized", "the admin API needs Authorization: Bearer <admin.token>"
+            )
+        if not token_matches(presented, self._token):
+            log.warning("admin_unauthorized", path=request.path, peer=request.remote)
+            raise RequestRejected(
+                401, "unauthorized", "the admin token is wrong", reason="wrong_token"
+            )
+
+    def _session_id(self, request: web.Request) -> str:
+        return self.router.proxy.ids.check(request.match_info["session"], "the path")
+
+    def _instance(self, name: str) -> Instance:
+        inst = self.router.pool.get(name)
+        if inst is None:
+            raise RequestRejected(
+                404, "instance_not_found", f"no instance named {name!r} in the pool"
+            )
+        return inst
+
+    async def fallback(self, request: web.Request) -> web.Response:
+        allowed = allowed_methods(((m, p) for m, p, _ in self.routes), request.path)
+        if allowed:
+            raise RequestRejected(
+                405,
+                "method_not_allowed",
+                f"{request.method} is not allowed on {request.path}",
+                allowed=allowed,
+            )
+        raise RequestRejected(
+            404,
+            "not_found",
+            f"no admin endpoint {request.path}; see /admin/openapi.json",
+        )
+
+    async def status(self, request: web.Request) -> web.Response:
+        r = self.router
+        counts = await r.directory.counts()
+        states = [i.state.value for i in r.pool.instances]
+        stats = r.directory.stats
+        last = r.syncer.last
+        backlog = r.webhooks.backlog
+        return _json(
+            {
+                "ready": readiness(r.warm, states) is None,
+                "instances": [instance_json(i, counts.get(i.name, 0)) for i in r.pool.instances],
+                "directory": {
+                    "size": sum(counts.values()),
+                    "cache_hit_ratio": round(stats.hit_ratio, 4),
+                    "cache_hits": stats.cache_hits,
+                    "store_hits": stats.store_hits,
+                    "misses": stats.misses,
+                },
+                "discovery": dataclasses.asdict(r.discovery.stats),
+                "sync": None
+                if last is None
+                else {
+                    "summary": last.lines()[-1],
+                    "started_at": last.started_at,
+                    "duration_s": round(last.duration_s, 3),
+                    "ok": last.ok,
+                },
+                "webhooks": {
+                    **dataclasses.asdict(r.webhooks.stats),
+                    "backlog": None if backlog is None else await backlog.size(),
+                },
+            }
+        )
+
+    async def sessions(self, request: web.Request) -> web.Response:
+        q = request.query
+        limit = parse_limit(q.get("limit"))
+        instance = q.get("instance") or None
+        if instance is not None and self.router.pool.get(instance) is None:
+            raise RequestRejected(400, "bad_request", f"no instance named {instance!r}")
+        cursor = q.get("cursor") or None
+        after = None if cursor is None else decode_cursor(cursor)
+        # One more than asked: whether a next page exists, without an empty last page.
+        rows = await self.router.directory.store.page(
+            after=after, limit=limit + 1, instance=instance
+        )
+        page = rows[:limit]
+        more = len(rows) > limit
+        return _json(
+            {
+                "sessions": [entry_json(s, e) for s, e in page],
+                "next_cursor": encode_cursor(page[-1][0]) if more else None,
+            }
+        )
+
+    async def session(self, request: web.Request) -> web.Response:
+        session = self._session_id(request)
+        # The store, not Directory.lookup: an operator's look must not count as a cache
+        # hit or miss, and the store is the truth shared by every replica.
+        entry = await self.router.directory.store.get(session)
+        if entry is None or entry.instance is None:
+            raise RequestRejected(
+                404, "session_not_found", f"no entry for session {session}", session=session
+            )
+        return _json(entry_json(session, entry))
+
+    async def forget(self, request: web.Request) -> web.Response:
+        session = self._session_id(request)
+        directory = self.router.directory
+        entry = await directory.store.get(session)
+        was = entry.instance if entry is not None else None
+        applied = await directory.forget(session, Source.ADMIN)
+        log.info("admin_session_forgotten", session=session, instance=was, applied=applied)
+        return _json(
+            {"session": session, "forgotten": applied and was is not None, "instance": was}
+        )
+
+    async def rediscover(self, request: web.Request) -> web.Response:
+        session = self._session_id(request)
+        r = self.router
+        # A fresh scan: neither the negative cache nor a cached owner may answer for it.
+        r.discovery.forget_negative(session)
+        r.directory.invalidate(session)
+        entry = await r.directory.store.get(session)
+        previous = entry.instance if entry is not None else None
+        found = await r.discovery.find(
+            session, api_key=r.config.upstream.api_key, previous=previous
+        )
+        if found.owner is None:
+            raise RequestRejected(
+                404,
+                "session_not_found",
+                f"session {session} is on no instance",
+                session=session,
+                asked=found.asked,
+                unreachable=found.unreachable,
+            )
+        return _json(
+            {
+                "session": session,
+                "instance": found.owner.name,
+                "previous": previous,
+                "status": found.status,
+                "asked": found.asked,
+            }
+        )
+
+    async def sync(self, request: web.Request) -> web.Response:
+        dry_run = parse_flag(request.query.get("dry_run"), "dry_run")
+        report = await self.router.syncer.run(dry_run=dry_run)
+        return _json({**report.to_json(), "lines": report.lines()})
+
+    async def drain(self, request: web.Request) -> web.Response:
+        return self._set_draining(request, True)
+
+    async def undrain(self, request: web.Request) -> web.Response:
+        return self._set_draining(request, False)
+
+    def _set_draining(self, request: web.Request, draining: bool) -> web.Response:
+        inst = self._instance(request.match_info["name"])
+        if inst.draining != draining:
+            log.warning(
+                "instance_drained" if draining else "instance_undrained", instance=inst.name
+            )
+        inst.draining = draining
+        return _json({"instance": inst.name, "draining": inst.draining})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return _json(openapi_document())
+
+
+# -- wiring --------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "alive"})
+
+
+def _readyz(router: Router) -> Handler:
+    async def run(request: web.Request) -> web.StreamResponse:
+        states = [i.state.value for i in router.pool.instances]
+        reason = readiness(router.warm, states)
+        healthy = sum(1 for s in states if s == "healthy")
+        if reason is not None:
+            return _json({"status": "not ready", "reason": reason, "healthy": healthy}, 503)
+        return _json({"status": "ready", "healthy": healthy, "instances": len(states)})
+
+    return run
+
+
+async def _admin_off(request: web.Request) -> web.Response:
+    return json_error(RequestRejected(404, "admin_off", "the admin API is off: set admin.token"))
+
+
+def add_admin_routes(app: web.Application, router: Router) -> None:
+    """Register /healthz, /readyz and /admin/*; before the proxy's catch-all."""
+    # add_get: HEAD too, which some load balancers probe with.
+    app.router.add_get("/healthz", tracked(router, healthz))
+    app.router.add_get("/readyz", tracked(router, _readyz(router)))
+    token = router.config.admin.token
+    if token is None:
+        app.router.add_route("*", ADMIN_FALLBACK, tracked(router, _admin_off))
+        return
+    admin = Admin(router, token)
+    # add_route, not add_get: no implicit HEAD, so the routes are exactly the document's.
+    for method, path, handler in admin.routes:
+        app.router.add_route(method, path, tracked(router, admin.guarded(handler)))
+    app.router.add_route("*", ADMIN_FALLBACK, tracked(router, admin.guarded(admin.fallback)))

@@ -26,7 +26,7 @@ from .pool import Pool
 from .profiles import Profile, build_profile
 from .proxy import Proxy
 from .rules import RuleTable, SessionIdPolicy
-from .stores import MemoryStore, Store
+from .stores import MemoryStore, RedisStore, Store
 from .sync import Syncer
 from .webhooks import Webhooks
 
@@ -94,7 +94,10 @@ METRICS = web.AppKey("metrics", Metrics)
 def build_store(cfg: Config) -> Store:
     if cfg.store.kind == "memory":
         return MemoryStore(tombstone_ttl_s=cfg.directory.tombstone_ttl_s)
-    raise ConfigError("store.kind", f"the {cfg.store.kind} store is not available yet")
+    if cfg.store.kind == "redis":
+        return RedisStore(cfg.store.redis_url, key_prefix=cfg.store.key_prefix,
+                          tombstone_ttl_s=cfg.directory.tombstone_ttl_s)
+    raise ConfigError("store.kind", f"unknown store {cfg.store.kind}")  # pragma: no cover
 
 
 def build_router(cfg: Config, *, store: Store | None = None) -> Router:
@@ -202,9 +205,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Start the parts; after the server stopped taking requests and those in flight ended,
     stop them in reverse order."""
     router = app[ROUTER]
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await router.store.start()
+    except Exception as exc:
+        # Route without the shared store (cache + discovery) until it can be reached.
+        log.error("store_unavailable", op="start", error=repr(exc))
+        tasks.append(asyncio.create_task(_start_store_later(router.store)))
     await router.forwarder.start()
     backlog = router.webhooks.backlog
-    tasks: list[asyncio.Task[None]] = []
     try:
         if backlog is not None:
             await backlog.open()
@@ -232,6 +241,20 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await router.forwarder.close()
         await router.store.close()
         log.info("router_stopped")
+
+
+async def _start_store_later(store: Store) -> None:
+    delay_s = 0.5
+    while True:
+        await asyncio.sleep(delay_s)
+        try:
+            await store.start()
+        except Exception as exc:
+            log.warning("store_unavailable", op="start", error=type(exc).__name__)
+            delay_s = min(delay_s * 2, 10.0)
+        else:
+            log.info("store_connected")
+            return
 
 
 async def _drain(app: web.Application) -> None:

@@ -367,6 +367,8 @@ def validate(cfg: Config) -> None:
             urls[norm] = inst.name
     _validate_choice("profile.name", cfg.profile.name, PROFILES)
     _validate_choice("store.kind", cfg.store.kind, STORE_KINDS)
+    if URL(cfg.store.redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("store.redis_url", "must be redis://, rediss:// or unix://")
     _validate_choice("log.format", cfg.log.format, ("auto", "json", "console"))
     _validate_choice("log.level", cfg.log.level.lower(), ("debug", "info", "warning", "error"))
     if cfg.upstream.client_keys and not cfg.upstream.api_key:

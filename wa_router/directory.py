@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from .stores.base import Entry, Source, Store
+from .stores.base import Entry, Source, Store, newer
 
 log = structlog.get_logger("wa_router.directory")
 
@@ -25,6 +25,7 @@ class DirectoryStats:
     store_hits: int = 0
     misses: int = 0
     stale_writes: int = 0  # observations refused because a newer one was there
+    store_errors: int = 0  # store unreachable: served from the cache and discovery
 
     @property
     def hit_ratio(self) -> float:
@@ -49,6 +50,7 @@ class Directory:
         self._monotonic = monotonic
         self._wall = wall
         self._cache: dict[str, tuple[Entry, float]] = {}
+        store.subscribe(self.on_store_change)
 
     async def lookup(self, session: str) -> Entry | None:
         """The live owner entry of `session`, or None (unknown or forgotten)."""
@@ -58,7 +60,13 @@ class Directory:
                 self.stats.cache_hits += 1
                 return hit[0]
             del self._cache[session]
-        entry = await self.store.get(session)
+        try:
+            entry = await self.store.get(session)
+        except Exception as exc:
+            # A shared store that is down must not stop routing: discovery finds the owner
+            # and the cache keeps it until the store is back.
+            self._store_failed("get", exc)
+            entry = None
         if entry is None or entry.instance is None:
             self.stats.misses += 1
             return None
@@ -87,15 +95,43 @@ class Directory:
         entry = Entry(None, self._wall() if observed_at is None else observed_at, source)
         return await self._write(session, entry)
 
+    def on_store_change(self, session: str, entry: Entry | None) -> None:
+        """Another router (or this one) changed the store: keep the cache in step, so an
+        ownership change is routed by every router at once, not after the cache TTL."""
+        if not session:
+            self._cache.clear()  # the listener lost messages: trust nothing cached
+            return
+        cached = self._cache.get(session)
+        if entry is None or entry.instance is None:
+            self.invalidate(session)
+            return
+        # Pub/sub and our own write's reply travel on different connections: an older
+        # message may arrive after a newer write was cached. Only newer facts replace.
+        # (Uncached sessions are read from the store when first asked for.)
+        if cached is not None and newer(entry, cached[0]):
+            self._remember(session, entry)
+
     def invalidate(self, session: str) -> None:
         """Drop the cached entry (the store is asked next time)."""
         self._cache.pop(session, None)
 
     async def counts(self) -> dict[str, int]:
-        return await self.store.counts()
+        try:
+            return await self.store.counts()
+        except Exception as exc:
+            self._store_failed("counts", exc)
+            return {}
+
+    def _store_failed(self, op: str, exc: Exception) -> None:
+        self.stats.store_errors += 1
+        log.warning("store_unavailable", op=op, error=type(exc).__name__)
 
     async def _write(self, session: str, entry: Entry) -> bool:
-        applied = await self.store.put(session, entry)
+        try:
+            applied = await self.store.put(session, entry)
+        except Exception as exc:
+            self._store_failed("put", exc)
+            applied = True  # kept in this router's cache; the next sync writes it again
         if not applied:
             self.stats.stale_writes += 1
             log.info(

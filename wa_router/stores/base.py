@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -38,7 +38,19 @@ def newer(candidate: Entry, existing: Entry | None) -> bool:
     return existing is None or candidate.observed_at >= existing.observed_at
 
 
+Listener = Callable[[str, "Entry | None"], None]
+
+
 class Store(Protocol):
+    async def start(self) -> None:
+        """Connect, and start telling subscribers about changes."""
+        ...
+
+    def subscribe(self, callback: Listener) -> None:
+        """`callback(session, entry)` for every change made by any router sharing the
+        store (entry None: forgotten); `callback("", None)`: anything may have changed."""
+        ...
+
     async def get(self, session: str) -> Entry | None:
         """The entry for `session`, tombstones included; None when never seen."""
         ...

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
-from .base import Entry, newer
+from .base import Entry, Listener, newer
 
 
 class MemoryStore:
@@ -21,6 +21,12 @@ class MemoryStore:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    async def start(self) -> None:
+        return None
+
+    def subscribe(self, callback: Listener) -> None:
+        """Nothing to hear: only this process writes here, through its own Directory."""
 
     async def get(self, session: str) -> Entry | None:
         entry = self._entries.get(session)

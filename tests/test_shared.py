@@ -1,0 +1,91 @@
+"""Several routers, one Redis directory: what one learns, the others route by at once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+
+from wa_router.sim import SimInstance
+
+from .conftest import StartRouter, pool_config, send_body, sends
+from .redis_server import RedisServer, redis_server_fixture, unique_prefix
+
+redis_server = redis_server_fixture()
+SECRET = "shared-secret"
+
+
+def shared_config(sims: list[SimInstance], url: str, prefix: str) -> object:
+    return pool_config(
+        sims,
+        store={"kind": "redis", "redis_url": url, "key_prefix": prefix},
+        webhooks={"secrets": [SECRET]},
+        sync={"interval_s": 3600},
+    )
+
+
+def signed(event: str, data: dict[str, object], port: int) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps({"event": event, "data": data}, separators=(",", ":")).encode()
+    ts = str(int(time.time()))
+    sig = hmac.new(SECRET.encode(), ts.encode() + body, hashlib.sha256).hexdigest()
+    return body, {
+        "X-Timestamp": ts,
+        "X-HMAC-Signature": sig,
+        "X-Instance-Url": f"http://localhost:{port}",
+        "Content-Type": "application/json",
+    }
+
+
+async def test_a_move_learned_by_one_router_is_routed_by_the_other_without_a_scan(
+    sims: list[SimInstance], start_router: StartRouter, redis_server: RedisServer
+) -> None:
+    cfg = shared_config(sims, redis_server.url, unique_prefix())
+    a, ra = await start_router(cfg)  # type: ignore[arg-type]
+    b, rb = await start_router(cfg)  # type: ignore[arg-type]
+    sims[0].add_session("sh")
+    assert (await a.post("/api/messages/send", json=send_body("sh"))).status == 200
+    # B never saw the session: it reads A's discovery from the store, no scan of its own.
+    assert (await b.post("/api/messages/send", json=send_body("sh"))).status == 200
+    assert rb.discovery.stats.scans == 0 and rb.directory.stats.store_hits == 1
+    # The session moves; only A hears the webhook. B's cached entry follows within ms.
+    await sims[0].move_session("sh", sims[3])
+    body, headers = signed("session_ready", {"session_id": "sh"}, sims[3].port)
+    assert (await a.post("/api/whatsapp/webhooks/webjs", data=body, headers=headers)).status == 200
+
+    async def b_knows() -> bool:
+        entry = await rb.directory.lookup("sh")
+        return entry is not None and entry.instance == "node-3"
+
+    deadline = asyncio.get_running_loop().time() + 5
+    while not await b_knows():
+        assert asyncio.get_running_loop().time() < deadline, "B never heard of the move"
+        await asyncio.sleep(0.005)
+    assert (await b.post("/api/messages/send", json=send_body("sh"))).status == 200
+    assert sends(sims[0]) == 2 and sends(sims[3]) == 1  # B went straight to node-3
+    assert rb.discovery.stats.scans == 0
+
+
+async def test_routing_goes_on_while_redis_is_down(
+    sims: list[SimInstance], start_router: StartRouter, redis_server: RedisServer
+) -> None:
+    client, router = await start_router(shared_config(sims, redis_server.url, unique_prefix()))  # type: ignore[arg-type]
+    sims[1].add_session("r1")
+    sims[2].add_session("r2")
+    assert (await client.post("/api/messages/send", json=send_body("r1"))).status == 200
+    redis_server.stop()
+    try:
+        router.directory.invalidate("r1")  # force the store path
+        assert (await client.post("/api/messages/send", json=send_body("r1"))).status == 200
+        assert (await client.post("/api/messages/send", json=send_body("r2"))).status == 200
+        assert router.directory.stats.store_errors >= 2
+        # Served from the cache (and discovery) until Redis is back.
+        assert (await client.post("/api/messages/send", json=send_body("r2"))).status == 200
+    finally:
+        redis_server.start()
+    # Back (empty: no persistence): new facts are written to it again.
+    sims[0].add_session("r3")
+    assert (await client.post("/api/messages/send", json=send_body("r3"))).status == 200
+    entry = await router.directory.store.get("r3")
+    assert entry is not None and entry.instance == "node-0"

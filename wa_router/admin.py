@@ -35,9 +35,9 @@ from aiohttp import web
 
 from .app import Handler, Router, tracked
 from .errors import RequestRejected
+from .httpio import json_error
 from .openapi import openapi_document
 from .pool import Instance
-from .proxy import json_error
 from .stores.base import Entry, Source
 
 log = structlog.get_logger("wa_router.admin")

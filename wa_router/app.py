@@ -95,8 +95,11 @@ def build_store(cfg: Config) -> Store:
     if cfg.store.kind == "memory":
         return MemoryStore(tombstone_ttl_s=cfg.directory.tombstone_ttl_s)
     if cfg.store.kind == "redis":
-        return RedisStore(cfg.store.redis_url, key_prefix=cfg.store.key_prefix,
-                          tombstone_ttl_s=cfg.directory.tombstone_ttl_s)
+        return RedisStore(
+            cfg.store.redis_url,
+            key_prefix=cfg.store.key_prefix,
+            tombstone_ttl_s=cfg.directory.tombstone_ttl_s,
+        )
     raise ConfigError("store.kind", f"unknown store {cfg.store.kind}")  # pragma: no cover
 
 

@@ -6,7 +6,6 @@ directory cache, and one upstream attempt whose answer is streamed back.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +21,8 @@ from .apikeys import KeyPolicy
 from .directory import Directory
 from .discovery import ERROR, Discovery, Found
 from .errors import Disconnected, NotReached, RequestRejected, UpstreamError
-from .forward import HOP_BY_HOP, Forwarder, UpstreamRequest, UpstreamResponse, strip_hop_by_hop
+from .forward import Forwarder, UpstreamRequest, UpstreamResponse
+from .httpio import buffered, forward_headers, json_error, read_body, relay
 from .pool import Instance, Pool, State
 from .pooled import PoolRoutes
 from .profiles import Profile
@@ -32,15 +32,6 @@ from .singleflight import SingleFlight
 from .stores.base import Source
 
 log = structlog.get_logger("wa_router.proxy")
-
-# Answers up to this size are read whole and sent with a Content-Length in one write;
-# larger ones are streamed chunk by chunk.
-SMALL_BODY_BYTES = 256 * 1024
-# Request headers the router sets itself.
-_DROP_REQUEST = frozenset(
-    {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
-)
-_BODYLESS_STATUSES = frozenset({204, 304})
 
 
 @dataclass(slots=True)
@@ -276,7 +267,7 @@ class Proxy:
                     self.stats.retries += 1
                     continue
                 call.answered = True
-                return _buffered(up, body)
+                return buffered(up, body)
             if call.rule.creates and up.status >= 300:
                 await self._undo_placement(session, target)
             call.answered = True
@@ -339,98 +330,6 @@ def _parse_loose(body: bytes, *, strict: bool) -> dict[str, Any] | None:
         return None
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body, or 413 as soon as it is known to exceed `limit`. The body is
-    buffered because a request may have to be sent twice (to the rediscovered owner)."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise payload_too_large(limit)
-    if not request.body_exists:
-        return b""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise payload_too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def forward_headers(request: web.Request) -> CIMultiDict[str]:
-    headers = strip_hop_by_hop(
-        ((k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST),
-        request.headers.get("Connection"),
-    )
-    peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
-    return headers
-
-
-def _response_headers(up: UpstreamResponse) -> CIMultiDict[str]:
-    return strip_hop_by_hop(up.headers.items(), up.headers.get("Connection"))
-
-
-def _buffered(up: UpstreamResponse, body: bytes) -> web.Response:
-    headers = _response_headers(up)
-    headers.popall("Content-Length", None)
-    return web.Response(status=up.status, reason=up.reason, headers=headers, body=body)
-
-
-async def relay(
-    request: web.Request, up: UpstreamResponse, session: str | None
-) -> web.StreamResponse:
-    """Send the upstream answer back: status, headers (less hop-by-hop), bytes unchanged."""
-    try:
-        length = up.headers.get("Content-Length")
-        bodyless = request.method == "HEAD" or up.status in _BODYLESS_STATUSES
-        if (
-            not bodyless
-            and length is not None
-            and length.isdigit()
-            and int(length) <= SMALL_BODY_BYTES
-        ):
-            try:
-                body = await up.read()
-            except UpstreamError as exc:
-                raise retry.failure_answer(exc, session, retried=False) from None
-            return _buffered(up, body)
-        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=_response_headers(up))
-        await resp.prepare(request)
-        if not bodyless:
-            try:
-                async for chunk in up.chunks():
-                    await resp.write(chunk)
-            except UpstreamError as exc:
-                # The head is sent already: all that is left is to cut the caller's
-                # connection, so a truncated body cannot pass for a whole one.
-                log.warning("upstream_body_broken", instance=exc.instance, error=type(exc).__name__)
-                if request.transport is not None:
-                    request.transport.abort()
-                return resp
-        await resp.write_eof()
-        return resp
-    finally:
-        up.release()
-
-
-def json_error(exc: RequestRejected) -> web.Response:
-    return web.Response(
-        status=exc.status,
-        body=json.dumps(exc.body(), separators=(",", ":")).encode(),
-        content_type="application/json",
-    )
-
-
-def payload_too_large(limit: int) -> RequestRejected:
-    return RequestRejected(
-        413, "payload_too_large", f"the request body is over {limit} bytes", limit_bytes=limit
-    )
-
-
 def no_healthy_instance(session: str | None) -> RequestRejected:
     return RequestRejected(
         503,
@@ -466,4 +365,4 @@ def not_found_answer(session: str, found: Found) -> RequestRejected:
     )
 
 
-__all__ = ["HOP_BY_HOP", "Proxy", "json_error", "read_body", "relay"]
+__all__ = ["Proxy", "no_healthy_instance", "not_found_answer"]

@@ -28,8 +28,8 @@ from .directory import Directory
 from .discovery import Discovery
 from .errors import RequestRejected, UpstreamError
 from .forward import Forwarder, UpstreamRequest
+from .httpio import forward_headers, json_error, read_body, relay
 from .pool import Pool
-from .proxy import forward_headers, json_error, read_body, relay
 from .retry import failure_answer
 from .stores.base import Source
 

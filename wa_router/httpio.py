@@ -1,0 +1,119 @@
+"""Request and response plumbing shared by the proxy, the webhook intake and the admin API:
+reading a bounded body, the headers a forwarded request carries, relaying an upstream answer
+byte for byte, and the router's own JSON errors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from . import retry
+from .errors import RequestRejected, UpstreamError
+from .forward import UpstreamResponse, strip_hop_by_hop
+
+log = structlog.get_logger("wa_router.httpio")
+
+# Answers up to this size are read whole and sent with a Content-Length in one write;
+# larger ones are streamed chunk by chunk.
+SMALL_BODY_BYTES = 256 * 1024
+# Request headers the router sets itself.
+_DROP_REQUEST = frozenset(
+    {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+)
+_BODYLESS_STATUSES = frozenset({204, 304})
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, or 413 as soon as it is known to exceed `limit`. The body is
+    buffered because a request may have to be sent twice (to the rediscovered owner)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise payload_too_large(limit)
+    if not request.body_exists:
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise payload_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def forward_headers(request: web.Request) -> CIMultiDict[str]:
+    headers = strip_hop_by_hop(
+        ((k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST),
+        request.headers.get("Connection"),
+    )
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-Host"] = request.host
+    return headers
+
+
+def _response_headers(up: UpstreamResponse) -> CIMultiDict[str]:
+    return strip_hop_by_hop(up.headers.items(), up.headers.get("Connection"))
+
+
+def buffered(up: UpstreamResponse, body: bytes) -> web.Response:
+    headers = _response_headers(up)
+    headers.popall("Content-Length", None)
+    return web.Response(status=up.status, reason=up.reason, headers=headers, body=body)
+
+
+async def relay(
+    request: web.Request, up: UpstreamResponse, session: str | None
+) -> web.StreamResponse:
+    """Send the upstream answer back: status, headers (less hop-by-hop), bytes unchanged."""
+    try:
+        length = up.headers.get("Content-Length")
+        bodyless = request.method == "HEAD" or up.status in _BODYLESS_STATUSES
+        if (
+            not bodyless
+            and length is not None
+            and length.isdigit()
+            and int(length) <= SMALL_BODY_BYTES
+        ):
+            try:
+                body = await up.read()
+            except UpstreamError as exc:
+                raise retry.failure_answer(exc, session, retried=False) from None
+            return buffered(up, body)
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=_response_headers(up))
+        await resp.prepare(request)
+        if not bodyless:
+            try:
+                async for chunk in up.chunks():
+                    await resp.write(chunk)
+            except UpstreamError as exc:
+                # The head is sent already: all that is left is to cut the caller's
+                # connection, so a truncated body cannot pass for a whole one.
+                log.warning("upstream_body_broken", instance=exc.instance, error=type(exc).__name__)
+                if request.transport is not None:
+                    request.transport.abort()
+                return resp
+        await resp.write_eof()
+        return resp
+    finally:
+        up.release()
+
+
+def json_error(exc: RequestRejected) -> web.Response:
+    return web.Response(
+        status=exc.status,
+        body=json.dumps(exc.body(), separators=(",", ":")).encode(),
+        content_type="application/json",
+    )
+
+
+def payload_too_large(limit: int) -> RequestRejected:
+    return RequestRejected(
+        413, "payload_too_large", f"the request body is over {limit} bytes", limit_bytes=limit
+    )

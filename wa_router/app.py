@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ from .discovery import Discovery
 from .errors import ConfigError
 from .forward import AiohttpForwarder
 from .health import HealthChecker
+from .logging import CURRENT_REQUEST
 from .metrics import Metrics
 from .pool import Pool
 from .profiles import Profile, build_profile
@@ -57,31 +59,38 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _request_ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
+_RID = "wa_router.request_id"
 
 
 def request_id(request: web.Request) -> str:
-    """The caller's X-Request-Id when it is a sane token, else a cheap unique one."""
-    given = request.headers.get("X-Request-Id", "")
-    if 0 < len(given) <= 64 and given.isascii() and given.isprintable():
-        return given
-    return f"{_ID_PREFIX}{next(_request_ids):x}"
+    """The caller's X-Request-Id when it is a sane token, else a cheap unique one; made
+    on first use (most requests log nothing) and then kept for the request."""
+    rid: str | None = request.get(_RID)
+    if rid is None:
+        given = request.headers.get("X-Request-Id", "")
+        if 0 < len(given) <= 64 and given.isascii() and given.isprintable():
+            rid = given
+        else:
+            rid = f"{_ID_PREFIX}{next(_request_ids):x}"
+        request[_RID] = rid
+    return rid
 
 
 def tracked(router: Router, handler: Handler) -> Handler:
-    """Run `handler` counted as in flight (for the drain) with a request id bound to every
-    log line it writes."""
+    """Run `handler` counted as in flight (for the drain), with its request id on every log
+    line it writes."""
 
     async def run(request: web.Request) -> web.StreamResponse:
-        task = asyncio.current_task()
-        assert task is not None
+        task = request.task
         router.inflight.add(task)
-        # bound_contextvars resets on exit: aiohttp serves a keep-alive connection's
-        # requests in one task, so an id must not outlive its request.
-        with structlog.contextvars.bound_contextvars(request_id=request_id(request)):
-            try:
-                return await handler(request)
-            finally:
-                router.inflight.discard(task)
+        # Reset on exit: aiohttp serves a keep-alive connection's requests in one task,
+        # so the request must not outlive its own handling in the context.
+        token = CURRENT_REQUEST.set(functools.partial(request_id, request))
+        try:
+            return await handler(request)
+        finally:
+            CURRENT_REQUEST.reset(token)
+            router.inflight.discard(task)
 
     return run
 

@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 
 from . import retry
 from .errors import RequestRejected, UpstreamError
-from .forward import UpstreamResponse, strip_hop_by_hop
+from .forward import HOP_BY_HOP, UpstreamResponse, strip_hop_by_hop
 
 log = structlog.get_logger("wa_router.httpio")
 
@@ -21,9 +21,14 @@ log = structlog.get_logger("wa_router.httpio")
 # larger ones are streamed chunk by chunk.
 SMALL_BODY_BYTES = 256 * 1024
 # Request headers the router sets itself.
-_DROP_REQUEST = frozenset(
-    {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
-)
+_DROP_REQUEST = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+}
 _BODYLESS_STATUSES = frozenset({204, 304})
 
 
@@ -46,10 +51,19 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 def forward_headers(request: web.Request) -> CIMultiDict[str]:
-    headers = strip_hop_by_hop(
-        ((k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST),
-        request.headers.get("Connection"),
+    """The caller's headers less hop-by-hop ones and those the router sets, plus
+    X-Forwarded-*. One pass: this runs for every request."""
+    src = request.headers
+    connection = src.get("Connection")
+    drop = (
+        _DROP_REQUEST
+        if connection is None
+        else _DROP_REQUEST | {t.strip().lower() for t in connection.split(",")}
     )
+    headers: CIMultiDict[str] = CIMultiDict()
+    for k, v in src.items():
+        if k.lower() not in drop:
+            headers.add(k, v)
     peer = request.remote or ""
     prior = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
@@ -35,6 +36,20 @@ REDACTED_FIELDS = frozenset(
 )
 
 
+# The request being handled, as a function that names it: the id is only made when a line
+# is actually logged (binding it eagerly cost ~4% of the proxy's CPU).
+CURRENT_REQUEST: ContextVar[Callable[[], str] | None] = ContextVar(
+    "wa_router_request", default=None
+)
+
+
+def _add_request_id(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    current = CURRENT_REQUEST.get()
+    if current is not None:
+        event.setdefault("request_id", current())
+    return event
+
+
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for name in list(event):
         if name.lower() in REDACTED_FIELDS:
@@ -51,6 +66,7 @@ def setup_logging(cfg: LogConfig, *, stream: Any = None) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_request_id,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,

@@ -91,6 +91,8 @@ class RuleTable:
 def check_path(raw_path: str) -> None:
     """Reject dot-segments (RFC 3986 5.2.4) however encoded: they would make Node see another
     path than the one the rules matched."""
+    if "." not in raw_path and "%" not in raw_path:
+        return  # the common case: nothing to decode
     for seg in raw_path.split("/"):
         if seg and unquote(seg) in (".", ".."):
             raise RequestRejected(400, "bad_request", f"path {raw_path!r} has dot segments")

@@ -32,6 +32,7 @@ from .singleflight import SingleFlight
 from .stores.base import Source
 
 log = structlog.get_logger("wa_router.proxy")
+_NO_QUERY: dict[str, str] = {}
 
 
 @dataclass(slots=True)
@@ -55,8 +56,10 @@ class Call:
     path_qs: str
     headers: CIMultiDict[str]
     body: bytes
+    doc: dict[str, Any] | None = None  # the body parsed, when something needed it
     session: str | None = None
     probe_key: str | None = None
+    probe_key_known: bool = False
     target: str = "none"  # the instance that answered (or was last tried)
     retried: bool = False
     answered: bool = False  # an instance's answer was relayed
@@ -147,23 +150,45 @@ class Proxy:
             )
         body = await read_body(request, self.max_body_bytes)
         rule = match.rule
-        needs_doc = rule.session_in == "body" or (
-            method not in ("GET", "HEAD") and body and self.profile.api_key_field is not None
-        )
-        doc = _parse_loose(body, strict=rule.session_in == "body") if needs_doc else None
+        doc = parse_json(body) if rule.session_in == "body" else None
         headers = forward_headers(request)
-        call = Call(request, match, method, request.rel_url.raw_path_qs, headers, body)
+        call = Call(request, match, method, request.rel_url.raw_path_qs, headers, body, doc)
         if rule.kind in ("session", "create"):
+            # The query string is parsed only when the rule reads it (it costs).
+            query = request.query if rule.session_in == "query" else _NO_QUERY
             call.session = extract_session(
-                match, self.ids, query=request.query, headers=request.headers, body=doc
+                match, self.ids, query=query, headers=request.headers, body=doc
             )
-        presented = self.keys.presented(method, request.query, request.headers, doc)
-        if self.keys.is_client(presented):
-            call.path_qs, call.body = self.keys.inject(method, call.path_qs, headers, body, doc)
-            call.probe_key = self.keys.upstream_key
-        else:
-            call.probe_key = presented
+        if self.keys.upstream_key is not None:
+            presented = self._presented_key(call)
+            if self.keys.is_client(presented):
+                call.path_qs, call.body = self.keys.inject(
+                    method, call.path_qs, headers, body, self._doc(call)
+                )
+                call.probe_key = self.keys.upstream_key
+            else:
+                call.probe_key = presented
+            call.probe_key_known = True
         return call
+
+    def _doc(self, call: Call) -> dict[str, Any] | None:
+        """The body as a JSON object when it is one (parsed at most once)."""
+        if call.doc is None and call.body and call.method not in ("GET", "HEAD"):
+            call.doc = _parse_loose(call.body, strict=False)
+        return call.doc
+
+    def _presented_key(self, call: Call) -> str | None:
+        req = call.request
+        return self.keys.presented(call.method, req.query, req.headers, self._doc(call))
+
+    def _probe_key(self, call: Call) -> str | None:
+        """The key discovery probes with: the router's own for its client-key callers, else
+        the caller's own (a stranger must not learn through our key where a session is).
+        Worked out only when a probe is needed: most requests hit the cache."""
+        if not call.probe_key_known:
+            call.probe_key = self._presented_key(call)
+            call.probe_key_known = True
+        return call.probe_key
 
     # -- resolve ---------------------------------------------------------------------------
 
@@ -192,7 +217,7 @@ class Proxy:
                     return inst
         if call.rule.creates:
             return await self._placements.run(session, lambda: self._place(call, previous))
-        found = await self.discovery.find(session, api_key=call.probe_key, previous=previous)
+        found = await self.discovery.find(session, api_key=self._probe_key(call), previous=previous)
         if found.owner is not None:
             return found.owner
         raise not_found_answer(session, found)
@@ -202,7 +227,7 @@ class Proxy:
         assert session is not None
         # A create for a session that lives somewhere must go there: Node would otherwise
         # hold it twice (two Chromiums fighting over one WhatsApp login).
-        found = await self.discovery.find(session, api_key=call.probe_key, previous=previous)
+        found = await self.discovery.find(session, api_key=self._probe_key(call), previous=previous)
         if found.owner is not None:
             return found.owner
         inst = self.pool.for_placement(await self.directory.counts())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -35,9 +36,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# CI runs the request-path tests once more with the other upstream client.
+UPSTREAM_CLIENT = os.environ.get("WA_ROUTER_TEST_UPSTREAM_CLIENT")
+
+
 def pool_config(sims: list[SimInstance], **sections: Any) -> Config:
     raw: dict[str, Any] = {"instances": [{"name": s.name, "url": s.url} for s in sims]}
     raw.update(sections)
+    if UPSTREAM_CLIENT:
+        raw["upstream"] = {**raw.get("upstream", {}), "client": UPSTREAM_CLIENT}
     return config_from_dict(raw)
 
 

@@ -87,14 +87,15 @@ def upstream_app() -> web.Application:
     return app
 
 
-@pytest.fixture
-async def routed(start_router: StartRouter) -> Any:
+@pytest.fixture(params=["lean", "aiohttp"])
+async def routed(start_router: StartRouter, request: pytest.FixtureRequest) -> Any:
     server = TestServer(upstream_app(), host="127.0.0.1")
     await server.start_server()
     cfg = config_from_dict(
         {
             "instances": [{"name": "up", "url": str(server.make_url("/"))}],
             "limits": {"max_body_bytes": 8 * 1024 * 1024},
+            "upstream": {"client": request.param},
         }
     )
     client, _ = await start_router(cfg)

@@ -21,6 +21,7 @@ from .directory import Directory
 from .discovery import Discovery
 from .errors import ConfigError
 from .forward import AiohttpForwarder
+from .h1 import LeanForwarder
 from .health import HealthChecker
 from .logging import CURRENT_REQUEST
 from .metrics import Metrics
@@ -42,7 +43,7 @@ class Router:
     pool: Pool
     store: Store
     directory: Directory
-    forwarder: AiohttpForwarder
+    forwarder: AiohttpForwarder | LeanForwarder
     discovery: Discovery
     proxy: Proxy
     webhooks: Webhooks
@@ -126,7 +127,8 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         cache_ttl_s=cfg.directory.cache_ttl_s,
         cache_max_entries=cfg.directory.cache_max_entries,
     )
-    forwarder = AiohttpForwarder(
+    client = LeanForwarder if cfg.upstream.client == "lean" else AiohttpForwarder
+    forwarder = client(
         connect_timeout_s=cfg.upstream.connect_timeout_s,
         keepalive_s=cfg.upstream.keepalive_s,
         limit_per_host=cfg.upstream.max_connections_per_instance,

@@ -33,6 +33,7 @@ ROUTE_KINDS = ("session", "create", "pool_health", "pool_list", "any_instance")
 SESSION_SOURCES = ("path", "body", "query", "header", "none")
 PROFILES = ("blazz", "simple")
 STORE_KINDS = ("memory", "redis")
+UPSTREAM_CLIENTS = ("aiohttp", "lean")  # forward.AiohttpForwarder | h1.LeanForwarder
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,9 @@ class UpstreamConfig:
     # requests of callers that present one of `client_keys` (nobody else's).
     api_key: str | None = None
     client_keys: tuple[str, ...] = ()
+    # The HTTP/1.1 client to the instances: `lean` (h1.py: ~2.5x less CPU per request) or
+    # `aiohttp` (aiohttp's ClientSession, the conservative choice).
+    client: str = "lean"  # one of UPSTREAM_CLIENTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +300,7 @@ def validate(cfg: Config) -> None:
             urls[norm] = inst.name
     _validate_choice("profile.name", cfg.profile.name, PROFILES)
     _validate_choice("store.kind", cfg.store.kind, STORE_KINDS)
+    _validate_choice("upstream.client", cfg.upstream.client, UPSTREAM_CLIENTS)
     if URL(cfg.store.redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("store.redis_url", "must be redis://, rediss:// or unix://")
     _validate_choice("log.format", cfg.log.format, ("auto", "json", "console"))

@@ -427,3 +427,27 @@ async def test_openapi_document_matches_the_routes(
             assert ("401" in op["responses"]) != public
     validator = pytest.importorskip("openapi_spec_validator")
     validator.validate(doc)
+
+
+async def test_status_after_webhooks_shows_them_by_event(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    import hashlib
+    import hmac
+    import time
+
+    client, _ = await started(sims, start_router, webhooks={"secrets": ["whs"]})
+    body = b'{"event":"session_ready","data":{"session_id":"h1"}}'
+    ts = str(int(time.time()))
+    sig = hmac.new(b"whs", ts.encode() + body, hashlib.sha256).hexdigest()
+    headers = {
+        "X-Timestamp": ts,
+        "X-HMAC-Signature": sig,
+        "X-Instance-Url": f"http://localhost:{sims[2].port}",
+    }
+    for _ in range(2):
+        resp = await client.post("/api/whatsapp/webhooks/webjs", data=body, headers=headers)
+        assert resp.status == 200
+    doc = await admin(client, "GET", "/admin/status")
+    assert doc["webhooks"]["events"] == {"session_ready": {"accepted": 1, "duplicate": 1}}
+    assert doc["webhooks"]["learned"] == 1

@@ -393,3 +393,26 @@ async def test_log_lines_carry_the_request_id(
         assert not [x for x in lines if x["event"] == "sync_done" and "request_id" in x]
     finally:
         structlog.reset_defaults()
+
+
+async def test_a_live_session_on_a_suspect_instance_is_still_served(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    sims[0].add_session("sus")
+    client, router = await start_router(pool_config(sims, sync={"interval_s": 3600}))
+    assert (await client.post("/api/messages/send", json=send_body("sus"))).status == 200
+    inst = router.pool.get("node-0")
+    assert inst is not None
+    router.pool.mark_suspect(inst, "one dropped connect")  # a blip, not a crash
+    resp = await client.post("/api/messages/send", json=send_body("sus"))
+    assert resp.status == 200, await resp.text()
+    assert sends(sims[0]) == 2 and inst.state.value == "healthy"
+    # And a session nowhere while an instance is suspect is not remembered as nowhere:
+    # the suspect instance may have it.
+    router.pool.mark_suspect(inst, "another blip")
+    resp = await client.get(f"/api/sessions/gone/status?api_key={API_KEY}")
+    body = await resp.json()
+    assert resp.status == 404 and body["unreachable"] == ["node-0"]
+    sims[0].add_session("gone")
+    router.pool.mark_healthy(inst)
+    assert (await client.get(f"/api/sessions/gone/status?api_key={API_KEY}")).status == 200

@@ -39,6 +39,7 @@ from .httpio import json_error
 from .openapi import openapi_document
 from .pool import Instance
 from .stores.base import Entry, Source
+from .webhooks import WebhookStats
 
 log = structlog.get_logger("wa_router.admin")
 
@@ -260,7 +261,7 @@ class Admin:
                     "ok": last.ok,
                 },
                 "webhooks": {
-                    **dataclasses.asdict(r.webhooks.stats),
+                    **webhook_stats(r.webhooks.stats),
                     "backlog": None if backlog is None else await backlog.size(),
                 },
             }
@@ -400,3 +401,14 @@ def add_admin_routes(app: web.Application, router: Router) -> None:
     for method, path, handler in admin.routes:
         app.router.add_route(method, path, tracked(router, admin.guarded(handler)))
     app.router.add_route("*", ADMIN_FALLBACK, tracked(router, admin.guarded(admin.fallback)))
+
+
+def webhook_stats(stats: WebhookStats) -> dict[str, Any]:
+    """The webhook counters as JSON: `events` is keyed by (event, result) pairs, which JSON
+    objects cannot be, so it becomes {event: {result: n}}."""
+    doc = dataclasses.asdict(stats)
+    events: dict[str, dict[str, int]] = {}
+    for (event, result), n in sorted(stats.events.items()):
+        events.setdefault(event, {})[result] = n
+    doc["events"] = events
+    return doc

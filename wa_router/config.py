@@ -86,7 +86,9 @@ class ProfileConfig:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    connect_timeout_s: float = 1.0
+    # Above 1 s: Linux retransmits a dropped SYN (full accept queue) after 1 s, and that
+    # connect should still succeed rather than fail the instance.
+    connect_timeout_s: float = 2.0
     # Node closes idle keep-alive connections after 5 s; ours must close first, or a request
     # can be written into a socket Node is closing (and we cannot tell whether it ran).
     keepalive_s: float = 2.0

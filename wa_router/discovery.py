@@ -52,6 +52,7 @@ class Found:
     status: str | None
     probes: tuple[Probe, ...]
     cached: bool = False  # answered from the negative cache, nothing asked now
+    skipped: tuple[str, ...] = ()  # suspect instances not asked (they may hold it)
 
     @property
     def asked(self) -> list[str]:
@@ -59,7 +60,7 @@ class Found:
 
     @property
     def unreachable(self) -> list[str]:
-        return [p.instance for p in self.probes if p.outcome == ERROR]
+        return [p.instance for p in self.probes if p.outcome == ERROR] + list(self.skipped)
 
     @property
     def unauthorized(self) -> bool:
@@ -118,8 +119,13 @@ class Discovery:
 
     async def _scan(self, session: str, api_key: str | None, previous: str | None) -> Found:
         candidates = self._pool.discoverable()
+        skipped = tuple(
+            i.name
+            for i in self._pool.instances
+            if i not in candidates and i.state.value == "suspect"
+        )
         if not candidates:
-            return Found(None, None, ())
+            return Found(None, None, (), skipped=skipped)
         self.stats.scans += 1
         self.stats.probes += len(candidates)
         tasks = [asyncio.ensure_future(self._probe(i, session, api_key)) for i in candidates]
@@ -149,9 +155,10 @@ class Discovery:
             if i.name not in answered
         ]
         if best is None:
-            found = Found(None, None, tuple(probes))
+            found = Found(None, None, tuple(probes), skipped=skipped)
             self.stats.not_found += 1
-            if all(p.outcome == ABSENT for p in probes):
+            # "Nowhere" is only known when every instance that could hold it said so.
+            if not skipped and all(p.outcome == ABSENT for p in probes):
                 self._remember_absent(session, found)
             log.warning(
                 "session_not_found",

@@ -220,6 +220,12 @@ class Proxy:
         found = await self.discovery.find(session, api_key=self._probe_key(call), previous=previous)
         if found.owner is not None:
             return found.owner
+        if failed is None and previous is not None:
+            # The believed owner is only suspect (one failed connect, say) and nobody else
+            # has the session: trying it beats answering "not found" for a live session.
+            believed = self.pool.get(previous)
+            if believed is not None and believed.state is State.SUSPECT:
+                return believed
         raise not_found_answer(session, found)
 
     async def _place(self, call: Call, previous: str | None) -> Instance:

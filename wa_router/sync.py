@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,13 +31,8 @@ from .profiles import Profile
 from .stores.base import Source
 
 log = structlog.get_logger("wa_router.sync")
-
-
-@dataclass(frozen=True, slots=True)
-class Listed:
-    instance: str
-    status: str
-    connected_at: str  # ISO text or ""; sorts chronologically
+# Give the event loop a turn this often while walking 100 k sessions: requests keep flowing.
+_YIELD_EVERY = 512
 
 
 @dataclass(slots=True)
@@ -149,62 +145,70 @@ class Syncer:
             if inst not in targets and only is None:
                 report.instances[inst.name] = f"skipped: {inst.state.value}"
         listings = await asyncio.gather(*(self._list(i) for i in targets))
-        live: dict[str, list[Listed]] = {}
+        # session -> [(instance, status, connected_at)] of the instances where it is live.
+        live: dict[str, list[tuple[str, str, str]]] = {}
         present: set[tuple[str, str]] = set()  # (session, instance), any status
+        rank = self._profile.rank
         for inst, listing in zip(targets, listings, strict=True):
             if isinstance(listing, str):
                 report.instances[inst.name] = listing
                 continue
             report.instances[inst.name] = "ok"
             inst.reported_sessions = len(listing)
-            for session, status, connected_at in listing:
+            for n, (session, status, connected_at) in enumerate(listing):
                 present.add((session, inst.name))
-                if self._profile.rank(status) is not None:
-                    live.setdefault(session, []).append(
-                        Listed(inst.name, status.lower(), connected_at)
-                    )
+                if rank(status) is not None:
+                    # Interned: 100 k entries share a handful of status strings.
+                    owner = (inst.name, sys.intern(status.lower()), connected_at)
+                    live.setdefault(session, []).append(owner)
+                if n % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # a big sync must not stall the requests
         answered = {n for n, state in report.instances.items() if state == "ok"}
-        for session, owners in sorted(live.items()):
-            kept = self._keep(owners)
+        get = self._directory.store.get
+        for n, (session, owners) in enumerate(live.items()):
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            kept = owners[0] if len(owners) == 1 else self._keep(owners)
             if len(owners) > 1:
-                others = sorted(o.instance for o in owners if o is not kept)
-                report.duplicated.append((session, kept.instance, others))
-            entry = await self._directory.store.get(session)
+                others = sorted(o[0] for o in owners if o is not kept)
+                report.duplicated.append((session, kept[0], others))
+            entry = await get(session)
             if entry is None or entry.instance is None:
-                report.learned.append((session, kept.instance))
-            elif entry.instance != kept.instance:
-                report.fixed.append((session, entry.instance, kept.instance))
+                report.learned.append((session, kept[0]))
+            elif entry.instance != kept[0]:
+                report.fixed.append((session, entry.instance, kept[0]))
             else:
                 report.verified += 1
                 continue
             if not dry_run:
                 await self._directory.observe(
-                    session,
-                    kept.instance,
-                    Source.SYNC,
-                    observed_at=report.started_at,
-                    status=kept.status,
+                    session, kept[0], Source.SYNC, observed_at=report.started_at, status=kept[1]
                 )
         if only is None:
             everyone_answered = all(
                 report.instances.get(i.name) == "ok" for i in self._pool.instances
             )
+            n = 0
             async for session, entry in self._directory.store.items():
+                n += 1
+                if n % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
                 if session in live or (session, entry.instance) in present:
                     continue
                 if entry.instance in answered and everyone_answered:
                     report.lost.append((session, entry.instance or ""))
                 else:
                     report.unverified += 1
-            report.lost.sort()
+        for items in (report.fixed, report.learned, report.lost, report.duplicated):
+            items.sort()
         report.duration_s = time.monotonic() - started
         return report
 
-    def _keep(self, owners: list[Listed]) -> Listed:
+    def _keep(self, owners: list[tuple[str, str, str]]) -> tuple[str, str, str]:
         """`connected` first; among equals the most recently connected (ISO 8601 sorts)."""
-        ranks = {o.instance: self._profile.rank(o.status) or 0 for o in owners}
-        best = min(ranks.values())
-        return max((o for o in owners if ranks[o.instance] == best), key=lambda o: o.connected_at)
+        ranks = [self._profile.rank(o[1]) or 0 for o in owners]
+        best = min(ranks)
+        return max((o for o, r in zip(owners, ranks, strict=True) if r == best), key=lambda o: o[2])
 
     async def _list(self, inst: Instance) -> list[tuple[str, str, str]] | str:
         """(session, status, connected_at) of each session on `inst`, or an error text."""

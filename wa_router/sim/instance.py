@@ -110,10 +110,15 @@ class SimInstance:
         self._runner = self._site = None
         if site is not None:
             await site.stop()  # the listening socket closes: later connects are refused
-        if runner is not None and runner.server is not None:
-            for conn in runner.server.connections:
-                if conn.transport is not None:
-                    conn.transport.abort()  # in-flight requests get a disconnect, not an answer
+        # A connection accepted just before the close gets its protocol on the next loop turn:
+        # let it arrive, then abort them all. (Missing one left a caller waiting for its own
+        # read timeout, 60 s for a session listing, instead of seeing the crash.)
+        for _ in range(2):
+            await asyncio.sleep(0)
+            if runner is not None and runner.server is not None:
+                for conn in runner.server.connections:
+                    if conn.transport is not None:
+                        conn.transport.abort()  # in flight: a disconnect, not an answer
         await self._sender.close()
         if runner is not None:
             await runner.cleanup()

@@ -33,6 +33,7 @@ from .stores.base import Source
 log = structlog.get_logger("wa_router.sync")
 # Give the event loop a turn this often while walking 100 k sessions: requests keep flowing.
 _YIELD_EVERY = 512
+_BATCH = 256  # sessions looked up (one MGET on Redis) and written together
 
 
 @dataclass(slots=True)
@@ -164,26 +165,36 @@ class Syncer:
                 if n % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # a big sync must not stall the requests
         answered = {n for n, state in report.instances.items() if state == "ok"}
-        get = self._directory.store.get
-        for n, (session, owners) in enumerate(live.items()):
-            if n % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            kept = owners[0] if len(owners) == 1 else self._keep(owners)
-            if len(owners) > 1:
-                others = sorted(o[0] for o in owners if o is not kept)
-                report.duplicated.append((session, kept[0], others))
-            entry = await get(session)
-            if entry is None or entry.instance is None:
-                report.learned.append((session, kept[0]))
-            elif entry.instance != kept[0]:
-                report.fixed.append((session, entry.instance, kept[0]))
-            else:
-                report.verified += 1
-                continue
-            if not dry_run:
-                await self._directory.observe(
-                    session, kept[0], Source.SYNC, observed_at=report.started_at, status=kept[1]
-                )
+        pending = list(live.items())
+        for start in range(0, len(pending), _BATCH):
+            batch = pending[start : start + _BATCH]
+            await asyncio.sleep(0)  # a big sync must not stall the requests
+            entries = await self._directory.store.get_many([session for session, _ in batch])
+            writes = []
+            for (session, owners), entry in zip(batch, entries, strict=True):
+                kept = owners[0] if len(owners) == 1 else self._keep(owners)
+                if len(owners) > 1:
+                    others = sorted(o[0] for o in owners if o is not kept)
+                    report.duplicated.append((session, kept[0], others))
+                if entry is None or entry.instance is None:
+                    report.learned.append((session, kept[0]))
+                elif entry.instance != kept[0]:
+                    report.fixed.append((session, entry.instance, kept[0]))
+                else:
+                    report.verified += 1
+                    continue
+                if not dry_run:
+                    writes.append(
+                        self._directory.observe(
+                            session,
+                            kept[0],
+                            Source.SYNC,
+                            observed_at=report.started_at,
+                            status=kept[1],
+                        )
+                    )
+            # Concurrent writes: a shared store's round trips overlap (its pool is the bound).
+            await asyncio.gather(*writes)
         if only is None:
             everyone_answered = all(
                 report.instances.get(i.name) == "ok" for i in self._pool.instances
@@ -199,8 +210,10 @@ class Syncer:
                     report.lost.append((session, entry.instance or ""))
                 else:
                     report.unverified += 1
-        for items in (report.fixed, report.learned, report.lost, report.duplicated):
-            items.sort()
+        report.fixed.sort()
+        report.learned.sort()
+        report.lost.sort()
+        report.duplicated.sort()
         report.duration_s = time.monotonic() - started
         return report
 

@@ -55,6 +55,10 @@ class Store(Protocol):
         """The entry for `session`, tombstones included; None when never seen."""
         ...
 
+    async def get_many(self, sessions: list[str]) -> list[Entry | None]:
+        """`get` of each, in one round trip where the store has round trips."""
+        ...
+
     async def put(self, session: str, entry: Entry) -> bool:
         """Store `entry` unless a newer observation is there; True when it was stored.
         Atomic: two routers racing cannot let the older one win."""

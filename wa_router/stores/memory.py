@@ -39,6 +39,9 @@ class MemoryStore:
             return None
         return entry
 
+    async def get_many(self, sessions: list[str]) -> list[Entry | None]:
+        return [await self.get(s) for s in sessions]
+
     async def put(self, session: str, entry: Entry) -> bool:
         # No await between read and write: atomic on the event loop.
         existing = self._entries.get(session)

@@ -81,7 +81,9 @@ def category(run: Run, r: Req) -> str:
     if r.rid in run.reached_victim or (r.sent and r.instance == run.victim):
         return CAT_A
     back = run.t_add.get(r.session)
-    if back is not None and r.t_sched < back and r.cause in NOT_HERE:
+    # The cause may carry " (unreachable: ...)": the router names the instance it could not
+    # ask; the session was on no instance all the same.
+    if back is not None and r.t_sched < back and r.cause.split(" (")[0] in NOT_HERE:
         return CAT_B
     return CAT_C
 
@@ -194,7 +196,8 @@ last session back + {EVENT_TAIL_S:g} s); after = the rest.
 recorded it, or the router says the connection broke after sending: a POST there may have been \
 processed and is never re-sent); **B** the session was on no instance when asked (due before \
 its `add_session`, answered `session_not_found`/`no_healthy_instance`: true here, though the \
-router cannot know it, and its 404 does not name the stopped instance, not even as unreachable); \
+router cannot know it; its 404 names the stopped instance as unreachable when it is still \
+suspect); \
 **C** everything else: never reached the stopped instance and failed anyway (target 0).
 - Reachable again, per moved session: *back -> first 200* is from its `add_session` to the end \
 of its first successful request: it includes waiting for the load to ask for that session at \

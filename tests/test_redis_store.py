@@ -274,3 +274,16 @@ async def test_close_is_idempotent_and_start_twice_is_harmless(make_store: MakeS
     await store.close()
     never_started = RedisStore("redis://127.0.0.1:1/0")
     await never_started.close()
+
+
+async def test_get_many_matches_get_for_each(make_store: MakeStore) -> None:
+    redis_store = await make_store()
+    memory = MemoryStore()
+    for i in range(300):
+        entry = Entry(f"node-{i % 3}" if i % 7 else None, 1000.0 + i, Source.SYNC, "connected")
+        for store in (redis_store, memory):
+            assert await store.put(f"g{i}", entry)
+    ids = [f"g{i}" for i in range(0, 300, 2)] + ["never-seen"]
+    for store in (redis_store, memory):
+        assert await store.get_many(ids) == [await store.get(s) for s in ids]
+        assert await store.get_many([]) == []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -60,21 +59,26 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _request_ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
-_RID = "wa_router.request_id"
 
 
-def request_id(request: web.Request) -> str:
-    """The caller's X-Request-Id when it is a sane token, else a cheap unique one; made
-    on first use (most requests log nothing) and then kept for the request."""
-    rid: str | None = request.get(_RID)
-    if rid is None:
-        given = request.headers.get("X-Request-Id", "")
-        if 0 < len(given) <= 64 and given.isascii() and given.isprintable():
-            rid = given
-        else:
-            rid = f"{_ID_PREFIX}{next(_request_ids):x}"
-        request[_RID] = rid
-    return rid
+class RequestId:
+    """Names one request in the logs: the caller's X-Request-Id when it is a sane token,
+    else a cheap unique one; made on first use (most requests log nothing), then kept."""
+
+    __slots__ = ("_request", "_rid")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._rid: str | None = None
+
+    def __call__(self) -> str:
+        if self._rid is None:
+            given = self._request.headers.get("X-Request-Id", "")
+            if 0 < len(given) <= 64 and given.isascii() and given.isprintable():
+                self._rid = given
+            else:
+                self._rid = f"{_ID_PREFIX}{next(_request_ids):x}"
+        return self._rid
 
 
 def tracked(router: Router, handler: Handler) -> Handler:
@@ -86,7 +90,7 @@ def tracked(router: Router, handler: Handler) -> Handler:
         router.inflight.add(task)
         # Reset on exit: aiohttp serves a keep-alive connection's requests in one task,
         # so the request must not outlive its own handling in the context.
-        token = CURRENT_REQUEST.set(functools.partial(request_id, request))
+        token = CURRENT_REQUEST.set(RequestId(request))
         try:
             return await handler(request)
         finally:

@@ -24,7 +24,7 @@ from yarl import URL
 
 from .backlog import Backlog, Pending
 from .errors import UpstreamError
-from .forward import Forwarder, UpstreamRequest
+from .forward import Forwarder, UpstreamRequest, fetch
 from .pool import Instance
 
 log = structlog.get_logger("wa_router.delivery")
@@ -69,22 +69,15 @@ async def post_raw(
 ) -> RelayResult:
     req = UpstreamRequest("POST", path, CIMultiDict(headers), body, timeout_s)
     try:
-        async with asyncio.timeout(timeout_s):
-            resp = await forwarder.send(laravel, req)
-            try:
-                answer = await resp.read()
-            finally:
-                resp.release()
+        answer = await fetch(forwarder, laravel, req, timeout_s)
     except UpstreamError as exc:
         return RelayResult("retry", None, detail=exc.detail)
-    except TimeoutError:
-        return RelayResult("retry", None, detail="timed out")
     return RelayResult(
-        verdict_for(resp.status),
-        resp.status,
-        answer,
-        resp.headers.get("Content-Type", "application/json"),
-        detail=f"HTTP {resp.status}",
+        verdict_for(answer.status),
+        answer.status,
+        answer.body,
+        answer.headers.get("Content-Type", "application/json"),
+        detail=f"HTTP {answer.status}",
     )
 
 

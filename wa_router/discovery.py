@@ -15,14 +15,13 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import structlog
-from multidict import CIMultiDict
 
 from .directory import Directory
 from .errors import NotReached, UpstreamError
-from .forward import Forwarder, UpstreamRequest
+from .forward import Forwarder, fetch
 from .pool import Instance, Pool
 from .profiles import Profile
 from .singleflight import SingleFlight
@@ -190,31 +189,17 @@ class Discovery:
         self._negative[session] = (self._clock() + self._negative_ttl_s, found)
 
     async def _probe(self, inst: Instance, session: str, api_key: str | None) -> Probe:
-        profile = self._profile
-        path = profile.status_path_for(quote(session, safe=""))
-        headers: CIMultiDict[str] = CIMultiDict()
-        if api_key is not None:
-            if profile.api_key_query:
-                path += "?" + urlencode({profile.api_key_query: api_key})
-            if profile.api_key_header:
-                headers[profile.api_key_header] = api_key
-        req = UpstreamRequest("GET", path, headers, b"", self._probe_timeout_s)
+        path = self._profile.status_path_for(quote(session, safe=""))
+        req = self._profile.get_request(path, api_key, self._probe_timeout_s)
         try:
-            async with asyncio.timeout(self._probe_timeout_s):
-                resp = await self._forwarder.send(inst, req)
-                try:
-                    body = await resp.read()
-                finally:
-                    resp.release()
+            answer = await fetch(self._forwarder, inst, req, self._probe_timeout_s)
         except NotReached as exc:
             self._pool.mark_suspect(inst, exc.detail)
             return Probe(inst.name, ERROR, detail=exc.detail)
         except UpstreamError as exc:
             return Probe(inst.name, ERROR, detail=exc.detail)
-        except TimeoutError:
-            return Probe(inst.name, ERROR, detail="probe timed out")
         self._pool.mark_healthy(inst)
-        return self._judge(inst.name, resp.status, body)
+        return self._judge(inst.name, answer.status, answer.body)
 
     def _judge(self, name: str, http_status: int, body: bytes) -> Probe:
         if http_status in (401, 403):

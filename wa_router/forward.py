@@ -8,6 +8,7 @@ pooled HTTP/1.1 client can replace this class for speed without touching `proxy.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -73,6 +74,30 @@ def strip_hop_by_hop(
         if lk not in HOP_BY_HOP and lk not in named:
             out.add(k, v)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+async def fetch(
+    forwarder: Forwarder, instance: Instance, request: UpstreamRequest, timeout_s: float
+) -> Fetched:
+    """One whole small exchange (probes, health checks, listings, webhook relays), bounded by
+    `timeout_s` in all; raises UpstreamError (ReadTimeout when the bound runs out)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            resp = await forwarder.send(instance, request)
+            try:
+                body = await resp.read()
+            finally:
+                resp.release()
+    except TimeoutError:
+        raise ReadTimeout(instance.name, f"no whole answer within {timeout_s:g} s") from None
+    return Fetched(resp.status, resp.headers, body)
 
 
 class _AiohttpResponse:
@@ -188,9 +213,11 @@ class AiohttpForwarder:
 __all__ = [
     "HOP_BY_HOP",
     "AiohttpForwarder",
+    "Fetched",
     "Forwarder",
     "UpstreamError",
     "UpstreamRequest",
     "UpstreamResponse",
+    "fetch",
     "strip_hop_by_hop",
 ]

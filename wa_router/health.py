@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 
 from .config import HealthConfig
 from .errors import UpstreamError
-from .forward import Forwarder, UpstreamRequest
+from .forward import Forwarder, UpstreamRequest, fetch
 from .pool import Instance, Pool
 from .profiles import Profile
 
@@ -56,18 +56,11 @@ class HealthChecker:
     async def check(self, inst: Instance) -> bool:
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self._cfg.timeout_s):
-                resp = await self._forwarder.send(inst, self._req)
-                try:
-                    body = await resp.read()
-                finally:
-                    resp.release()
-            ok = resp.status == 200
-            detail = f"health answered HTTP {resp.status}"
+            answer = await fetch(self._forwarder, inst, self._req, self._cfg.timeout_s)
+            ok, body = answer.status == 200, answer.body
+            detail = f"health answered HTTP {answer.status}"
         except UpstreamError as exc:
             ok, body, detail = False, b"", exc.detail
-        except TimeoutError:
-            ok, body, detail = False, b"", "health check timed out"
         inst.last_check_at = time.time()
         if not ok:
             inst.latency_s = None

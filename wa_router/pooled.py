@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .errors import NotReached, RequestRejected, UpstreamError
-from .forward import Forwarder, UpstreamRequest
+from .forward import Forwarder, UpstreamRequest, fetch
 from .pool import Instance, Pool
 from .profiles import Profile
 
@@ -117,21 +117,14 @@ class PoolRoutes:
 
     async def _one(self, inst: Instance, req: UpstreamRequest, timeout_s: float) -> Answer:
         try:
-            async with asyncio.timeout(timeout_s):
-                resp = await self._forwarder.send(inst, req)
-                try:
-                    raw = await resp.read()
-                finally:
-                    resp.release()
+            answer = await fetch(self._forwarder, inst, req, timeout_s)
         except NotReached as exc:
             self._pool.mark_suspect(inst, exc.detail)
             return Answer(inst, None, None, b"", exc.detail)
         except UpstreamError as exc:
             return Answer(inst, None, None, b"", exc.detail)
-        except TimeoutError:
-            return Answer(inst, None, None, b"", "timed out")
         try:
-            doc = json.loads(raw)
+            doc = json.loads(answer.body)
         except ValueError:
             doc = None
-        return Answer(inst, resp.status, doc, raw)
+        return Answer(inst, answer.status, doc, answer.body)

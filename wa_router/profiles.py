@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from multidict import CIMultiDict
 
 from .config import ProfileConfig, RouteRuleConfig
+from .forward import UpstreamRequest
 
 # Node's own per-route timeouts (routes/index.js): sessions 60 s, send 45 s, health 5 s,
 # else 30 s. Waiting as long as Node does lets Node's own 408 reach the caller first.
@@ -97,6 +101,17 @@ class Profile:
 
     def status_path_for(self, session: str) -> str:
         return self.status_path.replace("{session}", session)
+
+    def get_request(self, path: str, api_key: str | None, timeout_s: float) -> UpstreamRequest:
+        """A GET of the router's own (probe, listing) carrying `api_key` where Node reads
+        it: the query on Blazz (its header is ignored: why the original sync got 401)."""
+        headers: CIMultiDict[str] = CIMultiDict()
+        if api_key is not None:
+            if self.api_key_query:
+                path += "?" + urlencode({self.api_key_query: api_key})
+            if self.api_key_header:
+                headers[self.api_key_header] = api_key
+        return UpstreamRequest("GET", path, headers, b"", timeout_s)
 
     @staticmethod
     def says_not_here(http_status: int, body: bytes) -> bool:

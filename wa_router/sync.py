@@ -18,14 +18,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
 
 import structlog
-from multidict import CIMultiDict
 
 from .directory import Directory
 from .errors import NotReached, UpstreamError
-from .forward import Forwarder, UpstreamRequest
+from .forward import Forwarder, fetch
 from .pool import Instance, Pool
 from .profiles import Profile
 from .stores.base import Source
@@ -225,36 +223,21 @@ class Syncer:
 
     async def _list(self, inst: Instance) -> list[tuple[str, str, str]] | str:
         """(session, status, connected_at) of each session on `inst`, or an error text."""
-        profile = self._profile
-        path = profile.list_path
-        headers: CIMultiDict[str] = CIMultiDict()
-        if self._api_key is not None:
-            if profile.api_key_query:
-                path += "?" + urlencode({profile.api_key_query: self._api_key})
-            if profile.api_key_header:
-                headers[profile.api_key_header] = self._api_key
-        req = UpstreamRequest("GET", path, headers, b"", self._timeout_s)
+        req = self._profile.get_request(self._profile.list_path, self._api_key, self._timeout_s)
         try:
-            async with asyncio.timeout(self._timeout_s):
-                resp = await self._forwarder.send(inst, req)
-                try:
-                    body = await resp.read()
-                finally:
-                    resp.release()
+            answer = await fetch(self._forwarder, inst, req, self._timeout_s)
         except NotReached as exc:
             self._pool.mark_suspect(inst, exc.detail)
             return f"unreachable: {exc.detail}"
         except UpstreamError as exc:
             return f"failed: {exc.detail}"
-        except TimeoutError:
-            return "failed: timed out"
-        if resp.status in (401, 403):
+        if answer.status in (401, 403):
             hint = "" if self._api_key else " (set upstream.api_key)"
-            return f"refused: HTTP {resp.status}{hint}"
-        if resp.status != 200:
-            return f"failed: HTTP {resp.status}"
+            return f"refused: HTTP {answer.status}{hint}"
+        if answer.status != 200:
+            return f"failed: HTTP {answer.status}"
         try:
-            doc = json.loads(body)
+            doc = json.loads(answer.body)
             items = doc["sessions"]
             assert isinstance(items, list)
         except (ValueError, KeyError, TypeError, AssertionError):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,7 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from wa_router.app import ROUTER, Router, build_app
 from wa_router.config import Config, config_from_dict
-from wa_router.sim import SimInstance
+from wa_router.sim import SimInstance, sign_webhook
 
 API_KEY = "test-key"
 
@@ -108,3 +110,17 @@ def caller_traffic(sim: SimInstance) -> int:
         for r in sim.received
         if r.path != "/health" and not (r.method == "GET" and r.path == "/api/sessions")
     )
+
+
+def signed_webhook(
+    secret: str, event: str, data: dict[str, Any], instance_port: int
+) -> tuple[bytes, dict[str, str]]:
+    """A webhook as Node sends it: compact JSON, signed over X-Timestamp + raw body."""
+    body = json.dumps({"event": event, "data": data}, separators=(",", ":")).encode()
+    ts = str(int(time.time()))
+    return body, {
+        "Content-Type": "application/json",
+        "X-Timestamp": ts,
+        "X-HMAC-Signature": sign_webhook(secret, ts, body),
+        "X-Instance-Url": f"http://localhost:{instance_port}",
+    }

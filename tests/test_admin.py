@@ -19,7 +19,16 @@ from wa_router.sim import SimInstance
 from wa_router.statuscli import base_url, render_status
 from wa_router.stores import Source
 
-from .conftest import API_KEY, StartRouter, free_port, pool_config, send_body, sends, wait_for
+from .conftest import (
+    API_KEY,
+    StartRouter,
+    free_port,
+    pool_config,
+    send_body,
+    sends,
+    signed_webhook,
+    wait_for,
+)
 
 TOKEN = "a-token-of-16-chars-or-more"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -432,19 +441,8 @@ async def test_openapi_document_matches_the_routes(
 async def test_status_after_webhooks_shows_them_by_event(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:
-    import hashlib
-    import hmac
-    import time
-
     client, _ = await started(sims, start_router, webhooks={"secrets": ["whs"]})
-    body = b'{"event":"session_ready","data":{"session_id":"h1"}}'
-    ts = str(int(time.time()))
-    sig = hmac.new(b"whs", ts.encode() + body, hashlib.sha256).hexdigest()
-    headers = {
-        "X-Timestamp": ts,
-        "X-HMAC-Signature": sig,
-        "X-Instance-Url": f"http://localhost:{sims[2].port}",
-    }
+    body, headers = signed_webhook("whs", "session_ready", {"session_id": "h1"}, sims[2].port)
     for _ in range(2):
         resp = await client.post("/api/whatsapp/webhooks/webjs", data=body, headers=headers)
         assert resp.status == 200

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from wa_router.sim import SimInstance
 
-from .conftest import API_KEY, StartRouter, pool_config, send_body, wait_for
+from .conftest import API_KEY, StartRouter, pool_config, send_body, signed_webhook, wait_for
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -47,17 +45,7 @@ async def test_metrics_count_the_traffic_sent(
     assert (await client.get("/nope")).status == 400
     await sims[0].move_session("m1", sims[2])
     assert (await client.post("/api/messages/send", json=send_body("m1"))).status == 200
-    import hashlib
-    import hmac
-
-    body = b'{"event":"session_ready","data":{"session_id":"m9"}}'
-    ts = str(int(time.time()))
-    sig = hmac.new(b"s3cret", ts.encode() + body, hashlib.sha256).hexdigest()
-    hook = {
-        "X-Timestamp": ts,
-        "X-HMAC-Signature": sig,
-        "X-Instance-Url": f"http://localhost:{sims[3].port}",
-    }
+    body, hook = signed_webhook("s3cret", "session_ready", {"session_id": "m9"}, sims[3].port)
     assert (
         await client.post("/api/whatsapp/webhooks/webjs", data=body, headers=hook)
     ).status == 200

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
-import time
 
 from wa_router.sim import SimInstance
 
-from .conftest import StartRouter, pool_config, send_body, sends
+from .conftest import StartRouter, pool_config, send_body, sends, signed_webhook
 from .redis_server import RedisServer, redis_server_fixture, unique_prefix
 
 redis_server = redis_server_fixture()
@@ -26,18 +22,6 @@ def shared_config(sims: list[SimInstance], url: str, prefix: str) -> object:
     )
 
 
-def signed(event: str, data: dict[str, object], port: int) -> tuple[bytes, dict[str, str]]:
-    body = json.dumps({"event": event, "data": data}, separators=(",", ":")).encode()
-    ts = str(int(time.time()))
-    sig = hmac.new(SECRET.encode(), ts.encode() + body, hashlib.sha256).hexdigest()
-    return body, {
-        "X-Timestamp": ts,
-        "X-HMAC-Signature": sig,
-        "X-Instance-Url": f"http://localhost:{port}",
-        "Content-Type": "application/json",
-    }
-
-
 async def test_a_move_learned_by_one_router_is_routed_by_the_other_without_a_scan(
     sims: list[SimInstance], start_router: StartRouter, redis_server: RedisServer
 ) -> None:
@@ -51,7 +35,7 @@ async def test_a_move_learned_by_one_router_is_routed_by_the_other_without_a_sca
     assert rb.discovery.stats.scans == 0 and rb.directory.stats.store_hits == 1
     # The session moves; only A hears the webhook. B's cached entry follows within ms.
     await sims[0].move_session("sh", sims[3])
-    body, headers = signed("session_ready", {"session_id": "sh"}, sims[3].port)
+    body, headers = signed_webhook(SECRET, "session_ready", {"session_id": "sh"}, sims[3].port)
     assert (await a.post("/api/whatsapp/webhooks/webjs", data=body, headers=headers)).status == 200
 
     async def b_knows() -> bool:

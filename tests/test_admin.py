@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 from wa_router import cli
 from wa_router.admin import ADMIN_FALLBACK, decode_cursor, encode_cursor, readiness
 from wa_router.app import Router
+from wa_router.pool import State
 from wa_router.sim import SimInstance
 from wa_router.statuscli import base_url, render_status
 from wa_router.stores import Source
@@ -134,10 +135,10 @@ async def test_healthz_and_readyz(sims: list[SimInstance], start_router: StartRo
 
 
 def test_readiness_policy() -> None:
-    assert readiness(False, ["healthy"]) == "warming up"
-    assert readiness(True, ["down", "suspect"]) == "no healthy instance"
+    assert readiness(False, [State.HEALTHY]) == "warming up"
+    assert readiness(True, [State.DOWN, State.SUSPECT]) == "no healthy instance"
     assert readiness(True, []) == "no healthy instance"
-    assert readiness(True, ["down", "healthy"]) is None
+    assert readiness(True, [State.DOWN, State.HEALTHY]) is None
 
 
 # -- status and sessions -------------------------------------------------------------------

@@ -20,7 +20,9 @@ from tests.redis_server import (
     started_redis_server,
     unique_prefix,
 )
+from tests.test_decide import OWNERSHIP
 from wa_router.stores import Entry, MemoryStore, Source
+from wa_router.stores.base import Status
 from wa_router.stores.redis import (
     RedisStore,
     decode_change,
@@ -287,3 +289,31 @@ async def test_get_many_matches_get_for_each(make_store: MakeStore) -> None:
     for store in (redis_store, memory):
         assert await store.get_many(ids) == [await store.get(s) for s in ids]
         assert await store.get_many([]) == []
+
+
+@pytest.mark.parametrize(("candidate", "existing", "stored"), OWNERSHIP)
+async def test_both_stores_apply_the_ownership_rule(
+    make_store: MakeStore, candidate: Entry, existing: Entry | None, stored: bool
+) -> None:
+    """The Lua script mirrors `may_replace` exactly; so does the memory store."""
+    memory = MemoryStore(clock=lambda: 3.0)  # the table's times are "now"
+    for store in (await make_store(key_prefix=unique_prefix()), memory):
+        if existing is not None:
+            assert await store.put("s", existing)
+        assert await store.put("s", candidate) is stored, type(store).__name__
+        assert await store.get("s") == (candidate if stored else existing)
+
+
+async def test_only_if_writes_only_while_the_entry_names_that_instance(
+    make_store: MakeStore,
+) -> None:
+    for store in (await make_store(key_prefix=unique_prefix()), MemoryStore()):
+        gone = Entry("node-a", 3.0, Source.PROXY, Status.GONE)
+        assert not await store.put("s", gone, only_if="node-a")  # nothing stored yet
+        await store.put("s", Entry("node-b", 1.0, Source.WEBHOOK, Status.CONNECTED))
+        assert not await store.put("s", gone, only_if="node-a")  # names node-b: untouched
+        assert (await store.get("s")).instance == "node-b"  # type: ignore[union-attr]
+        gone_b = Entry("node-b", 3.0, Source.PROXY, Status.GONE)
+        assert await store.put("s", gone_b, only_if="node-b")
+        assert await store.get("s") == gone_b
+        assert (await store.counts()) == {"node-b": 1}  # still placed there (known)

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from wa_router.config import LimitsConfig, ProfileConfig, RouteRuleConfig
+from wa_router.config import LimitsConfig, NotHereConfig, ProfileConfig, RouteRuleConfig
 from wa_router.errors import RequestRejected
-from wa_router.profiles import Profile, build_profile
+from wa_router.profiles import build_profile
 from wa_router.rules import (
     RuleTable,
     SessionIdPolicy,
@@ -17,6 +17,7 @@ from wa_router.rules import (
     extract_session,
     parse_json_object,
 )
+from wa_router.stores.base import Status
 
 BLAZZ = build_profile(ProfileConfig(), None)
 IDS = SessionIdPolicy(LimitsConfig().session_id_max_length, LimitsConfig().session_id_pattern)
@@ -136,12 +137,55 @@ def test_parse_json_object(raw: bytes, ok: bool) -> None:
         (404, {"error": "Endpoint not found", "path": "/x"}, False),
         (404, {"success": False, "message": "Session not found or not connected"}, True),
         (421, {}, True),
-        (400, {"error": "Session not connected"}, False),
+        # Blazz checks the connection before sending anything: not processed either.
+        (400, {"error": "Session not connected. Please check session status."}, True),
+        (400, {"error": "Missing required fields: message"}, False),
         (200, {"error": "Session not found"}, False),
     ],
 )
 def test_session_not_here(status: int, body: dict[str, Any], not_here: bool) -> None:
-    assert Profile.says_not_here(status, json.dumps(body).encode()) is not_here
+    assert BLAZZ.says_not_here(status, json.dumps(body).encode()) is not_here
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "means"),
+    [
+        (404, {"error": "Session not found"}, Status.GONE),
+        (421, {}, Status.GONE),
+        (
+            400,
+            {"error": "Session not connected. Current status: authenticated"},
+            Status.DISCONNECTED,
+        ),
+        (404, {"error": "Endpoint not found"}, None),
+    ],
+)
+def test_what_not_here_says(status: int, body: dict[str, Any], means: Status | None) -> None:
+    assert BLAZZ.not_here(status, json.dumps(body).encode()) is means
+
+
+def test_not_here_answers_are_configuration() -> None:
+    cfg = ProfileConfig(not_here=(NotHereConfig(409, "busy", "disconnected"),))
+    profile = build_profile(cfg, None)
+    assert profile.not_here(409, b'{"error":"Busy elsewhere"}') is Status.DISCONNECTED
+    assert profile.not_here(400, b'{"error":"Session not connected"}') is None
+    assert profile.not_here_statuses == frozenset({409})
+
+
+@pytest.mark.parametrize(
+    ("reported", "status"),
+    [
+        ("connected", Status.CONNECTED),
+        ("CONNECTED", Status.CONNECTED),
+        ("authenticated", Status.AUTHENTICATED),
+        ("qr_scanning", Status.QR_SCANNING),
+        ("disconnected", Status.DISCONNECTED),
+        ("error", Status.DISCONNECTED),
+        (None, None),
+    ],
+)
+def test_reported_status_to_directory_status(reported: str | None, status: Status | None) -> None:
+    assert BLAZZ.status_of(reported) is status
 
 
 def test_status_ranking() -> None:

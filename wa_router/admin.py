@@ -37,7 +37,7 @@ from .app import Handler, Router, tracked
 from .errors import RequestRejected
 from .httpio import json_error
 from .openapi import openapi_document
-from .pool import Instance
+from .pool import Instance, State
 from .stores.base import Entry, Source
 from .webhooks import WebhookStats
 
@@ -58,11 +58,11 @@ JsonHandler = Callable[[web.Request], Awaitable[web.Response]]
 # -- pure policy ---------------------------------------------------------------------------
 
 
-def readiness(warm: bool, states: Iterable[str]) -> str | None:
+def readiness(warm: bool, states: Iterable[State]) -> str | None:
     """Why the router is not ready, or None when it is: warm, and one instance healthy."""
     if not warm:
         return "warming up"
-    if not any(s == "healthy" for s in states):
+    if State.HEALTHY not in states:
         return "no healthy instance"
     return None
 
@@ -236,7 +236,7 @@ class Admin:
     async def status(self, request: web.Request) -> web.Response:
         r = self.router
         counts = await r.directory.counts()
-        states = [i.state.value for i in r.pool.instances]
+        states = [i.state for i in r.pool.instances]
         stats = r.directory.stats
         last = r.syncer.last
         backlog = r.webhooks.backlog
@@ -373,9 +373,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 def _readyz(router: Router) -> Handler:
     async def run(request: web.Request) -> web.StreamResponse:
-        states = [i.state.value for i in router.pool.instances]
+        states = [i.state for i in router.pool.instances]
         reason = readiness(router.warm, states)
-        healthy = sum(1 for s in states if s == "healthy")
+        healthy = states.count(State.HEALTHY)
         if reason is not None:
             return _json({"status": "not ready", "reason": reason, "healthy": healthy}, 503)
         return _json({"status": "ready", "healthy": healthy, "instances": len(states)})

@@ -24,7 +24,8 @@ from .h1 import LeanForwarder
 from .health import HealthChecker
 from .logging import CURRENT_REQUEST
 from .metrics import Metrics
-from .pool import Pool
+from .parking import Parking
+from .pool import Instance, Pool
 from .profiles import Profile, build_profile
 from .proxy import Proxy
 from .rules import RuleTable, SessionIdPolicy
@@ -48,6 +49,7 @@ class Router:
     webhooks: Webhooks
     health: HealthChecker
     syncer: Syncer
+    parking: Parking
     # Warm: the first sync is done (or gave up); /readyz says so.
     warm: bool = False
     # Handler tasks in flight, so shutdown can wait for them (and only for its grace).
@@ -145,6 +147,10 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         probe_timeout_s=cfg.discovery.probe_timeout_s,
         negative_ttl_s=cfg.discovery.negative_ttl_s,
     )
+    parking = Parking(max_per_session=cfg.parking.max_per_session, max_total=cfg.parking.max_total)
+    # Whoever stores a connected owner (webhook, discovery, sync, another router through
+    # the store) releases the requests waiting for that session.
+    directory.on_connected(parking.wake)
     proxy = Proxy(
         profile=profile,
         rules=RuleTable(profile.rules),
@@ -156,6 +162,8 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         forwarder=forwarder,
         max_body_bytes=cfg.limits.max_body_bytes,
         probe_timeout_s=cfg.discovery.probe_timeout_s,
+        parking=parking,
+        parking_cfg=cfg.parking,
     )
     backlog: Backlog | None = None
     if cfg.webhooks.secrets and cfg.webhooks.laravel_url:
@@ -170,6 +178,7 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         forwarder=forwarder,
         backlog=backlog,
     )
+    webhooks.on_hint = parking.kick
     syncer = Syncer(
         pool=pool,
         profile=profile,
@@ -178,15 +187,30 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         api_key=cfg.upstream.api_key,
         timeout_s=profile_list_timeout(profile),
     )
+
+    async def back(inst: Instance) -> None:
+        # It restores its accounts now: re-check what the directory says of it, and ask
+        # about every parked session at once rather than at the watchers' next turn.
+        parking.recheck_all()
+        await syncer.run(only=inst)
+        parking.recheck_all()
+
     health = HealthChecker(
-        pool=pool,
-        profile=profile,
-        forwarder=forwarder,
-        cfg=cfg.health,
-        on_recovered=lambda inst: syncer.run(only=inst),
+        pool=pool, profile=profile, forwarder=forwarder, cfg=cfg.health, on_recovered=back
     )
     return Router(
-        cfg, profile, pool, store, directory, forwarder, discovery, proxy, webhooks, health, syncer
+        cfg,
+        profile,
+        pool,
+        store,
+        directory,
+        forwarder,
+        discovery,
+        proxy,
+        webhooks,
+        health,
+        syncer,
+        parking,
     )
 
 
@@ -280,6 +304,8 @@ async def _drain(app: web.Application) -> None:
     then cancel what is left. (aiohttp's own shutdown_timeout is applied twice over.)"""
     router = app[ROUTER]
     grace_s = router.config.server.shutdown_grace_s
+    # Parked requests are answered now (503 session_unavailable), not cut off at the end.
+    await router.parking.close()
     pending = set(router.inflight)
     if pending:
         log.info("router_draining", inflight=len(pending), grace_s=grace_s)

@@ -71,6 +71,19 @@ class RouteRuleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NotHereConfig:
+    """An answer meaning "the session is not (usably) here": checked before anything was
+    done, so the request was not processed and may go to another instance."""
+
+    http_status: int
+    contains: str = ""  # case-insensitive text of the body's error/message ("": any body)
+    means: str = "gone"  # one of NOT_HERE_MEANINGS: what it says of the session there
+
+
+NOT_HERE_MEANINGS = ("gone", "disconnected")
+
+
+@dataclass(frozen=True, slots=True)
 class ProfileConfig:
     """How the upstream API speaks; None means the named profile's default."""
 
@@ -82,6 +95,9 @@ class ProfileConfig:
     api_key_query: str | None = None  # query parameter carrying the key on GET
     api_key_field: str | None = None  # JSON body field carrying the key otherwise
     api_key_header: str | None = None  # header carrying the key (simplified API)
+    # Answers that mean "not here, not processed"; None: the profile's (Blazz: 404
+    # `Session not found`, 400 `Session not connected`, and 421).
+    not_here: tuple[NotHereConfig, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +152,8 @@ class HealthConfig:
     """Active health checks: each instance's health route, all at once, every interval."""
 
     interval_s: float = 2.0
+    # While an instance is not healthy it is asked this often: back in use at once.
+    down_interval_s: float = 0.5
     timeout_s: float = 1.0
     fall: int = 2  # consecutive failures (checks or live-traffic connects) -> down
     rise: int = 1  # consecutive successes -> healthy again
@@ -148,6 +166,22 @@ class SyncConfig:
     interval_s: float = 60.0
     # /readyz says not ready until the first sync is done, or this long after start.
     startup_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ParkingConfig:
+    """Requests whose session is expected back wait for it (parking.py) instead of failing."""
+
+    # The longest wait; below Laravel's 30 s send timeout (node-pool-api.md). A caller's
+    # `Prefer: wait=N` (RFC 7240) lowers it for one request; `wait=0` turns it off.
+    max_wait_s: float = 20.0
+    max_per_session: int = 200
+    max_total: int = 10_000
+    # Retry-After of a 503 session_unavailable.
+    retry_after_s: int = 5
+    # An instance that came back or restarted restores its accounts for about this long:
+    # its sessions are expected back meanwhile.
+    restore_window_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +246,7 @@ class Config:
     pool: PoolConfig = field(default_factory=PoolConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    parking: ParkingConfig = field(default_factory=ParkingConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
@@ -315,6 +350,10 @@ def validate(cfg: Config) -> None:
         re.compile(cfg.limits.session_id_pattern)
     except re.error as exc:
         raise ConfigError("limits.session_id_pattern", f"not a regular expression: {exc}") from None
+    for i, nh in enumerate(cfg.profile.not_here or ()):
+        _validate_choice(f"profile.not_here[{i}].means", nh.means, NOT_HERE_MEANINGS)
+        if not 400 <= nh.http_status <= 599:
+            raise ConfigError(f"profile.not_here[{i}].http_status", "must be a 4xx or 5xx")
     if cfg.profile.status_path is not None and "{session}" not in cfg.profile.status_path:
         raise ConfigError("profile.status_path", "must contain {session}")
     for i, rule in enumerate(cfg.rules or ()):

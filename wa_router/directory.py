@@ -4,6 +4,12 @@ The cache makes the common case (a session that has not moved) cost one dict loo
 store is the truth shared by every router. A cached entry that turns out wrong is not a
 correctness problem: the instance answers "session not here" (or cannot be reached), the
 proxy invalidates and rediscovers.
+
+Ownership knows status (`stores.base.may_replace`): a login-stage claim from another
+instance does not displace a connected owner; it is kept here as a *candidate* (this
+router's memory only), which tells the proxy that the session is expected back. Whoever
+waits for a session hears of it through `on_connected`: every stored `connected`
+observation, this router's or (through the store's pub/sub) another's.
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ from dataclasses import dataclass
 
 import structlog
 
-from .stores.base import Entry, Source, Store, newer
+from .stores.base import LOGIN_STAGES, Entry, Source, Status, Store, newer
 
 log = structlog.get_logger("wa_router.directory")
+
+ConnectedListener = Callable[[str, str], None]
+_CANDIDATES_MAX = 10_000
 
 
 @dataclass(slots=True)
@@ -25,6 +34,8 @@ class DirectoryStats:
     store_hits: int = 0
     misses: int = 0
     stale_writes: int = 0  # observations refused because a newer one was there
+    candidates: int = 0  # login-stage claims refused because the session is connected elsewhere
+    demotions: int = 0  # an owner's own answer said it does not hold the session usable
     store_errors: int = 0  # store unreachable: served from the cache and discovery
 
     @property
@@ -50,7 +61,13 @@ class Directory:
         self._monotonic = monotonic
         self._wall = wall
         self._cache: dict[str, tuple[Entry, float]] = {}
+        self._candidates: dict[str, Entry] = {}
+        self._connected_listeners: list[ConnectedListener] = []
         store.subscribe(self.on_store_change)
+
+    def on_connected(self, listener: ConnectedListener) -> None:
+        """`listener(session, instance)` whenever a `connected` owner is stored."""
+        self._connected_listeners.append(listener)
 
     async def lookup(self, session: str) -> Entry | None:
         """The live owner entry of `session`, or None (unknown or forgotten)."""
@@ -81,13 +98,46 @@ class Directory:
         source: Source,
         *,
         observed_at: float | None = None,
-        status: str | None = None,
+        status: Status | None = None,
     ) -> bool:
-        """Record that `instance` owns `session`; False when a newer fact was already there."""
+        """Record that `instance` holds `session` in `status`; False when the store kept what
+        it had (a newer fact, or a connected owner elsewhere: then this is a candidate)."""
         entry = Entry(
             instance, self._wall() if observed_at is None else observed_at, source, status
         )
         return await self._write(session, entry)
+
+    async def demote(
+        self,
+        session: str,
+        instance: str,
+        status: Status,
+        source: Source = Source.PROXY,
+        *,
+        observed_at: float | None = None,
+    ) -> bool:
+        """Evidence that `instance` does not hold `session` usable (it answered "not found"
+        or "not connected"): recorded only while the directory still names `instance`, so
+        it can never move the session onto it."""
+        entry = Entry(
+            instance, self._wall() if observed_at is None else observed_at, source, status
+        )
+        try:
+            applied = await self.store.put(session, entry, only_if=instance)
+        except Exception as exc:
+            self._store_failed("put", exc)
+            applied = False
+        cached = self._cache.get(session)
+        if applied or (cached is not None and cached[0].instance == instance):
+            self.invalidate(session)
+        if applied:
+            self.stats.demotions += 1
+            log.info("session_demoted", session=session, instance=instance, status=str(status))
+        return applied
+
+    def candidate(self, session: str) -> Entry | None:
+        """The latest login-stage claim refused while the session was connected elsewhere."""
+        return self._candidates.get(session)
 
     async def forget(
         self, session: str, source: Source, *, observed_at: float | None = None
@@ -110,6 +160,8 @@ class Directory:
         # (Uncached sessions are read from the store when first asked for.)
         if cached is not None and newer(entry, cached[0]):
             self._remember(session, entry)
+        if entry.connected:
+            self._tell_connected(session, entry)
 
     def invalidate(self, session: str) -> None:
         """Drop the cached entry (the store is asked next time)."""
@@ -133,19 +185,49 @@ class Directory:
             self._store_failed("put", exc)
             applied = True  # kept in this router's cache; the next sync writes it again
         if not applied:
-            self.stats.stale_writes += 1
-            log.info(
-                "directory_stale_observation",
-                session=session,
-                source=entry.source.value,
-                instance=entry.instance,
-            )
+            if entry.status in LOGIN_STAGES and entry.instance is not None:
+                self._remember_candidate(session, entry)
+            else:
+                self.stats.stale_writes += 1
+                log.info(
+                    "directory_stale_observation",
+                    session=session,
+                    source=entry.source.value,
+                    instance=entry.instance,
+                )
             self.invalidate(session)
         elif entry.instance is None:
+            self._candidates.pop(session, None)
             self.invalidate(session)
         else:
+            cand = self._candidates.get(session)
+            if cand is not None and (cand.instance == entry.instance or entry.connected):
+                del self._candidates[session]
             self._remember(session, entry)
+            if entry.connected:
+                self._tell_connected(session, entry)
         return applied
+
+    def _remember_candidate(self, session: str, entry: Entry) -> None:
+        self.stats.candidates += 1
+        log.info(
+            "session_candidate",
+            session=session,
+            instance=entry.instance,
+            status=entry.status,
+            source=entry.source.value,
+        )
+        if session not in self._candidates and len(self._candidates) >= _CANDIDATES_MAX:
+            del self._candidates[next(iter(self._candidates))]
+        self._candidates[session] = entry
+
+    def _tell_connected(self, session: str, entry: Entry) -> None:
+        assert entry.instance is not None
+        for listener in self._connected_listeners:
+            try:
+                listener(session, entry.instance)
+            except Exception:
+                log.exception("connected_listener_failed", session=session)
 
     def _remember(self, session: str, entry: Entry) -> None:
         cache = self._cache

@@ -22,10 +22,10 @@ import structlog
 from .directory import Directory
 from .errors import NotReached, UpstreamError
 from .forward import Forwarder, fetch
-from .pool import Instance, Pool
+from .pool import Instance, Pool, State
 from .profiles import Profile
 from .singleflight import SingleFlight
-from .stores.base import Source
+from .stores.base import Source, Status
 
 log = structlog.get_logger("wa_router.discovery")
 
@@ -35,20 +35,22 @@ UNAUTHORIZED = "unauthorized"
 ERROR = "error"  # no usable answer: unreachable, timeout, 5xx, unexpected body
 
 _NEGATIVE_CACHE_MAX = 10_000
+# Owning statuses, best first: `connected` outranks the login stages.
+_RANK = {Status.CONNECTED: 0, Status.AUTHENTICATED: 1, Status.QR_SCANNING: 2}
 
 
 @dataclass(frozen=True, slots=True)
 class Probe:
     instance: str
     outcome: str
-    status: str | None = None
+    status: Status | None = None
     detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Found:
     owner: Instance | None
-    status: str | None
+    status: Status | None
     probes: tuple[Probe, ...]
     cached: bool = False  # answered from the negative cache, nothing asked now
     skipped: tuple[str, ...] = ()  # suspect instances not asked (they may hold it)
@@ -56,6 +58,18 @@ class Found:
     @property
     def asked(self) -> list[str]:
         return [p.instance for p in self.probes]
+
+    @property
+    def connected(self) -> bool:
+        return self.owner is not None and self.status is Status.CONNECTED
+
+    @property
+    def logging_in(self) -> bool:
+        """Some instance is logging the session in (it restores it: back in seconds)."""
+        return any(p.status is Status.AUTHENTICATED for p in self.probes)
+
+    def answered(self, instance: str) -> bool:
+        return any(p.instance == instance and p.outcome != ERROR for p in self.probes)
 
     @property
     def unreachable(self) -> list[str]:
@@ -98,11 +112,14 @@ class Discovery:
         self._flights: SingleFlight[tuple[str, str | None], Found] = SingleFlight()
         self.stats = DiscoveryStats()
 
-    async def find(self, session: str, *, api_key: str | None, previous: str | None) -> Found:
-        """Who owns `session` now. `previous` is the instance believed before (for the log);
-        `api_key` authenticates the probes (the flight is shared only by callers with the
-        same key, so one caller's wrong key cannot fail another's request)."""
-        neg = self._negative.get(session)
+    async def find(
+        self, session: str, *, api_key: str | None, previous: str | None, fresh: bool = False
+    ) -> Found:
+        """Who owns `session` now. `previous` is the instance believed before (told that it
+        lost the session when it says so); `api_key` authenticates the probes (the flight is
+        shared only by callers with the same key, so one caller's wrong key cannot fail
+        another's request); `fresh` skips the negative cache (a parked session's watcher)."""
+        neg = None if fresh else self._negative.get(session)
         if neg is not None:
             if neg[0] > self._clock():
                 self.stats.negative_hits += 1
@@ -119,9 +136,7 @@ class Discovery:
     async def _scan(self, session: str, api_key: str | None, previous: str | None) -> Found:
         candidates = self._pool.discoverable()
         skipped = tuple(
-            i.name
-            for i in self._pool.instances
-            if i not in candidates and i.state.value == "suspect"
+            i.name for i in self._pool.instances if i not in candidates and i.state is State.SUSPECT
         )
         if not candidates:
             return Found(None, None, (), skipped=skipped)
@@ -130,15 +145,14 @@ class Discovery:
         tasks = [asyncio.ensure_future(self._probe(i, session, api_key)) for i in candidates]
         probes: list[Probe] = []
         best: Probe | None = None
-        best_rank = len(self._profile.owning_statuses)
+        best_rank = len(_RANK)
         try:
             for next_done in asyncio.as_completed(tasks):
                 probe = await next_done
                 probes.append(probe)
                 if probe.outcome != OWNER:
                     continue
-                rank = self._profile.rank(probe.status)
-                assert rank is not None
+                rank = _RANK.get(probe.status, len(_RANK)) if probe.status else len(_RANK)
                 if rank < best_rank:
                     best, best_rank = probe, rank
                 if rank == 0:
@@ -153,6 +167,11 @@ class Discovery:
             for i in candidates
             if i.name not in answered
         ]
+        for p in probes:
+            if p.instance == previous and p.outcome == ABSENT:
+                # The believed owner says it lost the session: evidence, so a login-stage
+                # claim elsewhere may now take its place.
+                await self._directory.demote(session, p.instance, p.status or Status.GONE)
         if best is None:
             found = Found(None, None, tuple(probes), skipped=skipped)
             self.stats.not_found += 1
@@ -170,7 +189,8 @@ class Discovery:
         owner = self._pool.get(best.instance)
         assert owner is not None
         self.stats.found += 1
-        await self._directory.observe(session, owner.name, Source.DISCOVERY, status=best.status)
+        if best.status is not None:
+            await self._directory.observe(session, owner.name, Source.DISCOVERY, status=best.status)
         log.info(
             "session_rediscovered",
             session=session,
@@ -204,8 +224,9 @@ class Discovery:
     def _judge(self, name: str, http_status: int, body: bytes) -> Probe:
         if http_status in (401, 403):
             return Probe(name, UNAUTHORIZED, detail=f"HTTP {http_status}")
-        if self._profile.says_not_here(http_status, body):
-            return Probe(name, ABSENT)
+        means = self._profile.not_here(http_status, body)
+        if means is not None:
+            return Probe(name, ABSENT, status=means)
         if http_status != 200:
             return Probe(name, ERROR, detail=f"HTTP {http_status}")
         try:
@@ -214,6 +235,5 @@ class Discovery:
             return Probe(name, ERROR, detail="status answer is not JSON")
         status = doc.get("status") if isinstance(doc, dict) else None
         if self._profile.rank(status) is None:
-            return Probe(name, ABSENT, status=status if isinstance(status, str) else None)
-        assert isinstance(status, str)
-        return Probe(name, OWNER, status=status.lower())
+            return Probe(name, ABSENT, status=Status.DISCONNECTED)
+        return Probe(name, OWNER, status=self._profile.status_of(status))

@@ -41,6 +41,7 @@ class RequestRejected(WaRouterError):
         self.code = code
         self.message = message
         self.extra = extra
+        self.headers: dict[str, str] = {}  # sent with the answer (Retry-After)
         super().__init__(f"{status} {code}: {message}")
 
     def body(self) -> dict[str, Any]:

@@ -124,6 +124,7 @@ def json_error(exc: RequestRejected) -> web.Response:
         status=exc.status,
         body=json.dumps(exc.body(), separators=(",", ":")).encode(),
         content_type="application/json",
+        headers=exc.headers or None,
     )
 
 

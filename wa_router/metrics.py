@@ -17,6 +17,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from .parking import FULL, SHUTDOWN, TIMEOUT, WOKEN
+from .pool import State
+
 if TYPE_CHECKING:
     from .app import Router
 
@@ -38,6 +41,10 @@ LATENCY_BUCKETS_S = (
     30.0,
     60.0,
 )
+
+
+# A restore takes seconds; the wait is bounded by parking.max_wait_s (20 s by default).
+PARK_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
 
 
 class RouterCollector(Collector):
@@ -118,10 +125,10 @@ class RouterCollector(Collector):
             labels=["instance"],
         )
         for member in r.pool.instances:
-            name, current = member.name, member.state.value
-            up.add_metric([name], 1.0 if current == "healthy" else 0.0)
-            for st in ("healthy", "suspect", "down"):
-                state.add_metric([name, st], 1.0 if current == st else 0.0)
+            name, current = member.name, member.state
+            up.add_metric([name], 1.0 if current is State.HEALTHY else 0.0)
+            for st in State:
+                state.add_metric([name, st.value], 1.0 if current is st else 0.0)
             draining.add_metric([name], 1.0 if member.draining else 0.0)
             sessions.add_metric([name], float(self.sessions.get(name, 0)))
         yield from (up, state, draining, sessions)
@@ -151,6 +158,27 @@ class RouterCollector(Collector):
             later.add_metric(["refused"], deliverer.dropped)
             yield later
 
+        pk = r.parking
+        parked = GaugeMetricFamily(
+            "wa_router_parked_requests", "Requests waiting now for their session to be back"
+        )
+        parked.add_metric([], float(pk.parked))
+        yield parked
+        left = CounterMetricFamily(
+            "wa_router_parked",
+            "Requests that waited for their session, by how the wait ended",
+            labels=["outcome"],
+        )
+        for outcome in (WOKEN, TIMEOUT, FULL, SHUTDOWN):
+            left.add_metric([outcome], pk.stats.outcomes.get(outcome, 0))
+        yield left
+        cands = CounterMetricFamily(
+            "wa_router_directory_candidates",
+            "Login-stage claims kept as candidates: the session was connected elsewhere",
+        )
+        cands.add_metric([], d.candidates)
+        yield cands
+
         syncs = CounterMetricFamily("wa_router_syncs", "Sync runs")
         syncs.add_metric([], r.syncer.runs)
         yield syncs
@@ -171,6 +199,14 @@ class Metrics:
         )
         self._children = {i.name: self._latency.labels(i.name) for i in router.pool.instances}
         router.proxy.observe_latency = self.observe
+        self._parked = Histogram(
+            "wa_router_park_wait_seconds",
+            "How long requests waited for their session, by how the wait ended",
+            ["outcome"],
+            buckets=PARK_BUCKETS_S,
+            registry=self.registry,
+        )
+        router.parking.observe_wait = lambda outcome, s: self._parked.labels(outcome).observe(s)
 
     def observe(self, instance: str, seconds: float) -> None:
         child = self._children.get(instance)

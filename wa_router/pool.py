@@ -53,6 +53,8 @@ class Instance:
     latency_s: float | None = None  # of the last health check
     last_check_at: float | None = None  # Unix seconds
     reported_sessions: int | None = None  # what its own /health said
+    uptime_s: float | None = None  # what its own /health said last
+    back_at: float | None = None  # monotonic: when it last came back or restarted
 
 
 class Pool:
@@ -79,6 +81,9 @@ class Pool:
                 for spelling in _spellings(normalize_url(u, "")):
                     self._by_url.setdefault(spelling, inst)
         self._rr = itertools.cycle(self.instances)
+        # Called when an instance comes back from down (any path: a check, live traffic, a
+        # signed webhook); health.py sets it to sync the instance at once.
+        self.on_back: Callable[[Instance], None] | None = None
 
     def get(self, name: str) -> Instance | None:
         return self._by_name.get(name)
@@ -138,22 +143,32 @@ class Pool:
         inst.successes += 1
         if inst.state is State.HEALTHY or inst.successes < self._rise:
             return False
-        was_down = inst.state is State.DOWN
-        self._set(inst, State.HEALTHY, "health check answered")
-        return was_down
+        return self._set(inst, State.HEALTHY, "health check answered")
 
-    def mark_healthy(self, inst: Instance) -> None:
-        """Live traffic got an answer: whatever the checks said, it is serving."""
+    def mark_healthy(self, inst: Instance, reason: str = "answered") -> bool:
+        """Live traffic (or a signed webhook) got through: whatever the checks said, it is
+        serving. True when this brought a down instance back."""
         inst.failures = 0
-        if inst.state is not State.HEALTHY:
-            self._set(inst, State.HEALTHY, "answered")
+        if inst.state is State.HEALTHY:
+            return False
+        return self._set(inst, State.HEALTHY, reason)
+
+    def mark_back(self, inst: Instance, reason: str) -> None:
+        """It came back from down, or restarted: it restores its accounts for a while, so
+        what the directory says of its sessions is re-checked, not trusted."""
+        inst.back_at = self._clock()
+        log.info("instance_back", instance=inst.name, reason=reason)
+
+    def recently_back(self, inst: Instance, window_s: float) -> bool:
+        return inst.back_at is not None and self._clock() - inst.back_at <= window_s
 
     def mark_down(self, inst: Instance, reason: str) -> None:
         inst.last_error = reason
         if inst.state is not State.DOWN:
             self._set(inst, State.DOWN, reason)
 
-    def _set(self, inst: Instance, state: State, reason: str) -> None:
+    def _set(self, inst: Instance, state: State, reason: str) -> bool:
+        """Change state; True when this brought a down instance back."""
         log.warning(
             "instance_state_changed",
             instance=inst.name,
@@ -161,8 +176,14 @@ class Pool:
             new=state.value,
             reason=reason,
         )
+        back = inst.state is State.DOWN and state is State.HEALTHY
         inst.state = state
         inst.state_changed_at = time.time()
+        if back:
+            self.mark_back(inst, reason)
+            if self.on_back is not None:
+                self.on_back(inst)
+        return back
 
 
 def _spellings(norm: str) -> list[str]:

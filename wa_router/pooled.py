@@ -77,13 +77,22 @@ class PoolRoutes:
         return web.json_response(body, status=200 if healthy else 503)
 
     async def listing(self, caller: UpstreamRequest) -> web.Response:
-        """`GET /api/sessions` of every instance, merged; each session names its instance."""
+        """`GET /api/sessions` of every instance, merged; each session names its instance.
+        Every instance not listed is named in `errors`, those not asked (down) included;
+        each is waited for at most the probe timeout, so a stopped one cannot hold the
+        answer (Node lists from memory: a live one answers in milliseconds)."""
         targets = self._pool.discoverable()
+        skipped = {
+            i.name: f"not asked: {i.state.value}" for i in self._pool.instances if i not in targets
+        }
         if not targets:
             raise RequestRejected(
-                503, "no_healthy_instance", "no instance of the pool can take this request now"
+                503,
+                "no_healthy_instance",
+                "no instance of the pool can take this request now",
+                errors=skipped,
             )
-        answers = await self._ask(targets, caller, caller.read_timeout_s)
+        answers = await self._ask(targets, caller, self._probe_timeout_s)
         for a in answers:
             if a.http_status in (401, 403):
                 # The caller's key is wrong: Node's own answer says so best.
@@ -91,7 +100,7 @@ class PoolRoutes:
                     status=a.http_status, body=a.raw, content_type="application/json"
                 )
         sessions: list[Any] = []
-        errors: dict[str, str] = {}
+        errors: dict[str, str] = dict(skipped)
         for a in answers:
             items = a.doc.get("sessions") if isinstance(a.doc, dict) else None
             if a.http_status == 200 and isinstance(items, list):
@@ -101,7 +110,7 @@ class PoolRoutes:
                     )
             else:
                 errors[a.instance.name] = a.error or f"HTTP {a.http_status}"
-        if len(errors) == len(answers):
+        if len(errors) == len(self._pool.instances):
             raise RequestRejected(
                 502, "upstream_unreachable", "no instance answered the session list", errors=errors
             )

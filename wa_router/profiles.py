@@ -14,8 +14,9 @@ from urllib.parse import urlencode
 
 from multidict import CIMultiDict
 
-from .config import ProfileConfig, RouteRuleConfig
+from .config import NotHereConfig, ProfileConfig, RouteRuleConfig
 from .forward import UpstreamRequest
+from .stores.base import Status
 
 # Node's own per-route timeouts (routes/index.js): sessions 60 s, send 45 s, health 5 s,
 # else 30 s. Waiting as long as Node does lets Node's own 408 reach the caller first.
@@ -79,6 +80,27 @@ SIMPLE_RULES: tuple[RouteRuleConfig, ...] = (
 
 
 @dataclass(frozen=True, slots=True)
+class NotHere:
+    """One answer that means the session is not usable on the instance that gave it."""
+
+    http_status: int
+    contains: str  # lower case; "" matches any body
+    means: Status  # GONE or DISCONNECTED
+
+
+# 421 Misdirected Request (RFC 9110 15.5.20) is the generic way. Blazz answers 404 for an
+# unknown path too (`Endpoint not found`), so a 404 counts only when its body says
+# `Session not found`. Its send routes check `Session not connected` (400) before anything
+# goes to WhatsApp (SessionManager.js), so that answer was not processed either.
+BLAZZ_NOT_HERE = (
+    NotHere(421, "", Status.GONE),
+    NotHere(404, "session not found", Status.GONE),
+    NotHere(400, "session not connected", Status.DISCONNECTED),
+)
+SIMPLE_NOT_HERE = BLAZZ_NOT_HERE
+
+
+@dataclass(frozen=True, slots=True)
 class Profile:
     name: str
     status_path: str
@@ -89,6 +111,24 @@ class Profile:
     api_key_field: str | None
     api_key_header: str | None
     rules: tuple[RouteRuleConfig, ...]
+    not_here_answers: tuple[NotHere, ...] = BLAZZ_NOT_HERE
+
+    @property
+    def not_here_statuses(self) -> frozenset[int]:
+        """HTTP statuses whose body must be read to tell "not here" from a real answer."""
+        return frozenset(n.http_status for n in self.not_here_answers)
+
+    def status_of(self, status: object) -> Status | None:
+        """The directory's status for what an instance reported: the best owning status is
+        `connected`, `authenticated` is itself, other owning ones are a login stage, and
+        anything else means the instance does not hold it usable."""
+        rank = self.rank(status)
+        if rank == 0:
+            return Status.CONNECTED
+        if rank is None:
+            return Status.DISCONNECTED if isinstance(status, str) else None
+        assert isinstance(status, str)
+        return Status.AUTHENTICATED if status.lower() == "authenticated" else Status.QR_SCANNING
 
     def rank(self, status: object) -> int | None:
         """0 for the best owning status, None when `status` does not mean "owned here"."""
@@ -113,28 +153,27 @@ class Profile:
                 headers[self.api_key_header] = api_key
         return UpstreamRequest("GET", path, headers, b"", timeout_s)
 
-    @staticmethod
-    def says_not_here(http_status: int, body: bytes) -> bool:
-        """True when an instance answered that the session is not on it.
+    def not_here(self, http_status: int, body: bytes) -> Status | None:
+        """What the answer says of the session on the instance that gave it, when it is one
+        of the profile's "not here" answers (the request was not processed); else None."""
+        for nh in self.not_here_answers:
+            if nh.http_status == http_status and (not nh.contains or _says(body, nh.contains)):
+                return nh.means
+        return None
 
-        421 Misdirected Request (RFC 9110 15.5.20) is the generic way. Blazz answers 404 for
-        an unknown path too (`Endpoint not found`), so a 404 counts only when its body says
-        `Session not found`: only that one means "ask the other instances".
-        """
-        if http_status == 421:
-            return True
-        if http_status != 404:
-            return False
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            return b"session not found" in body.lower()
-        if not isinstance(doc, dict):
-            return False
-        return any(
-            isinstance(doc.get(k), str) and "session not found" in doc[k].lower()
-            for k in ("error", "message")
-        )
+    def says_not_here(self, http_status: int, body: bytes) -> bool:
+        return self.not_here(http_status, body) is not None
+
+
+def _says(body: bytes, text: str) -> bool:
+    """Whether the JSON body's `error` or `message` contains `text` (non-JSON: the bytes)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return text.encode() in body.lower()
+    if not isinstance(doc, dict):
+        return False
+    return any(isinstance(doc.get(k), str) and text in doc[k].lower() for k in ("error", "message"))
 
 
 _DEFAULTS: dict[str, Profile] = {
@@ -159,6 +198,7 @@ _DEFAULTS: dict[str, Profile] = {
         api_key_field=None,
         api_key_header="X-Api-Key",
         rules=SIMPLE_RULES,
+        not_here_answers=SIMPLE_NOT_HERE,
     ),
 }
 
@@ -179,4 +219,11 @@ def build_profile(cfg: ProfileConfig, rules: tuple[RouteRuleConfig, ...] | None)
         if cfg.api_key_header is not None
         else base.api_key_header,
         rules=rules if rules is not None else base.rules,
+        not_here_answers=_not_here(cfg.not_here)
+        if cfg.not_here is not None
+        else base.not_here_answers,
     )
+
+
+def _not_here(items: tuple[NotHereConfig, ...]) -> tuple[NotHere, ...]:
+    return tuple(NotHere(n.http_status, n.contains.lower(), Status(n.means)) for n in items)

@@ -1,4 +1,5 @@
-"""The request handler: extract -> resolve -> forward -> retry policy (DESIGN.md).
+"""The request handler: extract -> resolve -> forward, and the I/O around `retry.decide`
+(send elsewhere, park, answer) (DESIGN.md).
 
 One request costs, when its session has not moved: a rule match, one dict lookup in the
 directory cache, and one upstream attempt whose answer is streamed back.
@@ -17,22 +18,36 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import retry
+from .answers import (
+    no_healthy_instance,
+    not_found_answer,
+    not_on_rediscovered,
+    session_unavailable,
+)
 from .apikeys import KeyPolicy
+from .config import ParkingConfig
 from .directory import Directory
-from .discovery import ERROR, Discovery, Found
+from .discovery import Discovery, Found
 from .errors import Disconnected, NotReached, RequestRejected, UpstreamError
 from .forward import Forwarder, UpstreamRequest, UpstreamResponse
 from .httpio import buffered, forward_headers, json_error, read_body, relay
+from .parking import Parking, Unparked, prefer_wait_s
 from .pool import Instance, Pool, State
 from .pooled import PoolRoutes
 from .profiles import Profile
+from .retry import NOT_PROCESSED, Action, Known, Outcome
 from .rules import Match, Rule, RuleTable, SessionIdPolicy, check_path, extract_session
 from .rules import parse_json_object as parse_json
 from .singleflight import SingleFlight
-from .stores.base import Source
+from .stores.base import Source, Status
 
 log = structlog.get_logger("wa_router.proxy")
 _NO_QUERY: dict[str, str] = {}
+# Sends per request: the first, and more only after answers that prove the request was not
+# processed (nothing sent, "not here", "not connected"), or one re-send where that is
+# harmless. A restore race can move a session twice in a second, hence more than two.
+MAX_SENDS = 4
+MAX_PARKS = 3  # waits per request, all within one deadline
 
 
 @dataclass(slots=True)
@@ -63,6 +78,9 @@ class Call:
     target: str = "none"  # the instance that answered (or was last tried)
     retried: bool = False
     answered: bool = False  # an instance's answer was relayed
+    believed: str | None = None  # the instance the directory named last
+    wait_s: float | None = None  # how long it may park (worked out when first needed)
+    parked_s: float = 0.0
 
     @property
     def rule(self) -> Rule:
@@ -88,6 +106,8 @@ class Proxy:
         forwarder: Forwarder,
         max_body_bytes: int,
         probe_timeout_s: float,
+        parking: Parking,
+        parking_cfg: ParkingConfig,
     ) -> None:
         self.profile = profile
         self.rules = rules
@@ -98,6 +118,9 @@ class Proxy:
         self.discovery = discovery
         self.forwarder = forwarder
         self.max_body_bytes = max_body_bytes
+        self.parking = parking
+        self.parking_cfg = parking_cfg
+        parking.recheck = self.recheck
         self.stats = ProxyStats()
         self.pooled = PoolRoutes(
             pool=pool, profile=profile, forwarder=forwarder, probe_timeout_s=probe_timeout_s
@@ -192,41 +215,81 @@ class Proxy:
 
     # -- resolve ---------------------------------------------------------------------------
 
-    async def _resolve(self, call: Call) -> Instance:
+    async def _first_target(self, call: Call) -> Instance | None:
+        """The believed owner when it can take the request now; None: look first."""
         assert call.session is not None
         entry = await self.directory.lookup(call.session)
-        if entry is not None and entry.instance is not None:
-            inst = self.pool.get(entry.instance)
-            if inst is not None and self.pool.routable(inst):
-                return inst
-        previous = entry.instance if entry is not None else None
-        return await self._relocate(call, previous=previous, failed=None)
+        if entry is not None:
+            call.believed = entry.instance
+        if entry is None or not entry.held or self.parking.waiting(call.session):
+            return None  # unknown, not usable there, or others wait already: queue behind
+        assert entry.instance is not None
+        inst = self.pool.get(entry.instance)
+        return inst if inst is not None and self.pool.routable(inst) else None
 
-    async def _relocate(self, call: Call, *, previous: str | None, failed: str | None) -> Instance:
-        """The owner to try after the believed one failed (or when none is known)."""
+    async def _look(
+        self, call: Call, outcome: Outcome | None, failed: Instance | None
+    ) -> tuple[Known, Found | None]:
+        """Where to send now, or whether the session is expected back (the I/O half of the
+        policy: the directory, then placement or a rediscovery)."""
         session = call.session
         assert session is not None
+        if failed is None and self.parking.waiting(session) and not call.rule.creates:
+            return Known(expected_back=True), None  # its session is awaited: queue behind
         if failed is not None:
-            # Another request may have found the new owner meanwhile: use it, no new scan.
+            if outcome in (Outcome.NOT_HERE, Outcome.NOT_USABLE):
+                gone = Status.GONE if outcome is Outcome.NOT_HERE else Status.DISCONNECTED
+                await self.directory.demote(session, failed.name, gone)
             self.directory.invalidate(session)
-            entry = await self.directory.lookup(session)
-            if entry is not None and entry.instance not in (None, failed):
-                assert entry.instance is not None
-                inst = self.pool.get(entry.instance)
-                if inst is not None and self.pool.routable(inst):
-                    return inst
+        # After "not connected" only a connected owner helps; elsewhere any holder (a status
+        # read of a session logging in must reach the instance logging it in).
+        need_connected = outcome is Outcome.NOT_USABLE
+        excluded = failed.name if failed is not None and outcome in NOT_PROCESSED else None
+        entry = await self.directory.lookup(session)
+        if entry is not None:
+            call.believed = entry.instance
+            if entry.held and (entry.connected or not need_connected):
+                inst = self._usable(entry.instance)
+                if inst is not None and inst is not failed:
+                    return Known(owner=inst.name), None
         if call.rule.creates:
-            return await self._placements.run(session, lambda: self._place(call, previous))
-        found = await self.discovery.find(session, api_key=self._probe_key(call), previous=previous)
-        if found.owner is not None:
-            return found.owner
-        if failed is None and previous is not None:
-            # The believed owner is only suspect (one failed connect, say) and nobody else
-            # has the session: trying it beats answering "not found" for a live session.
-            believed = self.pool.get(previous)
-            if believed is not None and believed.state is State.SUSPECT:
-                return believed
-        raise not_found_answer(session, found)
+            placed = await self._placements.run(session, lambda: self._place(call, call.believed))
+            return Known(owner=placed.name), None
+        found = await self.discovery.find(
+            session, api_key=self._probe_key(call), previous=call.believed
+        )
+        if found.owner is not None and (
+            found.connected or (not need_connected and found.owner.name != excluded)
+        ):
+            return Known(owner=found.owner.name), found
+        believed = self.pool.get(call.believed) if call.believed else None
+        if (
+            failed is None
+            and believed is not None
+            and believed.state is State.SUSPECT
+            and not found.answered(believed.name)
+        ):
+            # Only suspect (one failed connect, say) and nobody else has the session:
+            # trying it beats answering "not found" for a live session.
+            return Known(owner=believed.name), found
+        return Known(expected_back=self._expected_back(session, believed, found)), found
+
+    def _usable(self, name: str | None) -> Instance | None:
+        inst = self.pool.get(name) if name is not None else None
+        return inst if inst is not None and self.pool.routable(inst) else None
+
+    def _expected_back(self, session: str, believed: Instance | None, found: Found) -> bool:
+        window_s = self.parking_cfg.restore_window_s
+        cand = self.directory.candidate(session)
+        fresh = cand is not None and cand.observed_at > time.time() - window_s
+        return retry.expected_back(
+            known=believed is not None or fresh,
+            owner_state=believed.state if believed is not None else None,
+            owner_answered=believed is not None and found.answered(believed.name),
+            owner_restarted=believed is not None and self.pool.recently_back(believed, window_s),
+            logging_in=found.logging_in
+            or (fresh and cand is not None and cand.status == Status.AUTHENTICATED),
+        )
 
     async def _place(self, call: Call, previous: str | None) -> Instance:
         session = call.session
@@ -245,64 +308,138 @@ class Proxy:
         log.info("session_placed", session=session, instance=inst.name, previous=previous)
         return inst
 
+    async def recheck(self, session: str, api_key: str | None) -> str | None:
+        """For a parked session's watcher: a routable instance where it is connected now."""
+        found = await self.discovery.find(session, api_key=api_key, previous=None, fresh=True)
+        return found.owner.name if found.connected and found.owner is not None else None
+
     # -- forward ---------------------------------------------------------------------------
 
     async def _forward_session(self, call: Call) -> web.StreamResponse:
+        """Send, then let `retry.decide` say what next, until an answer goes back."""
         session = call.session
         assert session is not None
-        target = await self._resolve(call)
         req = call.upstream()
-        retried = False
+        may_resend = retry.may_resend(call.method, call.request.headers)
+        resent = maybe_processed = False
+        sends_left, parks_left = MAX_SENDS, MAX_PARKS
+        deadline: float | None = None
+        outcome: Outcome | None = None
+        failed: Instance | None = None
+        error: UpstreamError | None = None
+        refusal: tuple[UpstreamResponse, bytes] | None = None
+        found: Found | None = None
+        target = await self._first_target(call)
         while True:
-            call.target = target.name
-            call.retried = retried
-            try:
-                up = await self._send(target, req)
-            except UpstreamError as exc:
-                if isinstance(exc, NotReached | Disconnected):
-                    self.pool.mark_suspect(target, exc.detail)
-                log.warning(
-                    "upstream_failed",
-                    session=session,
-                    instance=target.name,
-                    route=call.rule.name,
-                    error=type(exc).__name__,
-                    retried=retried,
-                )
-                if retried or not retry.should_retry(exc, call.method, call.request.headers):
-                    raise retry.failure_answer(exc, session, retried=retried) from None
-                target = await self._relocate(call, previous=target.name, failed=target.name)
-                retried = True
-                self.stats.retries += 1
-                continue
-            if up.status in (404, 421):
-                body = await self._read(up)
-                if self.profile.says_not_here(up.status, body):
+            if target is not None:
+                sends_left -= 1
+                call.target = target.name
+                call.retried = sends_left < MAX_SENDS - 1
+                try:
+                    up = await self._send(target, req)
+                except UpstreamError as exc:
+                    if isinstance(exc, NotReached | Disconnected):
+                        self.pool.mark_suspect(target, exc.detail)
+                    log.warning(
+                        "upstream_failed",
+                        session=session,
+                        instance=target.name,
+                        route=call.rule.name,
+                        error=type(exc).__name__,
+                        retried=call.retried,
+                    )
+                    outcome, failed, error = retry.outcome_of(exc), target, exc
+                    maybe_processed |= outcome is Outcome.NO_ANSWER
+                else:
+                    if up.status not in self.profile.not_here_statuses:
+                        if call.rule.creates and up.status >= 300:
+                            await self._undo_placement(session, target)
+                        call.answered = True
+                        return await relay(call.request, up, session)
+                    body = await self._read(up)
+                    means = self.profile.not_here(up.status, body)
+                    if means is None:
+                        call.answered = True
+                        return buffered(up, body)
                     log.info(
                         "session_not_here",
                         session=session,
                         instance=target.name,
                         route=call.rule.name,
+                        status=str(means),
                     )
-                    if retried:
-                        raise RequestRejected(
-                            404,
-                            "session_not_found",
-                            f"session {session} is not on {target.name}, the instance "
-                            "rediscovery found",
-                            session=session,
-                            asked=[target.name],
-                        )
-                    target = await self._relocate(call, previous=target.name, failed=target.name)
-                    retried = True
+                    outcome = Outcome.NOT_HERE if means is Status.GONE else Outcome.NOT_USABLE
+                    failed, refusal = target, (up, body)
+                target = None
+            resend_ok = may_resend and not resent
+            known: Known | None = None
+            if retry.look_again(outcome, may_resend=resend_ok, sends_left=sends_left):
+                known, found = await self._look(call, outcome, failed)
+            now = time.monotonic()
+            can_park = (
+                not maybe_processed
+                and parks_left > 0
+                and (deadline is None or deadline > now)
+                and self._wait_s(call) > 0
+            )
+            step = retry.decide(
+                outcome, known, may_resend=resend_ok, sends_left=sends_left, can_park=can_park
+            )
+            if step.action is Action.SEND:
+                assert step.target is not None
+                target = self.pool.get(step.target)
+                resent |= outcome is Outcome.NO_ANSWER
+                if outcome is not None:
                     self.stats.retries += 1
-                    continue
+                continue
+            if step.action is Action.PARK:
+                parks_left -= 1
+                if deadline is None:
+                    deadline = now + self._wait_s(call)
+                try:
+                    name = await self.parking.wait(
+                        session, timeout_s=deadline - now, api_key=self._probe_key(call)
+                    )
+                except Unparked as exc:
+                    call.parked_s += exc.waited_s
+                    raise self._unavailable(call, exc.reason) from None
+                call.parked_s += time.monotonic() - now
+                target, outcome, failed = self.pool.get(name), None, None
+                continue
+            if step.action is Action.RELAY:
+                assert refusal is not None
                 call.answered = True
-                return buffered(up, body)
-            if call.rule.creates and up.status >= 300:
-                await self._undo_placement(session, target)
-            call.answered = True
-            return await relay(call.request, up, session)
+                return buffered(*refusal)
+            if step.action is Action.FAIL:
+                assert error is not None
+                raise retry.failure_answer(error, session, retried=resent) from None
+            if step.action is Action.UNAVAILABLE:
+                reason = "no_wait" if self._wait_s(call) <= 0 else "timeout"
+                raise self._unavailable(call, "attempts" if sends_left <= 0 else reason)
+            if found is None:
+                raise not_on_rediscovered(session, failed.name if failed else "")
+            raise not_found_answer(session, found)
+
+    def _wait_s(self, call: Call) -> float:
+        """How long this request may wait for its session: the config's, or less when the
+        caller says `Prefer: wait=N` (RFC 7240)."""
+        if call.wait_s is None:
+            asked = prefer_wait_s(call.request.headers.get("Prefer"))
+            cap = self.parking_cfg.max_wait_s
+            call.wait_s = cap if asked is None else min(cap, asked)
+        return call.wait_s
+
+    def _unavailable(self, call: Call, reason: str) -> RequestRejected:
+        assert call.session is not None
+        believed = self.pool.get(call.believed) if call.believed else None
+        return session_unavailable(
+            call.session,
+            owner=believed.name if believed is not None else None,
+            owner_state=believed.state.value if believed is not None else None,
+            waited_s=call.parked_s,
+            retry_after_s=self.parking_cfg.retry_after_s,
+            reason=reason,
+        )
 
     async def _forward_any(self, call: Call) -> web.StreamResponse:
         req = call.upstream()
@@ -359,41 +496,6 @@ def _parse_loose(body: bytes, *, strict: bool) -> dict[str, Any] | None:
         return parse_json(body)
     except RequestRejected:
         return None
-
-
-def no_healthy_instance(session: str | None) -> RequestRejected:
-    return RequestRejected(
-        503,
-        "no_healthy_instance",
-        "no instance of the pool can take this request now",
-        session=session,
-    )
-
-
-def not_found_answer(session: str, found: Found) -> RequestRejected:
-    if not found.probes or all(p.outcome == ERROR for p in found.probes):
-        # Nobody answered: "not found" would be a guess. Say what is true.
-        ans = no_healthy_instance(session)
-        if found.probes:
-            ans.extra["unreachable"] = found.unreachable
-        return ans
-    if found.unauthorized:
-        return RequestRejected(
-            401,
-            "unauthorized",
-            "the instances refused the api key, so the session could not be looked for",
-            session=session,
-            asked=found.asked,
-        )
-    extra: dict[str, Any] = {"session": session, "asked": found.asked}
-    if found.unreachable:
-        extra["unreachable"] = found.unreachable
-    return RequestRejected(
-        404,
-        "session_not_found",
-        f"session {session} is on none of the instances asked",
-        **extra,
-    )
 
 
 __all__ = ["Proxy", "no_healthy_instance", "not_found_answer"]

@@ -7,7 +7,11 @@ are lost (in the directory, live on no instance: a QR rescan is needed) and dupl
 (live on two instances: the `connected` / most recently connected one is kept).
 
 Sync writes with the time its listing started, so a webhook that arrives meanwhile (a
-newer fact) is never overwritten.
+newer fact) is never overwritten; and it follows the directory's ownership rule, so an
+instance that is only restoring a session (`authenticated`) never takes it from its
+connected owner (such sessions are reported as `restoring`). Run for one instance that came
+back (`only=`), it also marks that instance's sessions missing from its listing as gone
+there: after a restart they are re-checked, not trusted.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .errors import NotReached, UpstreamError
 from .forward import Forwarder, fetch
 from .pool import Instance, Pool
 from .profiles import Profile
-from .stores.base import Source
+from .stores.base import Entry, Source, Status, may_replace
 
 log = structlog.get_logger("wa_router.sync")
 # Give the event loop a turn this often while walking 100 k sessions: requests keep flowing.
@@ -45,6 +49,9 @@ class SyncReport:
     verified: int = 0
     lost: list[tuple[str, str]] = field(default_factory=list)  # session, believed instance
     duplicated: list[tuple[str, str, list[str]]] = field(default_factory=list)
+    # Logging in on an instance while connected on another: left with the connected owner.
+    restoring: list[tuple[str, str]] = field(default_factory=list)  # session, instance
+    gone: list[tuple[str, str]] = field(default_factory=list)  # session, restarted instance
     unverified: int = 0  # believed on an instance whose list could not be read
 
     @property
@@ -67,6 +74,10 @@ class SyncReport:
             for s, kept, others in self.duplicated
         ]
         out += [
+            f"Restoring: {s} (on {inst}; kept where it is connected)" for s, inst in self.restoring
+        ]
+        out += [f"Gone: {s} (not on {inst} after its restart)" for s, inst in self.gone]
+        out += [
             f"Error: {name}: {state}" for name, state in self.instances.items() if state != "ok"
         ]
         out.append(
@@ -86,6 +97,8 @@ class SyncReport:
             "verified": self.verified,
             "lost": [{"session": s, "instance": i} for s, i in self.lost],
             "duplicated": [{"session": s, "kept": k, "others": o} for s, k, o in self.duplicated],
+            "restoring": [{"session": s, "instance": i} for s, i in self.restoring],
+            "gone": [{"session": s, "instance": i} for s, i in self.gone],
             "unverified": self.unverified,
             "summary": self.lines()[-1],
             "ok": self.ok,
@@ -174,13 +187,23 @@ class Syncer:
                 if len(owners) > 1:
                     others = sorted(o[0] for o in owners if o is not kept)
                     report.duplicated.append((session, kept[0], others))
+                seen_status = self._profile.status_of(kept[1])
+                seen = Entry(kept[0], report.started_at, Source.SYNC, seen_status)
+                if entry is not None and entry.instance == kept[0] and entry.status == seen_status:
+                    report.verified += 1
+                    continue
+                if not may_replace(seen, entry):
+                    if entry is not None and entry.instance == kept[0]:
+                        report.verified += 1  # a newer fact about the same instance
+                    elif seen_status is not Status.CONNECTED and entry is not None:
+                        report.restoring.append((session, kept[0]))
+                    continue
                 if entry is None or entry.instance is None:
                     report.learned.append((session, kept[0]))
                 elif entry.instance != kept[0]:
                     report.fixed.append((session, entry.instance, kept[0]))
                 else:
-                    report.verified += 1
-                    continue
+                    report.verified += 1  # same owner, its status brought up to date
                 if not dry_run:
                     writes.append(
                         self._directory.observe(
@@ -188,11 +211,13 @@ class Syncer:
                             kept[0],
                             Source.SYNC,
                             observed_at=report.started_at,
-                            status=kept[1],
+                            status=seen_status,
                         )
                     )
             # Concurrent writes: a shared store's round trips overlap (its pool is the bound).
             await asyncio.gather(*writes)
+        if only is not None and report.instances.get(only.name) == "ok":
+            await self._gone_after_restart(only, present, report, dry_run)
         if only is None:
             everyone_answered = all(
                 report.instances.get(i.name) == "ok" for i in self._pool.instances
@@ -210,10 +235,32 @@ class Syncer:
                     report.unverified += 1
         report.fixed.sort()
         report.learned.sort()
+        report.restoring.sort()
         report.lost.sort()
         report.duplicated.sort()
         report.duration_s = time.monotonic() - started
         return report
+
+    async def _gone_after_restart(
+        self,
+        inst: Instance,
+        present: set[tuple[str, str]],
+        report: SyncReport,
+        dry_run: bool,
+    ) -> None:
+        """The directory's sessions on `inst` that its listing lacks are not there now."""
+        after: str | None = None
+        while True:
+            page = await self._directory.store.page(after=after, limit=_BATCH, instance=inst.name)
+            for session, entry in page:
+                if (session, inst.name) in present or entry.status == Status.GONE:
+                    continue
+                report.gone.append((session, inst.name))
+                if not dry_run:
+                    await self._directory.demote(session, inst.name, Status.GONE, Source.SYNC)
+            if len(page) < _BATCH:
+                return
+            after = page[-1][0]
 
     def _keep(self, owners: list[tuple[str, str, str]]) -> tuple[str, str, str]:
         """`connected` first; among equals the most recently connected (ISO 8601 sorts)."""

@@ -29,9 +29,9 @@ from .discovery import Discovery
 from .errors import RequestRejected, UpstreamError
 from .forward import Forwarder, UpstreamRequest
 from .httpio import forward_headers, json_error, read_body, relay
-from .pool import Pool
+from .pool import Pool, State
 from .retry import failure_answer
-from .stores.base import Source
+from .stores.base import Source, Status
 
 log = structlog.get_logger("wa_router.webhooks")
 
@@ -41,13 +41,15 @@ INSTANCE_URL = "X-Instance-Url"
 # What goes on to Laravel with the raw body: what its HMAC middleware and controller read.
 RELAYED_HEADERS = ("Content-Type", TIMESTAMP, SIGNATURE, INSTANCE_URL)
 
-# Events that say which instance holds a session, and the status they mean.
+# Events that say which instance holds a session, and the status they mean. Not
+# `session_reconnected`: AutoReconnect sends it although the session may stay disconnected
+# (node-pool-api.md, "Reconnect that is not"): it is a hint to check, not proof.
 ASSIGNING = {
-    "session_ready": "connected",
-    "session_reconnected": "connected",
-    "session_authenticated": "authenticated",
-    "qr_code_generated": "qr_scanning",
+    "session_ready": Status.CONNECTED,
+    "session_authenticated": Status.AUTHENTICATED,
+    "qr_code_generated": Status.QR_SCANNING,
 }
+ASSIGN, FORGET, DEMOTE, CHECK = "assign", "forget", "demote", "check"
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -104,16 +106,22 @@ def parse_event(body: bytes) -> Event:
     return Event(doc["event"], session if isinstance(session, str) and session else None, data)
 
 
-def learning(event: Event, forget_reasons: tuple[str, ...]) -> tuple[str, str | None] | None:
-    """What the directory learns from `event`: ("assign", status), ("forget", None), None."""
+def learning(event: Event, forget_reasons: tuple[str, ...]) -> tuple[str, Status | None] | None:
+    """What the directory learns from `event`: (ASSIGN, status) the sender holds it so;
+    (FORGET, None) logged out everywhere; (DEMOTE, DISCONNECTED) the sender lost it (a
+    conflict, a network drop: it may come back, so it is not forgotten); (CHECK, None) worth
+    a look; None: nothing."""
     if event.session is None:
         return None
     if event.name in ASSIGNING:
-        return ("assign", ASSIGNING[event.name])
+        return (ASSIGN, ASSIGNING[event.name])
     if event.name == "session_disconnected":
         reason = event.data.get("reason")
         if isinstance(reason, str) and reason.upper() in {r.upper() for r in forget_reasons}:
-            return ("forget", None)
+            return (FORGET, None)
+        return (DEMOTE, Status.DISCONNECTED)
+    if event.name == "session_reconnected":
+        return (CHECK, None)
     return None
 
 
@@ -181,6 +189,8 @@ class Webhooks:
         # Node's retry of one event: same body from the same instance, new signature.
         self._retries = SeenSet(cfg.retry_dedupe_s, clock)
         self.stats = WebhookStats()
+        # A `session_reconnected`: the app points it at the parking (ask about it now).
+        self.on_hint: Callable[[str], None] = lambda session: None
         self.deliverer: Deliverer | None = None
         if backlog is not None and self.laravel is not None:
             self.deliverer = Deliverer(
@@ -238,6 +248,11 @@ class Webhooks:
             raise
 
     async def _learn(self, event: Event, instance_url: str, ts: int) -> None:
+        inst = self._pool.by_url(instance_url) if instance_url else None
+        if inst is not None and inst.state is not State.HEALTHY:
+            # A verified webhook is the instance talking: it is up (its first webhook
+            # after a restart usually beats the next health check).
+            self._pool.mark_healthy(inst, "signed webhook")
         what = learning(event, self.cfg.forget_reasons)
         if what is None or event.session is None:
             return
@@ -246,11 +261,13 @@ class Webhooks:
         # a newer fact. X-Timestamp has whole seconds: within its second, the receipt time
         # is the better estimate (a rediscovery 0.4 s into that second saw an older state).
         observed_at = min(self._clock(), ts + 0.999)
-        if action == "forget":
+        if action == FORGET:
             if await self._directory.forget(event.session, Source.WEBHOOK, observed_at=observed_at):
                 log.info("session_forgotten", session=event.session, webhook_event=event.name)
             return
-        inst = self._pool.by_url(instance_url) if instance_url else None
+        if action == CHECK:
+            self.on_hint(event.session)
+            return
         if inst is None:
             self.stats.unknown_instance += 1
             log.warning(
@@ -258,6 +275,12 @@ class Webhooks:
                 instance_url=instance_url,
                 webhook_event=event.name,
                 session=event.session,
+            )
+            return
+        assert status is not None
+        if action == DEMOTE:
+            await self._directory.demote(
+                event.session, inst.name, status, Source.WEBHOOK, observed_at=observed_at
             )
             return
         if await self._directory.observe(
@@ -269,7 +292,7 @@ class Webhooks:
                 "session_learned",
                 session=event.session,
                 instance=inst.name,
-                status=status,
+                status=str(status),
                 webhook_event=event.name,
             )
 

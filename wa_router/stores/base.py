@@ -16,6 +16,25 @@ class Source(StrEnum):
     PLACEMENT = "placement"
     SYNC = "sync"
     ADMIN = "admin"
+    PROXY = "proxy"  # an instance answered live traffic "not here" / "not usable here"
+
+
+class Status(StrEnum):
+    """What an observation saw of a session on its instance (profiles map their own
+    spellings to these). Only `connected` can serve a send; `authenticated` and
+    `qr_scanning` are login stages; `disconnected` and `gone` say the instance does not
+    hold it usable (it said so, or its listing after a restart lacks it)."""
+
+    CONNECTED = "connected"
+    AUTHENTICATED = "authenticated"
+    QR_SCANNING = "qr_scanning"
+    DISCONNECTED = "disconnected"
+    GONE = "gone"
+
+
+LOGIN_STAGES = frozenset({Status.AUTHENTICATED, Status.QR_SCANNING})
+# Statuses that mean "the instance named does not hold it usable now": not an owner.
+NOT_HELD = frozenset({Status.DISCONNECTED, Status.GONE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,13 +48,41 @@ class Entry:
     instance: str | None
     observed_at: float
     source: Source
-    status: str | None = None
+    status: str | None = None  # a Status value; None: not known (placement, admin)
+
+    @property
+    def connected(self) -> bool:
+        return self.instance is not None and self.status == Status.CONNECTED
+
+    @property
+    def held(self) -> bool:
+        """The named instance holds the session (in some stage), as far as known."""
+        return self.instance is not None and self.status not in NOT_HELD
 
 
 def newer(candidate: Entry, existing: Entry | None) -> bool:
-    """Whether `candidate` may replace `existing`. Equal times: the later arrival wins, as
-    in Node, where the last `session_ready` of several restoring instances wins."""
+    """Whether `candidate` is not older than `existing`. Equal times: the later arrival
+    wins, as in Node, where the last `session_ready` of several restoring instances wins."""
     return existing is None or candidate.observed_at >= existing.observed_at
+
+
+def may_replace(candidate: Entry, existing: Entry | None) -> bool:
+    """The ownership rule every store applies atomically (the Redis Lua script mirrors it).
+
+    Time first: an older observation never replaces a newer one (late webhook retries).
+    Then status: a `connected` owner is displaced only by a newer `connected` observation
+    elsewhere, by news about its own instance (which may say it lost the session), or by a
+    tombstone. A login-stage claim from another instance is refused: the real pool
+    restores every active account on start, sessions live elsewhere included
+    (node-pool-api.md, "Around restarts"), so such a claim is a candidate, not the owner.
+    """
+    if not newer(candidate, existing):
+        return False
+    if existing is None or existing.instance is None or candidate.instance is None:
+        return True
+    if candidate.instance == existing.instance:
+        return True
+    return existing.status != Status.CONNECTED or candidate.status == Status.CONNECTED
 
 
 Listener = Callable[[str, "Entry | None"], None]
@@ -59,9 +106,10 @@ class Store(Protocol):
         """`get` of each, in one round trip where the store has round trips."""
         ...
 
-    async def put(self, session: str, entry: Entry) -> bool:
-        """Store `entry` unless a newer observation is there; True when it was stored.
-        Atomic: two routers racing cannot let the older one win."""
+    async def put(self, session: str, entry: Entry, *, only_if: str | None = None) -> bool:
+        """Store `entry` if `may_replace` allows it (and, with `only_if`, only while the
+        stored entry names that instance); True when it was stored. Atomic: two routers
+        racing cannot let the older one win."""
         ...
 
     async def counts(self) -> dict[str, int]:

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
-from .base import Entry, Listener, newer
+from .base import Entry, Listener, may_replace
 
 
 class MemoryStore:
@@ -42,10 +42,12 @@ class MemoryStore:
     async def get_many(self, sessions: list[str]) -> list[Entry | None]:
         return [await self.get(s) for s in sessions]
 
-    async def put(self, session: str, entry: Entry) -> bool:
+    async def put(self, session: str, entry: Entry, *, only_if: str | None = None) -> bool:
         # No await between read and write: atomic on the event loop.
         existing = self._entries.get(session)
-        if not newer(entry, existing):
+        if only_if is not None and (existing is None or existing.instance != only_if):
+            return False
+        if not may_replace(entry, existing):
             return False
         if existing is not None and existing.instance is not None:
             self._counts[existing.instance] -= 1

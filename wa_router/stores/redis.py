@@ -53,15 +53,27 @@ _RECONNECT_MAX_S = 2.0
 
 # KEYS: 1 entry, 2 counts hash, 3 live set.
 # ARGV: 1 session, 2 encoded entry, 3 observed_at (repr), 4 "1" live / "0" tombstone,
-#       5 instance, 6 tombstone TTL (ms), 7 channel, 8 change payload.
+#       5 instance, 6 tombstone TTL (ms), 7 channel, 8 change payload, 9 status ("" when
+#       none), 10 only-if instance ("" when none).
 # Lua numbers are doubles and both tonumber() and cjson parse with strtod: the comparison
 # is exact, like Python's.
 _PUT_LUA = """
 local old = redis.call('GET', KEYS[1])
+if ARGV[10] ~= '' then
+  if not old or cjson.decode(old)[1] ~= ARGV[10] then
+    return 0
+  end
+end
 if old then
   old = cjson.decode(old)
-  -- newer(): equal times let the later arrival win, so only a strictly older one loses.
+  -- may_replace() of stores/base.py. Time: equal times let the later arrival win, so
+  -- only a strictly older one loses.
   if tonumber(ARGV[3]) < old[2] then
+    return 0
+  end
+  -- Status: a connected owner elsewhere is displaced only by a connected observation.
+  if ARGV[4] == '1' and old[1] ~= cjson.null and old[1] ~= ARGV[5]
+      and old[4] == 'connected' and ARGV[9] ~= 'connected' then
     return 0
   end
   if old[1] ~= cjson.null then
@@ -210,7 +222,7 @@ class RedisStore:
         rows = cast("list[str | None]", await self._redis.mget([self._key(s) for s in sessions]))
         return [decode_entry(raw) for raw in rows]
 
-    async def put(self, session: str, entry: Entry) -> bool:
+    async def put(self, session: str, entry: Entry, *, only_if: str | None = None) -> bool:
         live = entry.instance is not None
         stored = await self._put_script(
             keys=[self._key(session), self._counts_key, self._live_key],
@@ -223,6 +235,8 @@ class RedisStore:
                 self._tombstone_ttl_ms,
                 self.channel,
                 encode_change(session, entry),
+                entry.status or "",
+                only_if or "",
             ],
         )
         return bool(stored)

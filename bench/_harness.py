@@ -185,7 +185,7 @@ async def start_sims(
     ports = listen_ports(count)
     sims = [
         SimInstance(name=f"node-{i + 1}", port=ports[i], api_key=API_KEY,
-                    webhook_url=webhook_url, webhook_secret=WEBHOOK_SECRET)
+                    webhook_url=webhook_url, webhook_secret=WEBHOOK_SECRET, ready_delay_s=0.0)
         for i in range(count)
     ]  # fmt: skip
     for sim in sims:

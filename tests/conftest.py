@@ -62,7 +62,10 @@ def with_rule_timeout(cfg: Config, rule_name: str, read_timeout_s: float) -> Con
 
 @pytest.fixture
 async def sims() -> AsyncIterator[list[SimInstance]]:
-    nodes = [SimInstance(name=f"node-{i}", api_key=API_KEY, connect_delay_s=0.05) for i in range(4)]
+    nodes = [
+        SimInstance(name=f"node-{i}", api_key=API_KEY, connect_delay_s=0.05, ready_delay_s=0.05)
+        for i in range(4)
+    ]
     for n in nodes:
         await n.start()
     yield nodes

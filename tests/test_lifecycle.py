@@ -167,7 +167,7 @@ def consecutive_free_ports(n: int, attempts: int = 20) -> int:
 
 @pytest.fixture
 async def two_sims() -> AsyncIterator[list[SimInstance]]:
-    nodes = [SimInstance(name=f"node-{i}", api_key=API_KEY) for i in range(2)]
+    nodes = [SimInstance(name=f"node-{i}", api_key=API_KEY, ready_delay_s=0.05) for i in range(2)]
     try:
         for n in nodes:
             await n.start()

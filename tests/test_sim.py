@@ -2,6 +2,9 @@
 
 Webhooks go to a receiver that verifies them exactly like Laravel's VerifyWhatsAppHmac:
 `hash_equals(hash_hmac('sha256', $ts . $rawBody, $secret), $sig)` and `|now - ts| <= 300`.
+Around restarts the sims talk to a `SimLaravel` (webhooks, accounts/active) and share a
+`SessionFolder`, as Blazz's PM2 pool does: restore on start, the authenticated window,
+identical lifecycle bodies, the CONFLICT takeover, DELETE on a non-holder.
 Nothing waits on a fixed sleep: `wait_for` polls a condition against a deadline.
 """
 
@@ -12,7 +15,6 @@ import hashlib
 import hmac
 import itertools
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -23,27 +25,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from wa_router.sim import SimInstance, sign_webhook
+from wa_router.sim import SessionFolder, SimInstance, SimLaravel, sign_webhook
+
+from .conftest import free_port, wait_for
 
 KEY = "test-key"
 SECRET = "test-secret"
 
 MakeSim = Callable[..., Awaitable[SimInstance]]
 ServerFactory = Callable[..., Awaitable[TestServer]]
-
-
-async def wait_for(cond: Callable[[], bool], timeout_s: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.005)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stepping_clock() -> Callable[[], float]:
@@ -115,7 +105,8 @@ async def make_sim() -> AsyncIterator[MakeSim]:
     sims: list[SimInstance] = []
 
     async def make(**kwargs: Any) -> SimInstance:
-        sim = SimInstance(**{"webhook_retry_scale": 0.01, "connect_delay_s": 0.02, **kwargs})
+        defaults = {"webhook_retry_scale": 0.01, "connect_delay_s": 0.02, "ready_delay_s": 0.02}
+        sim = SimInstance(**{**defaults, **kwargs})
         await sim.start()
         sims.append(sim)
         return sim
@@ -538,3 +529,403 @@ async def test_stop_cancels_pending_webhooks(make_sim: MakeSim, receiver: Receiv
     await sim.stop()
     assert await asyncio.wait_for(sending, 1) is None
     await sim.wait_webhooks_idle(timeout_s=0.1)
+
+
+# -- around restarts: SimLaravel, restore on start, the shared folder -------------------
+
+
+@pytest.fixture
+async def laravel() -> AsyncIterator[SimLaravel]:
+    async with SimLaravel(secret=SECRET) as lv:
+        yield lv
+
+
+@pytest.fixture
+def folder() -> SessionFolder:
+    return SessionFolder(conflict_delay_s=0.2)
+
+
+async def restoring(
+    make_sim: MakeSim, laravel: SimLaravel, folder: SessionFolder, **kw: Any
+) -> SimInstance:
+    """A sim whose LARAVEL_URL is `laravel` (webhooks and accounts/active), on `folder`."""
+    args: dict[str, Any] = {
+        "laravel_url": laravel.url,
+        "folder": folder,
+        "restore_retry_scale": 0.05,
+        "restore_step_s": 0.0,
+        **kw,
+    }
+    return await make_sim(**args)
+
+
+def signed(
+    event: str, data: dict[str, Any], ts: float | None = None
+) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps({"event": event, "data": data}, separators=(",", ":")).encode()
+    stamp = str(int(time.time() if ts is None else ts))
+    return body, {
+        "Content-Type": "application/json",
+        "X-Timestamp": stamp,
+        "X-HMAC-Signature": sign_webhook(SECRET, stamp, body),
+        "X-Instance-Url": "http://localhost:3001",
+    }
+
+
+async def send(http: aiohttp.ClientSession, sim: SimInstance, session: str) -> tuple[int, Any]:
+    body = {"session_id": session, "recipient_phone": "6281", "message": "m", "api_key": KEY}
+    return await call(http, "POST", f"{sim.url}/api/messages/send", json=body)
+
+
+def lifecycle_events(laravel: SimLaravel, sim: SimInstance, session: str) -> list[str]:
+    here = f"http://localhost:{sim.port}"
+    return [
+        e.event
+        for e in laravel.events
+        if e.instance_url == here and e.data.get("session_id") == session
+    ]
+
+
+async def test_sim_laravel_verifies_signatures_and_keeps_the_account_table(
+    laravel: SimLaravel, http: aiohttp.ClientSession
+) -> None:
+    hook = f"{laravel.url}/api/whatsapp/webhooks/webjs"
+    body, headers = signed("qr_code_generated", {"session_id": "s1", "workspace_id": 3})
+    assert await call(http, "POST", hook, data=body, headers=headers) == (200, {"success": True})
+    assert laravel.accounts["s1"].status == "qr_scanning"
+    assert laravel.accounts["s1"].workspace_id == 3
+    event = laravel.events[0]
+    assert (event.event, event.data["session_id"], event.raw) == ("qr_code_generated", "s1", body)
+    assert event.instance_url == "http://localhost:3001" and event.received_at > 0
+
+    refused = [
+        {**headers, "X-HMAC-Signature": "0" * 64},  # wrong signature
+        signed("session_ready", {"session_id": "s1"}, ts=time.time() - 301)[1],  # too old
+        signed("session_ready", {"session_id": "s1"}, ts=time.time() + 301)[1],  # too new
+        {"Content-Type": "application/json"},  # no headers at all
+    ]
+    for bad in refused:
+        status, doc = await call(http, "POST", hook, data=body, headers=bad)
+        assert (status, doc) == (401, {"error": "Invalid signature"})
+    # The signature covers the raw bytes: the same JSON re-serialised does not verify.
+    spaced = json.dumps(json.loads(body)).encode()
+    assert (await call(http, "POST", hook, data=spaced, headers=headers))[0] == 401
+    assert laravel.refused == 5 and len(laravel.events) == 1
+    assert laravel.refusals[:4] == [
+        "invalid_signature",
+        "timestamp_expired",
+        "timestamp_expired",
+        "missing_headers",
+    ]
+
+    for event_name, data, status in [
+        ("session_authenticated", {"session_id": "s1", "workspace_id": 3}, "authenticated"),
+        ("session_ready", {"session_id": "s1", "phone_number": "62811"}, "connected"),
+    ]:
+        body, headers = signed(event_name, data)
+        assert (await call(http, "POST", hook, data=body, headers=headers))[0] == 200
+        assert laravel.accounts["s1"].status == status
+    assert laravel.accounts["s1"].assigned_instance_url == "http://localhost:3001"
+    assert laravel.accounts["s1"].phone_number == "62811"
+
+    laravel.add_account("s2", status="authenticated", workspace_id=2, phone_number="62822")
+    laravel.add_account("s3", status="disconnected")
+    laravel.add_account("s4", status="qr_scanning")
+    status, doc = await call(http, "GET", f"{laravel.url}/api/whatsapp/accounts/active")
+    assert status == 200 and doc["success"] is True and doc["count"] == 2
+    assert [(s["session_id"], s["status"]) for s in doc["sessions"]] == [
+        ("s1", "connected"),
+        ("s2", "authenticated"),
+    ]
+    assert doc["sessions"][1] == {
+        "id": laravel.accounts["s2"].id,
+        "session_id": "s2",
+        "workspace_id": 2,
+        "phone_number": "62822",
+        "status": "authenticated",
+        "provider_type": "webjs",
+    }
+    laravel.accounts_status = 503
+    assert (await call(http, "GET", f"{laravel.url}/api/whatsapp/accounts/active"))[0] == 503
+    assert laravel.accounts_calls == 2
+
+    body, headers = signed("session_disconnected", {"session_id": "s1", "reason": "LOGOUT"})
+    laravel.answer_status = 500  # Laravel down to its database: not processed
+    assert (await call(http, "POST", hook, data=body, headers=headers))[0] == 500
+    assert laravel.failed == 1 and laravel.accounts["s1"].status == "connected"
+    laravel.answer_status = 200
+    assert (await call(http, "POST", hook, data=body, headers=headers))[0] == 200
+    assert laravel.accounts["s1"].status == "disconnected"
+
+    mark = f"{laravel.url}/api/whatsapp/sessions/s1/mark-disconnected"
+    assert (await call(http, "POST", mark, json={"workspace_id": 1}))[0] == 404
+    sync = f"{laravel.url}/api/whatsapp/chats/sync"
+    assert await call(http, "POST", sync, json={"chats": []}) == (200, {"success": True})
+    assert [(c.path, c.status) for c in laravel.calls] == [
+        ("/api/whatsapp/sessions/s1/mark-disconnected", 404),
+        ("/api/whatsapp/chats/sync", 200),
+    ]
+    assert laravel.calls[1].json == {"chats": []}
+
+
+async def test_restore_on_start_restores_every_active_account_even_live_elsewhere(
+    make_sim: MakeSim, laravel: SimLaravel, folder: SessionFolder
+) -> None:
+    laravel.add_account("s1")  # live on `live` right now
+    laravel.add_account("s2", status="authenticated", workspace_id=2)
+    laravel.add_account("s3", status="disconnected")
+    laravel.add_account("s4", status="qr_scanning")
+    folder.save_login("s2")
+    live = await make_sim(folder=folder)
+    live.add_session("s1")  # connected there: its login is in the folder now
+    assert folder.has_login("s1") and folder.connected_on("s1") is live
+
+    node = await restoring(make_sim, laravel, folder)
+    assert node.webhook_url == f"{laravel.url}/api/whatsapp/webhooks/webjs"
+    await asyncio.wait_for(node.restore_done.wait(), 5)
+    assert node.restore_outcome == "done" and laravel.accounts_calls == 1
+    assert node.restored == ["s1", "s2"]  # s1 too, although `live` holds it
+    assert node.sessions["s2"].workspace_id == 2
+    await wait_for(lambda: all(node.sessions[s].status == "connected" for s in ("s1", "s2")))
+    await node.wait_webhooks_idle()
+    # A saved login: no QR, authenticated, then ready.
+    for s in ("s1", "s2"):
+        assert lifecycle_events(laravel, node, s) == ["session_authenticated", "session_ready"]
+    assert laravel.accounts["s1"].assigned_instance_url == f"http://localhost:{node.port}"
+
+    # It skips only what it holds itself: a restart that keeps memory restores nothing...
+    await node.restart(keep_sessions=True)
+    await asyncio.wait_for(node.restore_done.wait(), 5)
+    assert node.restored == [] and laravel.accounts_calls == 2
+    # ...a crash and a start (an empty process) restores both again.
+    await node.stop()
+    await node.start()
+    await asyncio.wait_for(node.restore_done.wait(), 5)
+    assert node.restored == ["s1", "s2"] and laravel.accounts_calls == 3
+
+
+async def test_authenticated_window_answers_400_then_200(
+    make_sim: MakeSim, laravel: SimLaravel, folder: SessionFolder, http: aiohttp.ClientSession
+) -> None:
+    laravel.add_account("s1")
+    folder.save_login("s1")
+    node = await restoring(make_sim, laravel, folder, ready_delay_s=0.3)
+    await wait_for(lambda: "s1" in node.sessions and node.sessions["s1"].status == "authenticated")
+    status, body = await send(http, node, "s1")
+    assert status == 400 and body["status"] == "authenticated"
+    assert body["error"] == "Session not connected. Current status: authenticated"
+    _, state = await call(http, "GET", f"{node.url}/api/sessions/s1/status?api_key={KEY}")
+    assert state["status"] == "authenticated"
+    await wait_for(lambda: node.sessions["s1"].status == "connected")
+    status, body = await send(http, node, "s1")
+    assert status == 200 and body["message_id"]
+    await node.wait_webhooks_idle()
+    authenticated, ready = (
+        laravel.events_named("session_authenticated"),
+        laravel.events_named("session_ready"),
+    )
+    assert len(authenticated) == len(ready) == 1
+    assert ready[0].received_at - authenticated[0].received_at >= 0.25
+
+
+async def test_lifecycle_bodies_are_identical_across_instances_and_restarts(
+    make_sim: MakeSim, laravel: SimLaravel, folder: SessionFolder
+) -> None:
+    laravel.add_account("s1", workspace_id=4, phone_number="62899")
+    folder.save_login("s1")
+    folder.conflict_delay_s = 30.0  # keep both copies for this test
+    a = await restoring(make_sim, laravel, folder)
+    b = await restoring(make_sim, laravel, folder)
+    await wait_for(lambda: len(laravel.events_named("session_ready")) == 2)
+    ready = laravel.events_named("session_ready")
+    assert ready[0].raw == ready[1].raw  # byte-identical: only X-Instance-Url differs
+    assert {e.instance_url for e in ready} == {
+        f"http://localhost:{a.port}",
+        f"http://localhost:{b.port}",
+    }
+    assert ready[0].data == {
+        "session_id": "s1",
+        "workspace_id": 4,
+        "phone_number": "62899",  # Laravel's phone, so a restorer says the same
+        "status": "connected",
+    }
+    authenticated = laravel.events_named("session_authenticated")
+    assert len(authenticated) == 2 and authenticated[0].raw == authenticated[1].raw
+    # Same body, same second, same secret: the same signature.
+    stamp = ready[0].headers["X-Timestamp"]
+    assert sign_webhook(SECRET, stamp, ready[1].raw) == ready[0].headers["X-HMAC-Signature"]
+    # A restarted instance repeats itself byte for byte.
+    await a.restart()
+    await wait_for(lambda: len(laravel.events_named("session_ready")) == 3)
+    assert laravel.events_named("session_ready")[2].raw == ready[0].raw
+
+
+async def test_last_connected_copy_takes_over_after_a_conflict(
+    make_sim: MakeSim, laravel: SimLaravel, folder: SessionFolder, http: aiohttp.ClientSession
+) -> None:
+    old = await restoring(make_sim, laravel, folder, restore_on_start=False)
+    old.add_session("s1", workspace_id=5)
+    laravel.add_account("s1", workspace_id=5)
+    new = await restoring(make_sim, laravel, folder)
+    await wait_for(lambda: "s1" in new.sessions and new.sessions["s1"].status == "connected")
+    # Both connected for now: a sync sees the duplicate.
+    assert old.sessions["s1"].status == "connected"
+    assert folder.connected_on("s1") is new
+    await wait_for(lambda: old.sessions["s1"].status == "disconnected")
+    assert new.sessions["s1"].status == "connected"
+    status, body = await send(http, old, "s1")
+    assert status == 400 and body["status"] == "disconnected"
+    assert (await send(http, new, "s1"))[0] == 200
+    await old.wait_webhooks_idle()
+    dropped = [e for e in laravel.events if e.event == "session_disconnected"]
+    assert len(dropped) == 1 and dropped[0].instance_url == f"http://localhost:{old.port}"
+    assert dropped[0].data == {"session_id": "s1", "workspace_id": 5, "reason": "CONFLICT"}
+    # Blazz's Laravel takes any disconnect at its word: its copy now says disconnected,
+    # although `new` holds the session (the router is the one that knows better).
+    assert laravel.accounts["s1"].status == "disconnected"
+    assert laravel.accounts["s1"].assigned_instance_url == f"http://localhost:{new.port}"
+
+    # The dropped copy connecting again takes the session back the same way.
+    old.add_session("s1", workspace_id=5)
+    await wait_for(lambda: new.sessions["s1"].status == "disconnected")
+    assert old.sessions["s1"].status == "connected"
+
+
+async def test_restore_retries_when_laravel_fails_then_gives_up(
+    make_sim: MakeSim, laravel: SimLaravel, folder: SessionFolder
+) -> None:
+    laravel.add_account("s1")
+    folder.save_login("s1")
+    laravel.accounts_status = 500
+    node = await restoring(make_sim, laravel, folder, restore_retry_scale=0.2)
+    await wait_for(lambda: laravel.accounts_calls == 1)
+    assert not node.restore_done.is_set()
+    laravel.accounts_status = 200  # Laravel is back before the retry (after 0.2 s)
+    await asyncio.wait_for(node.restore_done.wait(), 5)
+    assert laravel.accounts_calls == 2 and node.restored == ["s1"]
+
+    laravel.accounts_status = 500
+    await node.restart()
+    await asyncio.wait_for(node.restore_done.wait(), 5)
+    assert node.restore_outcome == "gave_up" and node.restored == []
+    assert laravel.accounts_calls == 5  # tried, then after 1 s and 2 s (scaled), then gave up
+
+    # A stop (crash) ends a restore that is waiting for its retry.
+    node.restore_retry_scale = 30.0
+    await node.restart()
+    await wait_for(lambda: laravel.accounts_calls == 6)
+    await node.stop()
+    assert node.restore_outcome == "cancelled" and node.restore_done.is_set()
+
+    nowhere = await make_sim(
+        laravel_url=f"http://127.0.0.1:{free_port()}", restore_retry_scale=0.01
+    )
+    await asyncio.wait_for(nowhere.restore_done.wait(), 5)
+    assert nowhere.restore_outcome == "gave_up" and nowhere.restore_fetches == 3
+
+
+async def test_restore_without_saved_login_stays_qr_scanning(
+    make_sim: MakeSim, laravel: SimLaravel, folder: SessionFolder
+) -> None:
+    laravel.add_account("nologin")
+    laravel.add_account("saved")
+    folder.save_login("saved")
+    node = await restoring(make_sim, laravel, folder)
+    await wait_for(
+        lambda: "saved" in node.sessions and node.sessions["saved"].status == "connected"
+    )
+    # Long after "saved" logged in from disk, "nologin" still waits for a scan.
+    assert node.sessions["nologin"].status == "qr_scanning"
+    assert not node.lifecycle.connecting("nologin")
+    await node.wait_webhooks_idle()
+    assert lifecycle_events(laravel, node, "nologin") == ["qr_code_generated"]
+    assert laravel.accounts["nologin"].status == "qr_scanning"  # out of the active list now
+
+
+async def test_delete_on_a_non_holder_removes_the_saved_login(
+    make_sim: MakeSim, laravel: SimLaravel, folder: SessionFolder, http: aiohttp.ClientSession
+) -> None:
+    owner = await make_sim(folder=folder)
+    other = await make_sim(folder=folder)
+    owner.add_session("s1")
+    assert folder.has_login("s1")
+    delete = {"workspace_id": 1, "api_key": KEY}
+    status, body = await call(http, "DELETE", f"{other.url}/api/sessions/s1", json=delete)
+    assert status == 200 and body["success"] is True  # Node answers success all the same
+    assert not folder.has_login("s1")
+    assert folder.deleted_by == [("s1", other.name)]
+    assert owner.sessions["s1"].status == "connected"  # the live client runs on, for now
+
+    # The damage shows at the owner's next restart: no login, a QR nobody scans.
+    laravel.add_account("s1")
+    owner.laravel_url = laravel.url
+    await owner.restart()
+    await asyncio.wait_for(owner.restore_done.wait(), 5)
+    assert owner.restored == ["s1"] and owner.sessions["s1"].status == "qr_scanning"
+
+    # A DELETE on the holder is a logout: the login goes too, but that is not a deletion
+    # behind the owner's back.
+    other.add_session("s2")
+    assert (await call(http, "DELETE", f"{other.url}/api/sessions/s2", json=delete))[0] == 200
+    assert not folder.has_login("s2") and "s2" not in other.sessions
+    assert folder.logged_out_by == [("s2", other.name)]
+    assert folder.deleted_by == [("s1", other.name)]
+
+
+async def test_uptime_resets_at_each_start(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
+    sim = await make_sim()
+    await wait_for(lambda: time.monotonic() - sim.started_monotonic > 0.2)
+    assert (await call(http, "GET", f"{sim.url}/health"))[1]["uptime"] >= 0.2
+    await sim.stop()
+    await sim.start()
+    assert (await call(http, "GET", f"{sim.url}/health"))[1]["uptime"] < 0.2
+
+
+async def test_start_after_stop_begins_empty(make_sim: MakeSim) -> None:
+    sim = await make_sim()
+    sim.add_session("s1")
+    await sim.stop()
+    assert "s1" in sim.sessions  # still there to look at while it is down
+    await sim.start()
+    assert sim.sessions == {}
+
+
+async def test_pause_answers_nothing_until_resume(
+    make_sim: MakeSim, http: aiohttp.ClientSession, receiver: Receiver
+) -> None:
+    sim = await make_sim(webhook_url=receiver.url)
+    clock = await make_sim(webhook_url=receiver.url)  # not paused: shows time has passed
+    sim.pause()
+    assert sim.paused
+    health = asyncio.create_task(call(http, "GET", f"{sim.url}/health"))
+    create = {"session_id": "s1", "api_key": KEY}
+    creating = asyncio.create_task(call(http, "POST", f"{sim.url}/api/sessions", json=create))
+    await wait_for(lambda: sim.count() == 2)  # the connections were accepted
+    sim.notify("message_received", {"session_id": "s0"})
+    # Meanwhile an instance that is not paused answers, connects a session, sends webhooks.
+    assert (await call(http, "POST", f"{clock.url}/api/sessions", json=create))[0] == 200
+    await wait_for(lambda: clock.sessions["s1"].status == "connected")
+    await clock.wait_webhooks_idle()
+    assert not health.done() and not creating.done()
+    assert sim.webhooks == [] and "s1" not in sim.sessions
+    sim.resume()
+    assert (await health)[0] == 200 and (await creating)[0] == 200
+    await wait_for(lambda: sim.sessions["s1"].status == "connected")
+    await sim.wait_webhooks_idle()
+    assert sim.webhooks[0].event == "message_received"
+
+    # Paused timers wait too: a session in its authenticated window stays there.
+    sim.ready_delay_s = clock.ready_delay_s = 0.1
+    sim.add_session("s2", status="qr_scanning")
+    sim.lifecycle.schedule_connect("s2")
+    await wait_for(lambda: sim.sessions["s2"].status == "authenticated")
+    sim.pause()
+    clock.add_session("s2", status="qr_scanning")
+    clock.lifecycle.schedule_connect("s2")  # a whole connect, longer than the ready delay
+    await wait_for(lambda: clock.sessions["s2"].status == "connected")
+    assert sim.sessions["s2"].status == "authenticated"
+    sim.resume()
+    await wait_for(lambda: sim.sessions["s2"].status == "connected")
+    sim.pause()
+    await sim.stop()  # a paused process can still be killed
+    assert not sim.running

@@ -1,7 +1,13 @@
-"""`wa-router demo`: four simulated Blazz instances and the router, in one process.
+"""`wa-router demo`: four simulated Blazz instances, a simulated Laravel and the router,
+in one process, wired as a real deployment is.
 
 The embedded default: memory store, the Blazz profile, instances on 127.0.0.1:3001-3004
-(the ports of `conf/router.yaml`), and a few connected sessions to try requests on.
+(the ports of `conf/router.yaml`). Node's LARAVEL_URL is the router, so webhooks and
+`accounts/active` go through it to the simulated Laravel (the router's
+`webhooks.laravel_url`). The demo sessions exist only as Laravel accounts with a saved
+login in the shared session folder: on start every instance restores all of them, as
+Blazz's PM2 pool does, and the demo waits until that race has settled (the last
+`session_ready` wins; the others are dropped with reason CONFLICT) before it says so.
 """
 
 from __future__ import annotations
@@ -9,37 +15,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import tempfile
 
 from aiohttp import web
 
 from .app import build_app
-from .config import Config, InstanceConfig, LogConfig, ServerConfig, WebhookConfig
+from .config import (
+    Config,
+    InstanceConfig,
+    LogConfig,
+    ServerConfig,
+    StateConfig,
+    WebhookConfig,
+)
 from .logging import setup_logging
 from .server import new_event_loop
-from .sim import SimInstance
+from .sim import SessionFolder, SimInstance, SimLaravel
 
 DEMO_KEY = "demo-key"
 DEMO_SECRET = "demo-secret"
 DEMO_SESSIONS = ("demo-1", "demo-2", "demo-3", "demo-4")
+SETTLE_TIMEOUT_S = 30.0  # the restore race takes ~5 s (1 s connect, 2.5 s ready, 1 s conflict)
 
 
-def demo_config(port: int = 8080, instance_port: int = 3001, *, webhooks: bool = True) -> Config:
-    """conf/router.yaml, plus webhook intake (no Laravel: the router learns from them)."""
+def demo_config(
+    port: int = 8080,
+    instance_port: int = 3001,
+    *,
+    webhooks: bool = True,
+    laravel_url: str | None = None,
+    state_dir: str | None = None,
+) -> Config:
+    """conf/router.yaml, plus webhook intake, relayed to `laravel_url` when given (the
+    webhook backlog then lives in `state_dir`)."""
+    wh = WebhookConfig(secrets=(DEMO_SECRET,), laravel_url=laravel_url)
     return Config(
-        webhooks=WebhookConfig(secrets=(DEMO_SECRET,)) if webhooks else WebhookConfig(),
+        webhooks=wh if webhooks else WebhookConfig(),
         server=ServerConfig(host="127.0.0.1", port=port),
         instances=tuple(
             InstanceConfig(f"node-{instance_port + i}", f"http://127.0.0.1:{instance_port + i}")
             for i in range(4)
         ),
+        state=StateConfig(dir=state_dir) if state_dir else StateConfig(),
     )
 
 
-def instructions(port: int, instance_port: int) -> str:
+def instructions(port: int, instance_port: int, laravel_url: str) -> str:
     base = f"http://127.0.0.1:{port}"
     j = "-H 'Content-Type: application/json'"
     return f"""
 wa-router demo: router on {base}, simulated instances on ports {instance_port}-{instance_port + 3}
+simulated Laravel on {laravel_url} (webhooks reach it through the router)
 api key of the simulated instances: {DEMO_KEY}; connected sessions: {", ".join(DEMO_SESSIONS)}
 
   # the pool's health, and every session on every instance
@@ -65,16 +91,28 @@ Ctrl-C stops everything.
 
 
 async def _run(port: int, instance_port: int) -> None:
-    cfg = demo_config(port, instance_port)
-    hook = f"http://127.0.0.1:{port}{cfg.webhooks.path}"
+    # The webhook backlog needs a state directory; a demo leaves nothing behind.
+    with tempfile.TemporaryDirectory(prefix="wa-router-demo-") as state_dir:
+        async with SimLaravel(secret=DEMO_SECRET) as laravel:
+            await _run_with(port, instance_port, laravel, state_dir)
+
+
+async def _run_with(port: int, instance_port: int, laravel: SimLaravel, state_dir: str) -> None:
+    cfg = demo_config(port, instance_port, laravel_url=laravel.url, state_dir=state_dir)
+    folder = SessionFolder()
+    for n, session in enumerate(DEMO_SESSIONS):
+        laravel.add_account(session, phone_number=f"62812000{n:04d}")
+        folder.save_login(session)
     sims = [
         SimInstance(
             name=i.name,
             port=instance_port + n,
             api_key=DEMO_KEY,
             connect_delay_s=1.0,
-            webhook_url=hook,
+            ready_delay_s=2.5,
+            laravel_url=f"http://127.0.0.1:{port}",  # Node's LARAVEL_URL: the router
             webhook_secret=DEMO_SECRET,
+            folder=folder,
         )
         for n, i in enumerate(cfg.instances)
     ]
@@ -84,19 +122,54 @@ async def _run(port: int, instance_port: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        # The instances first, so that the router's first health checks find them up. Their
+        # first accounts/active (through the router) may come too early: Node retries it
+        # after 1 s, and so do they.
         for sim in sims:
             await sim.start()
-        for n, session in enumerate(DEMO_SESSIONS):
-            sims[(n * 2) % len(sims)].add_session(session, phone_number=f"62812000{n:04d}")
         await runner.setup()
         await web.TCPSite(runner, cfg.server.host, port).start()
-        print(instructions(port, instance_port), flush=True)
-        await stop.wait()
+        print(
+            f"wa-router demo: the instances are restoring {len(DEMO_SESSIONS)} sessions...",
+            flush=True,
+        )
+        settling = asyncio.ensure_future(settled(sims, DEMO_SESSIONS))
+        stopping = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait(
+            {settling, stopping}, timeout=SETTLE_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        settling.cancel()
+        if stopping not in done:
+            if settling not in done:
+                print("wa-router demo: the restore has not settled yet; going on", flush=True)
+            print(instructions(port, instance_port, laravel.url), flush=True)
+            await stopping
     finally:
         await runner.cleanup()
         for sim in sims:
             with contextlib.suppress(Exception):
                 await sim.stop()
+
+
+async def settled(sims: list[SimInstance], sessions: tuple[str, ...]) -> None:
+    """Until every instance has restored and each session has one connected copy, the
+    others dropped (nothing qr_scanning/authenticated, so no takeover is still to come)."""
+
+    def done() -> bool:
+        if not all(sim.restore_done.is_set() for sim in sims):
+            return False
+        for session in sessions:
+            statuses = [s.sessions[session].status for s in sims if session in s.sessions]
+            if statuses.count("connected") != 1:
+                return False
+            if any(status not in ("connected", "disconnected") for status in statuses):
+                return False
+        return True
+
+    while True:  # polled: the state is spread over four instances and their timers
+        if done():
+            return
+        await asyncio.sleep(0.05)
 
 
 def run_demo(*, port: int = 8080, instance_port: int = 3001) -> int:

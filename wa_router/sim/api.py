@@ -2,8 +2,8 @@
 
 Only the wire behaviour matters here: status codes, JSON shapes, where the key and the
 session id sit. State changes go through `SimInstance` so tests and HTTP share one path.
-The middleware records every request on arrival, then applies the test-controlled delay
-and hang, then answers; `_ApiError` is how handlers answer an error in one line.
+The middleware records every request on arrival, then applies the test-controlled hang,
+pause and delay, then answers; `_ApiError` is how handlers answer an error in one line.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class BlazzApi:
         )
         if sim.hang:
             await _forever()
+        await sim.wait_resumed()  # paused (SIGSTOP): answered only after resume()
         delay_s = sim.delay_s + _route_delay_s(sim.route_delay_s, request.path)
         if delay_s > 0:
             await asyncio.sleep(delay_s)
@@ -235,18 +236,9 @@ class BlazzApi:
     async def delete_session(self, request: web.Request) -> web.Response:
         self._checked_body(request)
         session_id = request.match_info["session_id"]
-        session = self.sim.sessions.get(session_id)
-        if session is not None:
-            self.sim.remove_session(session_id)
-            self.sim.notify(
-                "session_disconnected",
-                {
-                    "session_id": session_id,
-                    "workspace_id": session.workspace_id,
-                    "reason": "LOGOUT",
-                },
-            )
-        # Idempotent, as Node's: a DELETE of a session that is not here still succeeds.
+        # Held: a logout. Not held: Node deletes the session's folder anyway (see
+        # `SimInstance.delete_session`). Idempotent, as Node's: both answer success.
+        self.sim.delete_session(session_id)
         return web.json_response(
             {"success": True, "session_id": session_id, "message": "Session deleted successfully"}
         )

@@ -114,6 +114,9 @@ class WebhookSource(Protocol):
     webhooks: list[WebhookAttempt]
     clock: Callable[[], float]
 
+    async def wait_resumed(self) -> None:
+        """Return when the instance is not paused (a stopped process sends nothing)."""
+
 
 @dataclass
 class _Job:
@@ -197,6 +200,7 @@ class WebhookSender:
         session_id = job.data.get("session_id") if job.data else None
         attempt = 0
         while True:
+            await src.wait_resumed()
             url = src.webhook_url
             if not url:
                 return None

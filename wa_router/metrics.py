@@ -103,7 +103,7 @@ class RouterCollector(Collector):
         placements = CounterMetricFamily(
             "wa_router_placements", "New sessions placed on an instance"
         )
-        placements.add_metric([], r.proxy.stats.placements)
+        placements.add_metric([], r.proxy.resolver.placements)
         yield placements
 
         up = GaugeMetricFamily(

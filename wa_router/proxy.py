@@ -35,11 +35,11 @@ from .parking import Parking, Unparked, prefer_wait_s
 from .pool import Instance, Pool, State
 from .pooled import PoolRoutes
 from .profiles import Profile
-from .retry import NOT_PROCESSED, Action, Known, Outcome
+from .resolve import Ask, Resolver
+from .retry import Action, Known, Outcome
 from .rules import Match, Rule, RuleTable, SessionIdPolicy, check_path, extract_session
 from .rules import parse_json_object as parse_json
-from .singleflight import SingleFlight
-from .stores.base import Source, Status
+from .stores.base import Status
 
 log = structlog.get_logger("wa_router.proxy")
 _NO_QUERY: dict[str, str] = {}
@@ -54,7 +54,6 @@ MAX_PARKS = 3  # waits per request, all within one deadline
 class ProxyStats:
     requests: int = 0
     retries: int = 0
-    placements: int = 0
     # (route kind, instance or "none", status class) -> requests; read by metrics.py
     outcomes: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     # "answered" (the retry got an instance's answer) | "failed"
@@ -78,7 +77,6 @@ class Call:
     target: str = "none"  # the instance that answered (or was last tried)
     retried: bool = False
     answered: bool = False  # an instance's answer was relayed
-    believed: str | None = None  # the instance the directory named last
     wait_s: float | None = None  # how long it may park (worked out when first needed)
     parked_s: float = 0.0
 
@@ -120,12 +118,17 @@ class Proxy:
         self.max_body_bytes = max_body_bytes
         self.parking = parking
         self.parking_cfg = parking_cfg
-        parking.recheck = self.recheck
         self.stats = ProxyStats()
+        self.resolver = Resolver(
+            pool=pool,
+            directory=directory,
+            discovery=discovery,
+            parking=parking,
+            restore_window_s=parking_cfg.restore_window_s,
+        )
         self.pooled = PoolRoutes(
             pool=pool, profile=profile, forwarder=forwarder, probe_timeout_s=probe_timeout_s
         )
-        self._placements: SingleFlight[str, Instance] = SingleFlight()
         # Upstream latency (instance, seconds to the response head); metrics.py sets it.
         self.observe_latency: Callable[[str, float], None] | None = None
 
@@ -213,106 +216,6 @@ class Proxy:
             call.probe_key_known = True
         return call.probe_key
 
-    # -- resolve ---------------------------------------------------------------------------
-
-    async def _first_target(self, call: Call) -> Instance | None:
-        """The believed owner when it can take the request now; None: look first."""
-        assert call.session is not None
-        entry = await self.directory.lookup(call.session)
-        if entry is not None:
-            call.believed = entry.instance
-        if entry is None or not entry.held or self.parking.waiting(call.session):
-            return None  # unknown, not usable there, or others wait already: queue behind
-        assert entry.instance is not None
-        inst = self.pool.get(entry.instance)
-        return inst if inst is not None and self.pool.routable(inst) else None
-
-    async def _look(
-        self, call: Call, outcome: Outcome | None, failed: Instance | None
-    ) -> tuple[Known, Found | None]:
-        """Where to send now, or whether the session is expected back (the I/O half of the
-        policy: the directory, then placement or a rediscovery)."""
-        session = call.session
-        assert session is not None
-        if failed is None and self.parking.waiting(session) and not call.rule.creates:
-            return Known(expected_back=True), None  # its session is awaited: queue behind
-        if failed is not None:
-            if outcome in (Outcome.NOT_HERE, Outcome.NOT_USABLE):
-                gone = Status.GONE if outcome is Outcome.NOT_HERE else Status.DISCONNECTED
-                await self.directory.demote(session, failed.name, gone)
-            self.directory.invalidate(session)
-        # After "not connected" only a connected owner helps; elsewhere any holder (a status
-        # read of a session logging in must reach the instance logging it in).
-        need_connected = outcome is Outcome.NOT_USABLE
-        excluded = failed.name if failed is not None and outcome in NOT_PROCESSED else None
-        entry = await self.directory.lookup(session)
-        if entry is not None:
-            call.believed = entry.instance
-            if entry.held and (entry.connected or not need_connected):
-                inst = self._usable(entry.instance)
-                if inst is not None and inst is not failed:
-                    return Known(owner=inst.name), None
-        if call.rule.creates:
-            placed = await self._placements.run(session, lambda: self._place(call, call.believed))
-            return Known(owner=placed.name), None
-        found = await self.discovery.find(
-            session, api_key=self._probe_key(call), previous=call.believed
-        )
-        if found.owner is not None and (
-            found.connected or (not need_connected and found.owner.name != excluded)
-        ):
-            return Known(owner=found.owner.name), found
-        believed = self.pool.get(call.believed) if call.believed else None
-        if (
-            failed is None
-            and believed is not None
-            and believed.state is State.SUSPECT
-            and not found.answered(believed.name)
-        ):
-            # Only suspect (one failed connect, say) and nobody else has the session:
-            # trying it beats answering "not found" for a live session.
-            return Known(owner=believed.name), found
-        return Known(expected_back=self._expected_back(session, believed, found)), found
-
-    def _usable(self, name: str | None) -> Instance | None:
-        inst = self.pool.get(name) if name is not None else None
-        return inst if inst is not None and self.pool.routable(inst) else None
-
-    def _expected_back(self, session: str, believed: Instance | None, found: Found) -> bool:
-        window_s = self.parking_cfg.restore_window_s
-        cand = self.directory.candidate(session)
-        fresh = cand is not None and cand.observed_at > time.time() - window_s
-        return retry.expected_back(
-            known=believed is not None or fresh,
-            owner_state=believed.state if believed is not None else None,
-            owner_answered=believed is not None and found.answered(believed.name),
-            owner_restarted=believed is not None and self.pool.recently_back(believed, window_s),
-            logging_in=found.logging_in
-            or (fresh and cand is not None and cand.status == Status.AUTHENTICATED),
-        )
-
-    async def _place(self, call: Call, previous: str | None) -> Instance:
-        session = call.session
-        assert session is not None
-        # A create for a session that lives somewhere must go there: Node would otherwise
-        # hold it twice (two Chromiums fighting over one WhatsApp login).
-        found = await self.discovery.find(session, api_key=self._probe_key(call), previous=previous)
-        if found.owner is not None:
-            return found.owner
-        inst = self.pool.for_placement(await self.directory.counts())
-        if inst is None:
-            raise no_healthy_instance(session)
-        await self.directory.observe(session, inst.name, Source.PLACEMENT)
-        self.discovery.forget_negative(session)
-        self.stats.placements += 1
-        log.info("session_placed", session=session, instance=inst.name, previous=previous)
-        return inst
-
-    async def recheck(self, session: str, api_key: str | None) -> str | None:
-        """For a parked session's watcher: a routable instance where it is connected now."""
-        found = await self.discovery.find(session, api_key=api_key, previous=None, fresh=True)
-        return found.owner.name if found.connected and found.owner is not None else None
-
     # -- forward ---------------------------------------------------------------------------
 
     async def _forward_session(self, call: Call) -> web.StreamResponse:
@@ -329,7 +232,8 @@ class Proxy:
         error: UpstreamError | None = None
         refusal: tuple[UpstreamResponse, bytes] | None = None
         found: Found | None = None
-        target = await self._first_target(call)
+        ask = Ask(session, call.rule.creates, lambda: self._probe_key(call))
+        target = await self.resolver.first(ask)
         while True:
             if target is not None:
                 sends_left -= 1
@@ -353,7 +257,7 @@ class Proxy:
                 else:
                     if up.status not in self.profile.not_here_statuses:
                         if call.rule.creates and up.status >= 300:
-                            await self._undo_placement(session, target)
+                            await self.resolver.undo_placement(session, target)
                         call.answered = True
                         return await relay(call.request, up, session)
                     body = await self._read(up)
@@ -374,7 +278,7 @@ class Proxy:
             resend_ok = may_resend and not resent
             known: Known | None = None
             if retry.look_again(outcome, may_resend=resend_ok, sends_left=sends_left):
-                known, found = await self._look(call, outcome, failed)
+                known, found = await self.resolver.look(ask, outcome, failed)
             now = time.monotonic()
             can_park = (
                 not maybe_processed
@@ -402,7 +306,7 @@ class Proxy:
                     )
                 except Unparked as exc:
                     call.parked_s += exc.waited_s
-                    raise self._unavailable(call, exc.reason) from None
+                    raise self._unavailable(call, ask, exc.reason) from None
                 call.parked_s += time.monotonic() - now
                 target, outcome, failed = self.pool.get(name), None, None
                 continue
@@ -415,7 +319,7 @@ class Proxy:
                 raise retry.failure_answer(error, session, retried=resent) from None
             if step.action is Action.UNAVAILABLE:
                 reason = "no_wait" if self._wait_s(call) <= 0 else "timeout"
-                raise self._unavailable(call, "attempts" if sends_left <= 0 else reason)
+                raise self._unavailable(call, ask, "attempts" if sends_left <= 0 else reason)
             if found is None:
                 raise not_on_rediscovered(session, failed.name if failed else "")
             raise not_found_answer(session, found)
@@ -429,9 +333,9 @@ class Proxy:
             call.wait_s = cap if asked is None else min(cap, asked)
         return call.wait_s
 
-    def _unavailable(self, call: Call, reason: str) -> RequestRejected:
+    def _unavailable(self, call: Call, ask: Ask, reason: str) -> RequestRejected:
         assert call.session is not None
-        believed = self.pool.get(call.believed) if call.believed else None
+        believed = self.pool.get(ask.believed) if ask.believed else None
         return session_unavailable(
             call.session,
             owner=believed.name if believed is not None else None,
@@ -478,11 +382,6 @@ class Proxy:
             return await up.read()
         finally:
             up.release()
-
-    async def _undo_placement(self, session: str, target: Instance) -> None:
-        entry = await self.directory.lookup(session)
-        if entry is not None and entry.source is Source.PLACEMENT and entry.instance == target.name:
-            await self.directory.forget(session, Source.PLACEMENT)
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -229,8 +229,18 @@ class Webhooks:
         ts = verify(request.headers, body, self.cfg.secrets, self._clock(), self.cfg.window_s)
         event = parse_event(body)
         instance_url = request.headers.get(INSTANCE_URL, "")
-        replay_key = f"{ts}:{request.headers[SIGNATURE]}".encode()
-        retry_key = instance_url.encode() + b"\0" + hashlib.sha256(body).digest()
+        inst = self._pool.by_url(instance_url) if instance_url else None
+        if inst is not None and inst.state is not State.HEALTHY:
+            # A verified webhook is the instance talking: it is up (its first webhook
+            # after a restart usually beats the next health check).
+            self._pool.mark_healthy(inst, "signed webhook")
+        # Two instances sending the same lifecycle event in the same second sign the same
+        # bytes (shared secret, no timestamp in the body): only the sender tells them apart.
+        replay_key = f"{ts}:{request.headers[SIGNATURE]}:{instance_url}".encode()
+        # Node's retry: the same body from the same instance, re-signed. After the instance
+        # came back (a restart) the same body is a new event: its restore says it again.
+        epoch = f"{inst.back_at}" if inst is not None else ""
+        retry_key = f"{instance_url}\0{epoch}\0".encode() + hashlib.sha256(body).digest()
         if not self._replays.add(replay_key) or not self._retries.add(retry_key):
             self.stats.duplicates += 1
             log.info("webhook_duplicate", webhook_event=event.name, session=event.session)
@@ -249,10 +259,6 @@ class Webhooks:
 
     async def _learn(self, event: Event, instance_url: str, ts: int) -> None:
         inst = self._pool.by_url(instance_url) if instance_url else None
-        if inst is not None and inst.state is not State.HEALTHY:
-            # A verified webhook is the instance talking: it is up (its first webhook
-            # after a restart usually beats the next health check).
-            self._pool.mark_healthy(inst, "signed webhook")
         what = learning(event, self.cfg.forget_reasons)
         if what is None or event.session is None:
             return

@@ -73,3 +73,30 @@ async def test_routing_goes_on_while_redis_is_down(
     assert (await client.post("/api/messages/send", json=send_body("r3"))).status == 200
     entry = await router.directory.store.get("r3")
     assert entry is not None and entry.instance == "node-0"
+
+
+async def test_a_request_waiting_on_one_router_is_woken_by_a_webhook_at_the_other(
+    sims: list[SimInstance], start_router: StartRouter, redis_server: RedisServer
+) -> None:
+    cfg = shared_config(sims, redis_server.url, unique_prefix())
+    a, ra = await start_router(cfg)  # type: ignore[arg-type]
+    b, rb = await start_router(cfg)  # type: ignore[arg-type]
+    sims[0].add_session("pk")
+    assert (await a.post("/api/messages/send", json=send_body("pk"))).status == 200
+    await sims[0].stop()  # its owner crashes: A's next request for it waits
+    waiting = asyncio.create_task(a.post("/api/messages/send", json=send_body("pk")))
+    deadline = asyncio.get_running_loop().time() + 5
+    while ra.parking.parked != 1:
+        assert asyncio.get_running_loop().time() < deadline, "the request never waited"
+        assert not waiting.done(), await (await waiting).text()
+        await asyncio.sleep(0.005)
+    # It is back on node-2; only B hears its session_ready. Redis tells A, A's request goes.
+    sims[2].add_session("pk")
+    body, headers = signed_webhook(
+        SECRET, "session_ready", {"session_id": "pk", "status": "connected"}, sims[2].port
+    )
+    assert (await b.post("/api/whatsapp/webhooks/webjs", data=body, headers=headers)).status == 200
+    resp = await asyncio.wait_for(waiting, 5)
+    assert resp.status == 200, await resp.text()
+    assert sends(sims[2]) == 1
+    assert ra.parking.stats.outcomes["woken"] == 1

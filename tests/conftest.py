@@ -38,8 +38,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-# CI runs the request-path tests once more with the other upstream client.
-UPSTREAM_CLIENT = os.environ.get("WA_ROUTER_TEST_UPSTREAM_CLIENT")
+# CI runs the request-path tests once more with the other upstream client. (Not WA_ROUTER_*:
+# a router started as a subprocess would read that as a config override.)
+UPSTREAM_CLIENT = os.environ.get("WA_TEST_UPSTREAM_CLIENT")
 
 
 def pool_config(sims: list[SimInstance], **sections: Any) -> Config:

@@ -21,6 +21,7 @@ from wa_router.sim import SimInstance
 
 from .conftest import (
     API_KEY,
+    UPSTREAM_CLIENT,
     StartRouter,
     free_port,
     pool_config,
@@ -255,7 +256,10 @@ async def test_sigterm_answers_every_parked_request_with_a_503(
     raw = {
         "instances": [{"name": s.name, "url": s.url} for s in sims],
         "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 10},
-        "upstream": {"api_key": API_KEY},
+        "upstream": {
+            "api_key": API_KEY,
+            **({"client": UPSTREAM_CLIENT} if UPSTREAM_CLIENT else {}),
+        },
     }
     path = tmp_path / "router.yaml"
     path.write_text(yaml.safe_dump(raw))

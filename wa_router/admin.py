@@ -250,8 +250,15 @@ class Admin:
                     "cache_hits": stats.cache_hits,
                     "store_hits": stats.store_hits,
                     "misses": stats.misses,
+                    "candidates": stats.candidates,
+                    "demotions": stats.demotions,
                 },
                 "discovery": dataclasses.asdict(r.discovery.stats),
+                "parking": {
+                    "parked": r.parking.parked,
+                    "outcomes": dict(r.parking.stats.outcomes),
+                    "rechecks": r.parking.stats.rechecks,
+                },
                 "sync": None
                 if last is None
                 else {

@@ -97,6 +97,15 @@ def _schemas() -> dict[str, Any]:
                     "cache_hits": _INT,
                     "store_hits": _INT,
                     "misses": _INT,
+                    "candidates": _INT,
+                    "demotions": _INT,
+                }
+            ),
+            "parking": _obj(
+                {
+                    "parked": _INT,
+                    "outcomes": {"type": "object", "additionalProperties": _INT},
+                    "rechecks": _INT,
                 }
             ),
             "discovery": _obj(
@@ -136,6 +145,11 @@ def _schemas() -> dict[str, Any]:
                     {"session": _STR, "kept": _STR, "others": {"type": "array", "items": _STR}}
                 ),
             },
+            "restoring": {
+                **listed,
+                "description": "logging in on an instance while connected on another: kept",
+            },
+            "gone": {**listed, "description": "missing from a restarted instance's listing"},
             "unverified": _INT,
             "summary": _STR,
             "ok": {**_BOOL, "description": "false when sessions are lost or duplicated"},

@@ -41,11 +41,12 @@ DECISIONS = [
     (Outcome.NO_ANSWER, BACK, True, 3, True, Step(Action.FAIL)),
     (Outcome.NO_ANSWER, OWNER_B, True, 3, True, Step(Action.SEND, B)),
     (Outcome.NO_ANSWER, OWNER_B, True, 0, True, Step(Action.FAIL)),
-    # Out of sends: no further send, and still no guessing.
-    (Outcome.NOT_HERE, None, False, 0, True, Step(Action.NOT_FOUND)),
-    (Outcome.NOT_USABLE, None, False, 0, True, Step(Action.RELAY)),
+    # Out of sends (it moved on every attempt): it lives, so 503 with Retry-After, never a
+    # 404; a request that never reached anyone says so.
+    (Outcome.NOT_HERE, None, False, 0, True, Step(Action.UNAVAILABLE)),
+    (Outcome.NOT_USABLE, None, False, 0, True, Step(Action.UNAVAILABLE)),
     (Outcome.NOT_REACHED, None, False, 0, True, Step(Action.FAIL)),
-    (Outcome.NOT_REACHED, BACK, False, 0, True, Step(Action.UNAVAILABLE)),
+    (Outcome.NOT_REACHED, BACK, False, 0, True, Step(Action.FAIL)),
 ]
 
 

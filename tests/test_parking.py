@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from wa_router.parking import FULL, SHUTDOWN, TIMEOUT, WOKEN, Parking, Unparked
+from wa_router.parking import FULL, KEY_REFUSED, SHUTDOWN, TIMEOUT, WOKEN, Parking, Unparked
 
 from .conftest import wait_for
 
@@ -68,40 +68,69 @@ async def test_shutdown_answers_every_waiter_and_refuses_new_ones() -> None:
     assert p.parked == 0
 
 
-async def test_one_watcher_per_session_rechecks_and_wakes() -> None:
+async def test_one_watcher_asks_about_every_parked_session_in_one_round() -> None:
     p = Parking(max_per_session=10, max_total=10, recheck_first_s=0.01, recheck_max_s=0.02)
-    asked: list[tuple[str, str | None]] = []
-    answer: dict[str, str | None] = {"s": None}
+    rounds: list[dict[str, str | None]] = []
+    answer: dict[str, str] = {}
 
-    async def recheck(session: str, api_key: str | None) -> str | None:
-        asked.append((session, api_key))
-        return answer[session]
+    async def recheck(asks: dict[str, str | None]) -> dict[str, str]:
+        rounds.append(dict(asks))
+        return dict(answer)
 
     p.recheck = recheck
-    waiting = [asyncio.create_task(p.wait("s", timeout_s=5, api_key="k")) for _ in range(3)]
-    await wait_for(lambda: len(asked) >= 3, what="a few rechecks")
-    assert all(a == ("s", "k") for a in asked)  # one session asked, however many wait
+    waiting = [asyncio.create_task(p.wait(s, timeout_s=5, api_key=f"k-{s}")) for s in "sst"]
+    await wait_for(lambda: len(rounds) >= 3, what="a few rounds")
+    # One call per round for all sessions (not one per request, nor per session).
+    assert all(r == {"s": "k-s", "t": "k-t"} for r in rounds)
     answer["s"] = "node-c"
-    assert await asyncio.gather(*waiting) == ["node-c"] * 3
-    assert not p.waiting("s")  # the watcher went with its last waiter
+    await wait_for(lambda: waiting[0].done() and waiting[1].done())
+    assert not waiting[2].done() and not p.waiting("s")
+    answer["t"] = "node-d"
+    assert await asyncio.gather(*waiting) == ["node-c", "node-c", "node-d"]
+    assert not p.waiting("t")
+
+
+async def test_a_refused_key_gives_way_to_the_next_callers() -> None:
+    p = Parking(max_per_session=10, max_total=10, recheck_first_s=0.01, recheck_max_s=0.02)
+    keys_tried: list[str | None] = []
+
+    async def recheck(asks: dict[str, str | None]) -> dict[str, str]:
+        keys_tried.append(asks["s"])
+        return {"s": KEY_REFUSED} if asks["s"] == "wrong" else {"s": "node-a"}
+
+    p.recheck = recheck
+    bad = asyncio.create_task(p.wait("s", timeout_s=5, api_key="wrong"))
+    good = asyncio.create_task(p.wait("s", timeout_s=5, api_key="right"))
+    assert await asyncio.gather(bad, good) == ["node-a", "node-a"]
+    assert keys_tried[0] == "wrong" and keys_tried[-1] == "right"
+
+
+async def test_a_request_arriving_after_a_wake_is_not_queued_behind_it() -> None:
+    p = parking()
+    first = asyncio.create_task(p.wait("s", timeout_s=5, api_key=None))
+    await wait_for(lambda: p.waiting("s"))
+    p.wake("s", "node-a")
+    assert not p.waiting("s")  # gone with its waiters: a newcomer looks for itself
+    assert await first == "node-a"
 
 
 async def test_kick_and_recheck_all_ask_at_once() -> None:
-    # A watcher whose next turn is far off still asks at once when kicked.
+    # The watcher's next turn is far off, yet it asks at once when kicked.
     p = Parking(max_per_session=10, max_total=10, recheck_first_s=30, recheck_max_s=30)
-    asked: list[str] = []
+    rounds: list[set[str]] = []
 
-    async def recheck(session: str, api_key: str | None) -> str | None:
-        asked.append(session)
-        return None
+    async def recheck(asks: dict[str, str | None]) -> dict[str, str]:
+        rounds.append(set(asks))
+        return {}
 
     p.recheck = recheck
     tasks = [asyncio.create_task(p.wait(s, timeout_s=5, api_key=None)) for s in ("s", "t")]
     await wait_for(lambda: p.parked == 2)
+    p.kick("nobody-waits-for-this")
     p.kick("s")
-    await wait_for(lambda: asked == ["s"])
+    await wait_for(lambda: rounds == [{"s", "t"}])
     p.recheck_all()
-    await wait_for(lambda: sorted(asked) == ["s", "s", "t"])
+    await wait_for(lambda: len(rounds) == 2)
     p.wake("s", "a")
     p.wake("t", "b")
     assert await asyncio.gather(*tasks) == ["a", "b"]

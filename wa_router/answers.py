@@ -74,12 +74,15 @@ def session_unavailable(
     *,
     owner: str | None,
     owner_state: str | None,
+    status: str | None,
     waited_s: float,
     retry_after_s: int,
     reason: str,
 ) -> RequestRejected:
     """503 with Retry-After: the session is known and expected back, not usable now."""
     where = f" (its owner {owner} is {owner_state})" if owner else ""
+    if owner and status:
+        where = f" (on {owner}, which is {owner_state}, it is {status})"
     why = _REASONS.get(reason, reason)
     ans = RequestRejected(
         503,
@@ -88,6 +91,7 @@ def session_unavailable(
         session=session,
         owner=owner,
         owner_state=owner_state,
+        session_status=status,
         reason=reason,
         waited_s=round(waited_s, 3),
         retry_after_s=retry_after_s,

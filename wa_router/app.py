@@ -187,11 +187,12 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         api_key=cfg.upstream.api_key,
         timeout_s=profile_list_timeout(profile),
     )
+    if cfg.upstream.api_key:
+        parking.recheck = syncer.connected_now  # one listing per instance per round
 
     async def back(inst: Instance) -> None:
-        # It restores its accounts now: re-check what the directory says of it, and ask
-        # about every parked session at once rather than at the watchers' next turn.
-        parking.recheck_all()
+        # It restores its accounts now: re-check what the directory says of it, then ask
+        # about the parked sessions at once rather than at the watcher's next turn.
         await syncer.run(only=inst)
         parking.recheck_all()
 

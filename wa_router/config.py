@@ -68,6 +68,14 @@ class RouteRuleConfig:
     session_in: str = "path"  # one of SESSION_SOURCES
     field: str = ""  # body field, query parameter or header name
     read_timeout_s: float = 30.0
+    # The longest this route's requests wait for their session (None: parking.max_wait_s).
+    # Laravel's own timeouts bound it: status checks 3 s, creates 10 s, sends 30 s.
+    max_wait_s: float | None = None
+    # Only a `connected` owner can serve it (sends): never sent to a session logging in.
+    needs_connected: bool = False
+    # It disconnects or deletes the session: sent only after the target said it holds the
+    # session (a Blazz instance that does not hold it deletes its files: the shared login).
+    verify_holder: bool = False
 
 
 @dataclass(frozen=True, slots=True)

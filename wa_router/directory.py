@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from .stores.base import LOGIN_STAGES, Entry, Source, Status, Store, newer
+from .stores.base import LOGIN_STAGES, Entry, Source, Status, Store, may_replace, newer
 
 log = structlog.get_logger("wa_router.directory")
 
@@ -183,7 +183,10 @@ class Directory:
             applied = await self.store.put(session, entry)
         except Exception as exc:
             self._store_failed("put", exc)
-            applied = True  # kept in this router's cache; the next sync writes it again
+            # Kept in this router's cache (the next sync writes it again), by the same rule
+            # the store applies: a restorer's claim must not displace a connected owner.
+            cached = self._cache.get(session)
+            applied = may_replace(entry, cached[0] if cached is not None else None)
         if not applied:
             if entry.status in LOGIN_STAGES and entry.instance is not None:
                 self._remember_candidate(session, entry)

@@ -142,6 +142,7 @@ class Discovery:
             return Found(None, None, (), skipped=skipped)
         self.stats.scans += 1
         self.stats.probes += len(candidates)
+        started_at = time.time()  # what the probes say is true as of their start
         tasks = [asyncio.ensure_future(self._probe(i, session, api_key)) for i in candidates]
         probes: list[Probe] = []
         best: Probe | None = None
@@ -171,7 +172,9 @@ class Discovery:
             if p.instance == previous and p.outcome == ABSENT:
                 # The believed owner says it lost the session: evidence, so a login-stage
                 # claim elsewhere may now take its place.
-                await self._directory.demote(session, p.instance, p.status or Status.GONE)
+                await self._directory.demote(
+                    session, p.instance, p.status or Status.GONE, observed_at=started_at
+                )
         if best is None:
             found = Found(None, None, tuple(probes), skipped=skipped)
             self.stats.not_found += 1
@@ -199,6 +202,17 @@ class Discovery:
             status=best.status,
         )
         return Found(owner, best.status, tuple(probes))
+
+    async def holds(self, inst: Instance, session: str, api_key: str | None) -> bool | None:
+        """Whether `inst` holds `session` in memory, whatever its status (asked now): None
+        when it did not answer. A refused key counts as holding: the instance refuses the
+        request that follows with the same key, before it touches anything."""
+        probe = await self._probe(inst, session, api_key)
+        if probe.outcome == ERROR:
+            return None
+        if probe.outcome == ABSENT:
+            return probe.status is Status.DISCONNECTED  # answered 200 with that status
+        return True
 
     def _remember_absent(self, session: str, found: Found) -> None:
         if len(self._negative) >= _NEGATIVE_CACHE_MAX:

@@ -5,9 +5,11 @@ restarting, or it is logging in somewhere) waits here instead of failing. It lea
 moment the directory stores a `connected` owner for its session (a `session_ready`
 webhook, a discovery, a sync: `Directory.on_connected` calls `wake`), or at its deadline.
 
-No request polls. One watcher per parked *session* (not per request) asks the pool again
-now and then, for pools without webhooks, and at once when an instance comes back
-(`recheck_all`): whatever it finds reaches the waiters through the same `wake`.
+No request polls. One watcher for all parked sessions (not one per request, nor per
+session) asks the pool about them now and then, for pools without webhooks, and at once
+when an instance comes back (`recheck_all`): `recheck` gets every parked session at once
+(the app answers it with one session listing per instance where it can), and whatever it
+finds reaches the waiters through the same `wake`.
 
     instance = await parking.wait(session, timeout_s=20.0, api_key=key)  # or raises Unparked
 """
@@ -25,8 +27,11 @@ import structlog
 
 log = structlog.get_logger("wa_router.parking")
 
-# recheck(session, api_key) -> a routable instance where the session is connected, or None.
-Recheck = Callable[[str, str | None], Awaitable[str | None]]
+# recheck({session: probe key}) -> {session: a routable instance where it is connected now,
+# or KEY_REFUSED when the instances refused that key}; sessions not found are left out.
+Recheck = Callable[[dict[str, str | None]], Awaitable[dict[str, str]]]
+KEY_REFUSED = ""
+_KEYS_PER_SESSION = 4  # distinct caller keys a session's recheck may try in turn
 
 # Why a request left the parking (the label of wa_router_parked_total).
 WOKEN = "woken"  # its session is connected somewhere: it is sent there
@@ -53,12 +58,15 @@ class ParkingStats:
 
 @dataclass(slots=True)
 class _Lot:
-    """The waiters of one session, oldest first, and its watcher."""
+    """The waiters of one session, oldest first, and the keys its recheck may use (a
+    caller's wrong key must not keep the others' requests from being found)."""
 
     waiters: deque[asyncio.Future[str]] = field(default_factory=deque)
-    api_key: str | None = None
-    kick: asyncio.Event = field(default_factory=asyncio.Event)
-    watcher: asyncio.Task[None] | None = None
+    keys: list[str | None] = field(default_factory=list)
+
+    def add_key(self, key: str | None) -> None:
+        if key not in self.keys and len(self.keys) < _KEYS_PER_SESSION:
+            self.keys.append(key)
 
 
 class Parking:
@@ -79,6 +87,8 @@ class Parking:
         self._lots: dict[str, _Lot] = {}
         self._total = 0
         self._closed = False
+        self._kick = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
         self.recheck: Recheck | None = None  # wired by the app (discovery through the proxy)
         self.observe_wait: Callable[[str, float], None] | None = None  # metrics.py sets it
         self.stats = ParkingStats()
@@ -105,8 +115,10 @@ class Parking:
                 Unparked(FULL, f"{len(lot.waiters)} requests wait for this session already")
             )
         if lot is None:
-            lot = self._lots[session] = _Lot(api_key=api_key)
-            lot.watcher = asyncio.ensure_future(self._watch(session, lot))
+            lot = self._lots[session] = _Lot()
+        lot.add_key(api_key)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._watch())
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         lot.waiters.append(fut)
         self._total += 1
@@ -127,8 +139,10 @@ class Parking:
         return instance
 
     def wake(self, session: str, instance: str) -> None:
-        """`session` is connected on `instance`: release its waiters, oldest first."""
-        lot = self._lots.get(session)
+        """`session` is connected on `instance`: release its waiters, oldest first. The lot
+        goes with them, so a request that arrives now is not queued behind a lot that
+        nothing will wake again."""
+        lot = self._lots.pop(session, None)
         if lot is None:
             return
         for fut in lot.waiters:
@@ -137,28 +151,26 @@ class Parking:
 
     def kick(self, session: str) -> None:
         """Something hints that `session` changed (`session_reconnected`): ask now."""
-        lot = self._lots.get(session)
-        if lot is not None:
-            lot.kick.set()
+        if session in self._lots:
+            self._kick.set()
 
     def recheck_all(self) -> None:
-        """An instance came back or restarted: every parked session is asked about now."""
-        for lot in self._lots.values():
-            lot.kick.set()
+        """An instance came back or restarted: the parked sessions are asked about now."""
+        if self._lots:
+            self._kick.set()
 
     async def close(self) -> None:
         """Shutdown: every waiter is answered (503), none is dropped; no new one parks."""
         self._closed = True
-        lots = list(self._lots.values())
-        for lot in lots:
+        for lot in self._lots.values():
             for fut in lot.waiters:
                 if not fut.done():
                     fut.set_exception(Unparked(SHUTDOWN, "the router is shutting down"))
-        for lot in lots:
-            if lot.watcher is not None:
-                lot.watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await lot.watcher
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
     # -- internals -------------------------------------------------------------------------
 
@@ -176,30 +188,32 @@ class Parking:
             self._total -= 1
         if not lot.waiters and self._lots.get(session) is lot:
             del self._lots[session]
-            if lot.watcher is not None and lot.watcher is not asyncio.current_task():
-                lot.watcher.cancel()
 
-    async def _watch(self, session: str, lot: _Lot) -> None:
-        """Ask the pool about `session` with a growing pause (or at once when kicked) while
-        requests wait for it; a connected owner found wakes them."""
+    async def _watch(self) -> None:
+        """While requests wait, ask the pool about their sessions with a growing pause (or at
+        once when kicked); a connected owner found wakes them. Ends when nobody waits."""
         delay_s = self._recheck_first_s
-        while self._lots.get(session) is lot:
+        while self._lots:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay_s):
-                    await lot.kick.wait()
-            lot.kick.clear()
-            if self.recheck is None or self._lots.get(session) is not lot:
+                    await self._kick.wait()
+            self._kick.clear()
+            lots = {s: lot for s, lot in self._lots.items() if lot.keys}
+            if self.recheck is None or not lots:
                 continue
             self.stats.rechecks += 1
             try:
-                owner = await self.recheck(session, lot.api_key)
+                found = await self.recheck({s: lot.keys[0] for s, lot in lots.items()})
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the watcher must outlive a failed probe
-                log.warning("parking_recheck_failed", session=session, error=type(exc).__name__)
-                owner = None
-            if owner is not None:
-                self.wake(session, owner)
+            except Exception as exc:  # the watcher must outlive a failed round
+                log.warning("parking_recheck_failed", error=type(exc).__name__)
+                found = {}
+            for session, owner in found.items():
+                if owner != KEY_REFUSED:
+                    self.wake(session, owner)
+                elif session in lots:
+                    lots[session].keys.pop(0)  # that caller's key: try the next one
             delay_s = min(delay_s * 2, self._recheck_max_s)
 
 

@@ -157,6 +157,8 @@ class Pool:
         """It came back from down, or restarted: it restores its accounts for a while, so
         what the directory says of its sessions is re-checked, not trusted."""
         inst.back_at = self._clock()
+        # Its next uptime starts the count afresh: the same restart is not seen twice.
+        inst.uptime_s = None
         log.info("instance_back", instance=inst.name, reason=reason)
 
     def recently_back(self, inst: Instance, window_s: float) -> bool:

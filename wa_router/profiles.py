@@ -24,6 +24,10 @@ SESSIONS_S = 60.0
 SEND_S = 45.0
 HEALTH_S = 5.0
 OTHER_S = 30.0
+# How long a request may wait for its session, under Laravel's own caller timeouts
+# (node-pool-api.md): status checks 3 s, creates 10 s; sends (30 s) take parking.max_wait_s.
+STATUS_WAIT_S = 2.0
+CREATE_WAIT_S = 8.0
 
 BLAZZ_RULES: tuple[RouteRuleConfig, ...] = (
     RouteRuleConfig("health", "/health", ("GET", "HEAD"), "pool_health", "none", "", HEALTH_S),
@@ -34,7 +38,14 @@ BLAZZ_RULES: tuple[RouteRuleConfig, ...] = (
         "sessions_list", "/api/sessions", ("GET",), "pool_list", "none", "", SESSIONS_S
     ),
     RouteRuleConfig(
-        "sessions_create", "/api/sessions", ("POST",), "create", "body", "session_id", SESSIONS_S
+        "sessions_create",
+        "/api/sessions",
+        ("POST",),
+        "create",
+        "body",
+        "session_id",
+        SESSIONS_S,
+        max_wait_s=CREATE_WAIT_S,
     ),
     # reconnect / regenerate-qr / restore recreate the session where it is; restore of a
     # session the pool has lost is placed like a create.
@@ -46,9 +57,52 @@ BLAZZ_RULES: tuple[RouteRuleConfig, ...] = (
         "path",
         "",
         SESSIONS_S,
+        max_wait_s=CREATE_WAIT_S,
+    ),
+    # These disconnect or delete: a Blazz instance that does not hold the session deletes
+    # its folder for a DELETE, so the target is asked first whether it holds it.
+    RouteRuleConfig(
+        "sessions_delete",
+        "/api/sessions/{session}",
+        ("DELETE",),
+        "session",
+        "path",
+        "",
+        SESSIONS_S,
+        max_wait_s=STATUS_WAIT_S,
+        verify_holder=True,
     ),
     RouteRuleConfig(
-        "sessions_one", "/api/sessions/{session}/**", (), "session", "path", "", SESSIONS_S
+        "sessions_reconnect",
+        "/api/sessions/{session}/reconnect",
+        ("POST",),
+        "session",
+        "path",
+        "",
+        SESSIONS_S,
+        max_wait_s=STATUS_WAIT_S,
+        verify_holder=True,
+    ),
+    RouteRuleConfig(
+        "sessions_regenerate_qr",
+        "/api/sessions/{session}/regenerate-qr",
+        ("POST",),
+        "session",
+        "path",
+        "",
+        SESSIONS_S,
+        max_wait_s=STATUS_WAIT_S,
+        verify_holder=True,
+    ),
+    RouteRuleConfig(
+        "sessions_one",
+        "/api/sessions/{session}/**",
+        (),
+        "session",
+        "path",
+        "",
+        SESSIONS_S,
+        max_wait_s=STATUS_WAIT_S,
     ),
     RouteRuleConfig(
         "messages_validate",
@@ -58,12 +112,27 @@ BLAZZ_RULES: tuple[RouteRuleConfig, ...] = (
         "path",
         "",
         OTHER_S,
+        max_wait_s=STATUS_WAIT_S,
     ),
     RouteRuleConfig(
-        "messages_send", "/api/messages/*", ("POST",), "session", "body", "session_id", SEND_S
+        "messages_send",
+        "/api/messages/*",
+        ("POST",),
+        "session",
+        "body",
+        "session_id",
+        SEND_S,
+        needs_connected=True,
     ),
     RouteRuleConfig(
-        "messages_other", "/api/messages/**", (), "session", "body", "session_id", OTHER_S
+        "messages_other",
+        "/api/messages/**",
+        (),
+        "session",
+        "body",
+        "session_id",
+        OTHER_S,
+        needs_connected=True,
     ),
     # The simplified form works against the same pool when callers use it.
     RouteRuleConfig("simple_session", "/session/{session}/**", (), "session", "path", "", OTHER_S),

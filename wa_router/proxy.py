@@ -28,7 +28,7 @@ from .apikeys import KeyPolicy
 from .config import ParkingConfig
 from .directory import Directory
 from .discovery import Discovery, Found
-from .errors import Disconnected, NotReached, RequestRejected, UpstreamError
+from .errors import ConnectFailed, Disconnected, NotReached, RequestRejected, UpstreamError
 from .forward import Forwarder, UpstreamRequest, UpstreamResponse
 from .httpio import buffered, forward_headers, json_error, read_body, relay
 from .parking import Parking, Unparked, prefer_wait_s
@@ -58,6 +58,8 @@ class ProxyStats:
     outcomes: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     # "answered" (the retry got an instance's answer) | "failed"
     retry_outcomes: Counter[str] = field(default_factory=Counter)
+    # 503 session_unavailable by reason (timeout, full, no_wait, attempts, shutdown)
+    unavailable: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -223,22 +225,41 @@ class Proxy:
         session = call.session
         assert session is not None
         req = call.upstream()
+        rule = call.rule
         may_resend = retry.may_resend(call.method, call.request.headers)
         resent = maybe_processed = False
         sends_left, parks_left = MAX_SENDS, MAX_PARKS
-        deadline: float | None = None
+        # One deadline from arrival covers every wait of this request.
+        deadline = time.monotonic() + self._wait_s(call)
         outcome: Outcome | None = None
         failed: Instance | None = None
         error: UpstreamError | None = None
         refusal: tuple[UpstreamResponse, bytes] | None = None
         found: Found | None = None
-        ask = Ask(session, call.rule.creates, lambda: self._probe_key(call))
+        ask = Ask(session, rule.creates, rule.needs_connected, lambda: self._probe_key(call))
         target = await self.resolver.first(ask)
         while True:
+            if target is not None and rule.verify_holder:
+                holds = await self.discovery.holds(target, session, self._probe_key(call))
+                if holds is not True:
+                    # Never a DELETE (or a disconnect) to an instance that does not hold the
+                    # session: Blazz would delete its files, the shared login (node-pool-api.md).
+                    log.info("session_not_held", session=session, instance=target.name)
+                    outcome, failed = (
+                        (Outcome.NOT_HERE, target)
+                        if holds is False
+                        else (
+                            Outcome.NOT_REACHED,
+                            target,
+                        )
+                    )
+                    error = ConnectFailed(target.name, "did not say whether it holds the session")
+                    target = None
             if target is not None:
                 sends_left -= 1
                 call.target = target.name
                 call.retried = sends_left < MAX_SENDS - 1
+                ask.sent_at = time.time()
                 try:
                     up = await self._send(target, req)
                 except UpstreamError as exc:
@@ -248,7 +269,7 @@ class Proxy:
                         "upstream_failed",
                         session=session,
                         instance=target.name,
-                        route=call.rule.name,
+                        route=rule.name,
                         error=type(exc).__name__,
                         retried=call.retried,
                     )
@@ -256,7 +277,7 @@ class Proxy:
                     maybe_processed |= outcome is Outcome.NO_ANSWER
                 else:
                     if up.status not in self.profile.not_here_statuses:
-                        if call.rule.creates and up.status >= 300:
+                        if rule.creates and up.status >= 300:
                             await self.resolver.undo_placement(session, target)
                         call.answered = True
                         return await relay(call.request, up, session)
@@ -269,7 +290,7 @@ class Proxy:
                         "session_not_here",
                         session=session,
                         instance=target.name,
-                        route=call.rule.name,
+                        route=rule.name,
                         status=str(means),
                     )
                     outcome = Outcome.NOT_HERE if means is Status.GONE else Outcome.NOT_USABLE
@@ -280,26 +301,20 @@ class Proxy:
             if retry.look_again(outcome, may_resend=resend_ok, sends_left=sends_left):
                 known, found = await self.resolver.look(ask, outcome, failed)
             now = time.monotonic()
-            can_park = (
-                not maybe_processed
-                and parks_left > 0
-                and (deadline is None or deadline > now)
-                and self._wait_s(call) > 0
-            )
+            can_park = not maybe_processed and parks_left > 0 and deadline > now
             step = retry.decide(
                 outcome, known, may_resend=resend_ok, sends_left=sends_left, can_park=can_park
             )
             if step.action is Action.SEND:
                 assert step.target is not None
                 target = self.pool.get(step.target)
+                assert target is not None  # names come from the pool
                 resent |= outcome is Outcome.NO_ANSWER
                 if outcome is not None:
                     self.stats.retries += 1
                 continue
             if step.action is Action.PARK:
                 parks_left -= 1
-                if deadline is None:
-                    deadline = now + self._wait_s(call)
                 try:
                     name = await self.parking.wait(
                         session, timeout_s=deadline - now, api_key=self._probe_key(call)
@@ -318,28 +333,36 @@ class Proxy:
                 assert error is not None
                 raise retry.failure_answer(error, session, retried=resent) from None
             if step.action is Action.UNAVAILABLE:
-                reason = "no_wait" if self._wait_s(call) <= 0 else "timeout"
-                raise self._unavailable(call, ask, "attempts" if sends_left <= 0 else reason)
+                if sends_left <= 0:
+                    reason = "attempts"
+                elif self._wait_s(call) <= 0:
+                    reason = "no_wait"
+                else:
+                    reason = "timeout"
+                raise self._unavailable(call, ask, reason)
             if found is None:
                 raise not_on_rediscovered(session, failed.name if failed else "")
             raise not_found_answer(session, found)
 
     def _wait_s(self, call: Call) -> float:
-        """How long this request may wait for its session: the config's, or less when the
-        caller says `Prefer: wait=N` (RFC 7240)."""
+        """How long this request may wait for its session: its route's (bounded by the
+        caller's own timeout for it), or less when the caller says `Prefer: wait=N`."""
         if call.wait_s is None:
             asked = prefer_wait_s(call.request.headers.get("Prefer"))
-            cap = self.parking_cfg.max_wait_s
+            cap = call.rule.max_wait_s
+            cap = self.parking_cfg.max_wait_s if cap is None else cap
             call.wait_s = cap if asked is None else min(cap, asked)
         return call.wait_s
 
     def _unavailable(self, call: Call, ask: Ask, reason: str) -> RequestRejected:
         assert call.session is not None
+        self.stats.unavailable[reason] += 1
         believed = self.pool.get(ask.believed) if ask.believed else None
         return session_unavailable(
             call.session,
             owner=believed.name if believed is not None else None,
             owner_state=believed.state.value if believed is not None else None,
+            status=ask.status if believed is not None else None,
             waited_s=call.parked_s,
             retry_after_s=self.parking_cfg.retry_after_s,
             reason=reason,

@@ -8,34 +8,42 @@ for every request, `look` after an attempt that `retry.look_again` says needs it
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
 from . import retry
 from .answers import no_healthy_instance
 from .directory import Directory
-from .discovery import Discovery, Found
-from .parking import Parking
+from .discovery import ERROR, UNAUTHORIZED, Discovery, Found
+from .parking import KEY_REFUSED, Parking
 from .pool import Instance, Pool, State
 from .retry import NOT_PROCESSED, Known, Outcome
 from .singleflight import SingleFlight
-from .stores.base import Source, Status
+from .stores.base import Entry, Source, Status
 
 log = structlog.get_logger("wa_router.resolve")
+
+_RECHECK_CONCURRENCY = 32  # parked sessions probed at once when no listing can be used
 
 
 @dataclass(slots=True)
 class Ask:
-    """One request's question: its session, whether it creates it, the key its probes
-    carry (worked out only if a probe is sent), and the owner the directory named last."""
+    """One request's question: its session, what its route needs, the key its probes carry
+    (worked out only if a probe is sent), and what the directory said last."""
 
     session: str
     creates: bool
+    needs_connected: bool
     key: Callable[[], str | None]
-    believed: str | None = None
+    believed: str | None = None  # the instance the directory named last
+    status: str | None = None  # ...and the status it had there
+    entry: Entry | None = field(default=None, repr=False)
+    fresh_entry: bool = False  # `entry` was read for this step: no second read needed
+    sent_at: float | None = None  # wall time of the last send: when its answer was true
 
 
 class Resolver:
@@ -53,21 +61,25 @@ class Resolver:
         self.discovery = discovery
         self.parking = parking
         self._restore_window_s = restore_window_s
-        self._placements: SingleFlight[str, Instance] = SingleFlight()
+        self._placements: SingleFlight[str, Instance | None] = SingleFlight()
         self.placements = 0
         parking.recheck = self.recheck
+
+    def _note(self, ask: Ask, entry: Entry | None) -> None:
+        ask.entry, ask.fresh_entry = entry, True
+        if entry is not None:
+            ask.believed, ask.status = entry.instance, entry.status
 
     async def first(self, ask: Ask) -> Instance | None:
         """The believed owner when it can take the request now; None: look first. (Every
         request comes here: one cache lookup when its session has not moved.)"""
         entry = await self.directory.lookup(ask.session)
-        if entry is not None:
-            ask.believed = entry.instance
-        if entry is None or not entry.held or self.parking.waiting(ask.session):
-            return None  # unknown, not usable there, or others wait already: queue behind
-        assert entry.instance is not None
-        inst = self.pool.get(entry.instance)
-        return inst if inst is not None and self.pool.routable(inst) else None
+        self._note(ask, entry)
+        if entry is None or not entry.held:
+            return None  # unknown, or not usable there
+        if ask.needs_connected and (not entry.connected or self.parking.waiting(ask.session)):
+            return None  # it cannot send there now; or others wait already: queue behind
+        return self._usable(entry.instance)
 
     async def look(
         self, ask: Ask, outcome: Outcome | None, failed: Instance | None
@@ -75,32 +87,36 @@ class Resolver:
         """Where to send now, or whether the session is expected back, after `outcome` at
         `failed` (None, None: before the first send)."""
         session = ask.session
-        if failed is None and self.parking.waiting(session) and not ask.creates:
+        need_connected = ask.needs_connected or outcome is Outcome.NOT_USABLE
+        if failed is None and need_connected and self.parking.waiting(session):
             return Known(expected_back=True), None  # its session is awaited: queue behind
         if failed is not None:
             if outcome in (Outcome.NOT_HERE, Outcome.NOT_USABLE):
                 gone = Status.GONE if outcome is Outcome.NOT_HERE else Status.DISCONNECTED
-                await self.directory.demote(session, failed.name, gone)
+                await self.directory.demote(session, failed.name, gone, observed_at=ask.sent_at)
             self.directory.invalidate(session)
-        # After "not connected" only a connected owner helps; elsewhere any holder (a status
-        # read of a session logging in must reach the instance logging it in).
-        need_connected = outcome is Outcome.NOT_USABLE
+            ask.fresh_entry = False
         excluded = failed.name if failed is not None and outcome in NOT_PROCESSED else None
-        entry = await self.directory.lookup(session)
-        if entry is not None:
-            ask.believed = entry.instance
-            if entry.held and (entry.connected or not need_connected):
-                inst = self._usable(entry.instance)
-                if inst is not None and inst is not failed:
-                    return Known(owner=inst.name), None
+        entry = ask.entry if ask.fresh_entry else await self.directory.lookup(session)
+        self._note(ask, entry)
+        ask.fresh_entry = False  # a later step reads the directory again
+        if entry is not None and entry.held and (entry.connected or not need_connected):
+            inst = self._usable(entry.instance)
+            if inst is not None and inst is not failed:
+                return Known(owner=inst.name), None
         if ask.creates:
             placed = await self._placements.run(session, lambda: self._place(ask))
-            return Known(owner=placed.name), None
+            if placed is not None:
+                return Known(owner=placed.name), None
+            # Connected on an owner that is down: a second login elsewhere would fight it.
+            return Known(expected_back=True), None
         found = await self.discovery.find(session, api_key=ask.key(), previous=ask.believed)
         if found.owner is not None and (
             found.connected or (not need_connected and found.owner.name != excluded)
         ):
             return Known(owner=found.owner.name), found
+        if found.unauthorized:
+            return Known(), found  # the caller's key was refused: say so, do not wait
         believed = self.pool.get(ask.believed) if ask.believed else None
         if (
             failed is None
@@ -130,7 +146,9 @@ class Resolver:
             or (fresh and cand is not None and cand.status == Status.AUTHENTICATED),
         )
 
-    async def _place(self, ask: Ask) -> Instance:
+    async def _place(self, ask: Ask) -> Instance | None:
+        """Where a create goes: the instance holding the session, else the least loaded;
+        None when the session is connected on an owner that cannot be reached now."""
         session, previous = ask.session, ask.believed
         # A create for a session that lives somewhere must go there: Node would otherwise
         # hold it twice (two Chromiums fighting over one WhatsApp login).
@@ -140,16 +158,32 @@ class Resolver:
         inst = self.pool.for_placement(await self.directory.counts())
         if inst is None:
             raise no_healthy_instance(session)
-        await self.directory.observe(session, inst.name, Source.PLACEMENT)
+        if not await self.directory.observe(session, inst.name, Source.PLACEMENT):
+            log.info("session_placement_refused", session=session, owner=previous)
+            return None
         self.discovery.forget_negative(session)
         self.placements += 1
         log.info("session_placed", session=session, instance=inst.name, previous=previous)
         return inst
 
-    async def recheck(self, session: str, api_key: str | None) -> str | None:
-        """For a parked session's watcher: a routable instance where it is connected now."""
-        found = await self.discovery.find(session, api_key=api_key, previous=None, fresh=True)
-        return found.owner.name if found.connected and found.owner is not None else None
+    async def recheck(self, asks: dict[str, str | None]) -> dict[str, str]:
+        """For the parking's watcher: where each parked session is connected now (probes;
+        the app uses one listing per instance instead when it holds the Node key)."""
+        gate = asyncio.Semaphore(_RECHECK_CONCURRENCY)
+        out: dict[str, str] = {}
+
+        async def one(session: str, key: str | None) -> None:
+            async with gate:
+                found = await self.discovery.find(session, api_key=key, previous=None, fresh=True)
+            if found.connected and found.owner is not None:
+                out[session] = found.owner.name
+            elif found.unauthorized and all(
+                p.outcome == UNAUTHORIZED for p in found.probes if p.outcome != ERROR
+            ):
+                out[session] = KEY_REFUSED
+
+        await asyncio.gather(*(one(s, k) for s, k in asks.items()))
+        return out
 
     async def undo_placement(self, session: str, target: Instance) -> None:
         """A create the instance refused: the placement did not happen."""

@@ -105,17 +105,19 @@ def decide(
         if may_resend and sends_left > 0 and known is not None and known.owner is not None:
             return Step(Action.SEND, known.owner)
         return Step(Action.FAIL)
-    if sends_left > 0 and known is not None:
+    if sends_left <= 0:
+        # It moved on every attempt (a restore race): it lives, so never a 404; and a
+        # request that never reached anyone gets that failure said as it is.
+        return Step(Action.FAIL if outcome is Outcome.NOT_REACHED else Action.UNAVAILABLE)
+    if known is not None:
         if known.owner is not None:
             return Step(Action.SEND, known.owner)
         if known.expected_back:
             return Step(Action.PARK if can_park else Action.UNAVAILABLE)
-    elif known is not None and known.expected_back:
-        return Step(Action.UNAVAILABLE)
     # Nobody has it, nobody expects it: say what the last answer said.
     if outcome is Outcome.NOT_USABLE:
         return Step(Action.RELAY)  # the instance's own "not connected" is the truth
-    if outcome is Outcome.NOT_REACHED and (known is None or sends_left <= 0):
+    if outcome is Outcome.NOT_REACHED and known is None:
         return Step(Action.FAIL)
     return Step(Action.NOT_FOUND)
 

@@ -31,6 +31,9 @@ class Rule:
     session_in: str
     field: str
     read_timeout_s: float
+    max_wait_s: float | None
+    needs_connected: bool
+    verify_holder: bool
     segments: tuple[str, ...]  # without a trailing `**`
     rest: bool  # the template ended in `**`
     session_index: int  # index of `{session}` in segments, -1 if none
@@ -58,6 +61,9 @@ def compile_rule(cfg: RouteRuleConfig) -> Rule:
         session_in=cfg.session_in,
         field=cfg.field,
         read_timeout_s=cfg.read_timeout_s,
+        max_wait_s=cfg.max_wait_s,
+        needs_connected=cfg.needs_connected,
+        verify_holder=cfg.verify_holder,
         segments=segments,
         rest=rest,
         session_index=segments.index(SESSION) if SESSION in segments else -1,

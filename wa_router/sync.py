@@ -241,6 +241,28 @@ class Syncer:
         report.duration_s = time.monotonic() - started
         return report
 
+    async def connected_now(self, sessions: dict[str, str | None]) -> dict[str, str]:
+        """Where each of `sessions` is connected now, from one listing per routable instance
+        (the parking's recheck when the router holds the Node key: a handful of requests
+        however many sessions wait). Found owners are recorded, which wakes their waiters."""
+        targets = [i for i in self._pool.instances if self._pool.routable(i)]
+        listings = await asyncio.gather(*(self._list(i) for i in targets))
+        best: dict[str, tuple[str, str]] = {}  # session -> (connected_at, instance)
+        for inst, listing in zip(targets, listings, strict=True):
+            if isinstance(listing, str):
+                continue
+            for session, status, connected_at in listing:
+                # Two connected copies: the most recently connected wins, as in the pool.
+                if (
+                    session in sessions
+                    and self._profile.status_of(status) is Status.CONNECTED
+                    and (session not in best or connected_at > best[session][0])
+                ):
+                    best[session] = (connected_at, inst.name)
+        for session, (_, name) in best.items():
+            await self._directory.observe(session, name, Source.SYNC, status=Status.CONNECTED)
+        return {session: name for session, (_, name) in best.items()}
+
     async def _gone_after_restart(
         self,
         inst: Instance,
@@ -257,7 +279,10 @@ class Syncer:
                     continue
                 report.gone.append((session, inst.name))
                 if not dry_run:
-                    await self._directory.demote(session, inst.name, Status.GONE, Source.SYNC)
+                    # As of the listing: a session_ready that came meanwhile is newer.
+                    await self._directory.demote(
+                        session, inst.name, Status.GONE, Source.SYNC, observed_at=report.started_at
+                    )
             if len(page) < _BATCH:
                 return
             after = page[-1][0]

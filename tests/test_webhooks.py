@@ -54,7 +54,13 @@ class Laravel:
         if self.answer_status != 200:
             return web.json_response({"error": "nope"}, status=self.answer_status)
         self.events.append(
-            {**json.loads(raw), "_instance": request.headers["X-Instance-Url"], "_raw": raw}
+            {
+                **json.loads(raw),
+                "_instance": request.headers["X-Instance-Url"],
+                "_from": request.headers.get("X-Wa-Router-Instance-Url"),
+                "_member": request.headers.get("X-Wa-Router-Instance"),
+                "_raw": raw,
+            }
         )
         return web.json_response({"status": "ok"})
 
@@ -155,7 +161,11 @@ async def test_ownership_follows_one_webhook_without_a_scan(
     assert router.discovery.stats.scans == scans  # no rediscovery: the webhook said it
     assert (sends(sims[0]), sends(sims[2])) == (1, 1)
     ready = [e for e in laravel.events if e["event"] == "session_ready"]
-    assert len(ready) == 1 and ready[0]["_instance"] == local(sims[2])
+    assert len(ready) == 1
+    # Laravel sends where the last session_ready's X-Instance-Url says: the router. The
+    # instance it came from goes along in headers of the router's own.
+    assert ready[0]["_instance"] == "http://127.0.0.1:8080"  # server.host:port by default
+    assert ready[0]["_from"] == local(sims[2]) and ready[0]["_member"] == "node-2"
 
 
 async def test_created_session_is_learned_through_its_login_webhooks(

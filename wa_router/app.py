@@ -172,6 +172,7 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         )
     webhooks = Webhooks(
         cfg=cfg.webhooks,
+        advertise_url=advertise_url(cfg),
         pool=pool,
         directory=directory,
         discovery=discovery,
@@ -213,6 +214,17 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         syncer,
         parking,
     )
+
+
+def advertise_url(cfg: Config) -> str:
+    """The router's URL as Laravel should call it (relayed webhooks name it)."""
+    if cfg.webhooks.advertise_url:
+        return cfg.webhooks.advertise_url.rstrip("/")
+    host = cfg.server.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{cfg.server.port}"
 
 
 def profile_list_timeout(profile: Profile) -> float:

@@ -219,8 +219,9 @@ class WebhookConfig:
     passthrough_prefix: str = "/api/whatsapp/"
     window_s: float = 300.0  # Laravel's: |now - X-Timestamp| <= 300
     # Node re-signs each retry with a new timestamp: an identical body from the same
-    # instance within this span is the same event.
-    retry_dedupe_s: float = 60.0
+    # instance within this span is the same event. Node's last retry comes at most ~34 s
+    # after the first attempt (2 + 4 + 8 s of pauses, four 5 s timeouts).
+    retry_dedupe_s: float = 35.0
     max_body_bytes: int = 1024 * 1024
     forget_reasons: tuple[str, ...] = ("LOGOUT", "UNPAIRED", "UNPAIRED_IDLE")
     relay_timeout_s: float = 10.0
@@ -228,6 +229,15 @@ class WebhookConfig:
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
     resign_after_s: float = 240.0  # re-sign queued webhooks older than this
+    # The router's URL as Laravel reaches it: relayed webhooks carry it in X-Instance-Url,
+    # so Laravel (which sends to the last session_ready's X-Instance-Url) keeps sending
+    # through the router. None: http://<server.host>:<server.port> (0.0.0.0 as 127.0.0.1).
+    advertise_url: str | None = None
+    # Login-stage events from an instance restoring a session that is connected on its
+    # owner are held, not relayed (they would flip Laravel's copy of the account), for at
+    # most this long: relayed before that instance's session_ready, else dropped.
+    hold_login_events: bool = True
+    hold_login_events_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +391,12 @@ def _validate_webhooks(wh: WebhookConfig) -> None:
         if u.scheme not in ("http", "https") or not u.host or u.query_string:
             raise ConfigError(
                 "webhooks.laravel_url", f"{wh.laravel_url!r} must be http(s)://host[:port][/base]"
+            )
+    if wh.advertise_url is not None:
+        u = URL(wh.advertise_url)
+        if u.scheme not in ("http", "https") or not u.host or u.query_string:
+            raise ConfigError(
+                "webhooks.advertise_url", f"{wh.advertise_url!r} must be http(s)://host[:port]"
             )
     for key in ("path", "passthrough_prefix"):
         if not getattr(wh, key).startswith("/"):

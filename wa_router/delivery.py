@@ -11,8 +11,6 @@ refuse a webhook that only waited for it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -26,11 +24,10 @@ from .backlog import Backlog, Pending
 from .errors import UpstreamError
 from .forward import Forwarder, UpstreamRequest, fetch
 from .pool import Instance
+from .signing import SIGNATURE, TIMESTAMP, sign
 
 log = structlog.get_logger("wa_router.delivery")
 
-TIMESTAMP = "X-Timestamp"
-SIGNATURE = "X-HMAC-Signature"
 _BATCH = 256
 _CONCURRENCY = 16
 _IDLE_WAIT_S = 30.0
@@ -85,7 +82,7 @@ def resign(
     headers: Sequence[tuple[str, str]], body: bytes, secret: str, now: int
 ) -> list[tuple[str, str]]:
     ts = str(now)
-    sig = hmac.new(secret.encode(), ts.encode() + body, hashlib.sha256).hexdigest()
+    sig = sign(secret, ts, body)
     out = [(k, v) for k, v in headers if k.lower() not in (TIMESTAMP.lower(), SIGNATURE.lower())]
     return [*out, (TIMESTAMP, ts), (SIGNATURE, sig)]
 

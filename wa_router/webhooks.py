@@ -9,14 +9,13 @@ no longer drops events: they wait in a durable backlog (`backlog.py`, `delivery.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-import hmac
-import json
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -27,127 +26,27 @@ from .delivery import Deliverer, RelayResult, laravel_instance, post_raw
 from .directory import Directory
 from .discovery import Discovery
 from .errors import RequestRejected, UpstreamError
+from .events import (
+    CHECK,
+    DEMOTE,
+    FORGET,
+    Event,
+    SeenSet,
+    learning,
+    parse_event,
+)
 from .forward import Forwarder, UpstreamRequest
 from .httpio import forward_headers, json_error, read_body, relay
+from .laravel_view import DROP, HOLD, Held, Holding, relayed_headers, verdict
 from .pool import Pool, State
 from .retry import failure_answer
-from .stores.base import Source, Status
+from .signing import INSTANCE_URL, SIGNATURE, TIMESTAMP, sign, verify
+from .stores.base import Source
 
 log = structlog.get_logger("wa_router.webhooks")
 
-TIMESTAMP = "X-Timestamp"
-SIGNATURE = "X-HMAC-Signature"
-INSTANCE_URL = "X-Instance-Url"
 # What goes on to Laravel with the raw body: what its HMAC middleware and controller read.
 RELAYED_HEADERS = ("Content-Type", TIMESTAMP, SIGNATURE, INSTANCE_URL)
-
-# Events that say which instance holds a session, and the status they mean. Not
-# `session_reconnected`: AutoReconnect sends it although the session may stay disconnected
-# (node-pool-api.md, "Reconnect that is not"): it is a hint to check, not proof.
-ASSIGNING = {
-    "session_ready": Status.CONNECTED,
-    "session_authenticated": Status.AUTHENTICATED,
-    "qr_code_generated": Status.QR_SCANNING,
-}
-ASSIGN, FORGET, DEMOTE, CHECK = "assign", "forget", "demote", "check"
-
-
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """Node's signature: lowercase hex HMAC-SHA256(secret, timestamp + raw body)."""
-    return hmac.new(secret.encode(), timestamp.encode() + body, hashlib.sha256).hexdigest()
-
-
-def verify(
-    headers: Mapping[str, str], body: bytes, secrets: tuple[str, ...], now: float, window_s: float
-) -> int:
-    """The webhook's timestamp if its signature holds; RequestRejected(401, reason) if not."""
-    ts_raw = headers.get(TIMESTAMP)
-    sig = headers.get(SIGNATURE)
-    if not ts_raw or not sig:
-        raise _unauthorized("missing_headers", f"{TIMESTAMP} and {SIGNATURE} are required")
-    if not ts_raw.isdigit() or len(ts_raw) > 12:
-        raise _unauthorized("bad_timestamp", f"{TIMESTAMP} must be Unix seconds")
-    ts = int(ts_raw)
-    if now - ts > window_s:
-        raise _unauthorized("stale_timestamp", f"{TIMESTAMP} is older than {window_s:g} s")
-    if ts - now > window_s:
-        raise _unauthorized("future_timestamp", f"{TIMESTAMP} is ahead by over {window_s:g} s")
-    # Compare with every secret (rotation), constant-time each (RFC 2104 says nothing of
-    # timing; hmac.compare_digest is what keeps the comparison from leaking a prefix).
-    good = False
-    for secret in secrets:
-        good |= hmac.compare_digest(sign(secret, ts_raw, body), sig)
-    if not good:
-        raise _unauthorized("bad_signature", "the signature does not match the body")
-    return ts
-
-
-def _unauthorized(reason: str, message: str) -> RequestRejected:
-    return RequestRejected(401, "unauthorized", message, reason=reason)
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    name: str
-    session: str | None
-    data: dict[str, Any]
-
-
-def parse_event(body: bytes) -> Event:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise RequestRejected(400, "bad_request", "the webhook body is not JSON") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("event"), str):
-        raise RequestRejected(400, "bad_request", 'the webhook body has no "event"')
-    data = doc.get("data")
-    data = data if isinstance(data, dict) else {}
-    session = data.get("session_id")
-    return Event(doc["event"], session if isinstance(session, str) and session else None, data)
-
-
-def learning(event: Event, forget_reasons: tuple[str, ...]) -> tuple[str, Status | None] | None:
-    """What the directory learns from `event`: (ASSIGN, status) the sender holds it so;
-    (FORGET, None) logged out everywhere; (DEMOTE, DISCONNECTED) the sender lost it (a
-    conflict, a network drop: it may come back, so it is not forgotten); (CHECK, None) worth
-    a look; None: nothing."""
-    if event.session is None:
-        return None
-    if event.name in ASSIGNING:
-        return (ASSIGN, ASSIGNING[event.name])
-    if event.name == "session_disconnected":
-        reason = event.data.get("reason")
-        if isinstance(reason, str) and reason.upper() in {r.upper() for r in forget_reasons}:
-            return (FORGET, None)
-        return (DEMOTE, Status.DISCONNECTED)
-    if event.name == "session_reconnected":
-        return (CHECK, None)
-    return None
-
-
-class SeenSet:
-    """Keys seen within the last `ttl_s` seconds (insertion-ordered, so expiry is O(1))."""
-
-    def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
-        self._ttl_s = ttl_s
-        self._clock = clock
-        self._seen: OrderedDict[bytes, float] = OrderedDict()
-
-    def add(self, key: bytes) -> bool:
-        """Record `key`; False when it was already there."""
-        now = self._clock()
-        while self._seen:
-            oldest, at = next(iter(self._seen.items()))
-            if at > now - self._ttl_s:
-                break
-            del self._seen[oldest]
-        if key in self._seen:
-            return False
-        self._seen[key] = now
-        return True
-
-    def discard(self, key: bytes) -> None:
-        self._seen.pop(key, None)
 
 
 @dataclass(slots=True)
@@ -174,6 +73,7 @@ class Webhooks:
         discovery: Discovery,
         forwarder: Forwarder,
         backlog: Backlog | None,
+        advertise_url: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
@@ -189,6 +89,9 @@ class Webhooks:
         # Node's retry of one event: same body from the same instance, new signature.
         self._retries = SeenSet(cfg.retry_dedupe_s, clock)
         self.stats = WebhookStats()
+        self.advertise_url = advertise_url
+        self.holding = Holding(cfg.hold_login_events_s)
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         # A `session_reconnected`: the app points it at the parking (ask about it now).
         self.on_hint: Callable[[str], None] = lambda session: None
         self.deliverer: Deliverer | None = None
@@ -235,20 +138,36 @@ class Webhooks:
             # after a restart usually beats the next health check).
             self._pool.mark_healthy(inst, "signed webhook")
         # Two instances sending the same lifecycle event in the same second sign the same
-        # bytes (shared secret, no timestamp in the body): only the sender tells them apart.
-        replay_key = f"{ts}:{request.headers[SIGNATURE]}:{instance_url}".encode()
-        # Node's retry: the same body from the same instance, re-signed. After the instance
-        # came back (a restart) the same body is a new event: its restore says it again.
-        epoch = f"{inst.back_at}" if inst is not None else ""
-        retry_key = f"{instance_url}\0{epoch}\0".encode() + hashlib.sha256(body).digest()
+        # bytes (shared secret, no timestamp in the body): only the sender tells them apart,
+        # as the pool member it names (X-Instance-Url is not signed: spellings of one member
+        # are one sender, and a URL naming no member is one sender too). After a restart
+        # the same instance says the same things again: its epoch tells them apart.
+        sender = f"{inst.name}@{inst.back_at}" if inst is not None else "?"
+        replay_key = f"{ts}:{request.headers[SIGNATURE]}:{sender}".encode()
+        # Node's retry: the same body from the same instance, re-signed.
+        retry_key = f"{sender}\0".encode() + hashlib.sha256(body).digest()
         if not self._replays.add(replay_key) or not self._retries.add(retry_key):
             self.stats.duplicates += 1
             log.info("webhook_duplicate", webhook_event=event.name, session=event.session)
             return web.json_response({"status": "duplicate"}), event.name, "duplicate"
         self.stats.accepted += 1
-        await self._learn(event, instance_url, ts)
+        headers = relayed_headers(
+            [(k, request.headers[k]) for k in RELAYED_HEADERS if k in request.headers],
+            instance_url_header=INSTANCE_URL,
+            advertise_url=self.advertise_url,
+            origin=inst.name if inst is not None else None,
+        )
         try:
-            resp, result = await self._relay(request, event, body)
+            # One session's events are learned from and relayed one at a time, in arrival
+            # order: what Laravel hears is what the directory learned, in the same order.
+            async with self._in_order(event.session or ""):
+                logout = await self._learn(event, instance_url, ts)
+                told = await self._tell(
+                    event, inst.name if inst else None, logout, request.path, body, headers, ts
+                )
+                if told is not None:
+                    return told[0], event.name, told[1]
+                resp, result = await self._relay(request.path, event, body, headers, ts)
             return resp, event.name, result
         except BaseException:
             # Not taken after all (full backlog, crash): Node's retry must not look like
@@ -257,11 +176,69 @@ class Webhooks:
             self._retries.discard(retry_key)
             raise
 
-    async def _learn(self, event: Event, instance_url: str, ts: int) -> None:
+    @contextlib.asynccontextmanager
+    async def _in_order(self, session: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(session, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[session] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[session]
+            if users <= 1:
+                del self._locks[session]
+            else:
+                self._locks[session] = (lock, users - 1)
+
+    async def _tell(
+        self,
+        event: Event,
+        sender: str | None,
+        logout: bool,
+        path: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        ts: int,
+    ) -> tuple[web.Response, str] | None:
+        """Keep Laravel's story consistent (laravel_view.py): an answer when the event is
+        held or dropped; None when it goes on now (after what its sender had held)."""
+        if self.laravel is None or event.session is None or sender is None:
+            return None
+        owner = await self._directory.lookup(event.session)
+        what = verdict(event.name, sender, owner, logout=logout, hold=self.cfg.hold_login_events)
+        self._log_expired()
+        if what == HOLD:
+            item = Held(event.name, path, body, tuple(headers), ts, time.monotonic())
+            self.holding.hold(event.session, sender, item)
+            log.info("webhook_held", session=event.session, webhook_event=event.name, sender=sender)
+            return web.json_response({"status": "held"}), "held"
+        if what == DROP:
+            log.info(
+                "webhook_superseded", session=event.session, webhook_event=event.name, sender=sender
+            )
+            return web.json_response({"status": "superseded"}), "superseded"
+        for held in self.holding.release(event.session, sender):
+            # It became the owner: what it said meanwhile goes first, in order.
+            await self._relay(
+                held.path, parse_event(held.body), held.body, list(held.headers), held.timestamp
+            )
+        return None
+
+    def _log_expired(self) -> None:
+        for session, sender, held in self.holding.expire():
+            self.stats.events[(held.event, "dropped")] += 1
+            log.info(
+                "webhook_hold_expired", session=session, webhook_event=held.event, sender=sender
+            )
+
+    async def _learn(self, event: Event, instance_url: str, ts: int) -> bool:
+        """Learn ownership from `event`; True when it was a logout (it forgets)."""
         inst = self._pool.by_url(instance_url) if instance_url else None
         what = learning(event, self.cfg.forget_reasons)
         if what is None or event.session is None:
-            return
+            return False
         action, status = what
         # The observation time is the webhook's own timestamp, so a late retry never beats
         # a newer fact. X-Timestamp has whole seconds: within its second, the receipt time
@@ -270,10 +247,10 @@ class Webhooks:
         if action == FORGET:
             if await self._directory.forget(event.session, Source.WEBHOOK, observed_at=observed_at):
                 log.info("session_forgotten", session=event.session, webhook_event=event.name)
-            return
+            return True
         if action == CHECK:
             self.on_hint(event.session)
-            return
+            return False
         if inst is None:
             self.stats.unknown_instance += 1
             log.warning(
@@ -282,13 +259,13 @@ class Webhooks:
                 webhook_event=event.name,
                 session=event.session,
             )
-            return
+            return False
         assert status is not None
         if action == DEMOTE:
             await self._directory.demote(
                 event.session, inst.name, status, Source.WEBHOOK, observed_at=observed_at
             )
-            return
+            return False
         if await self._directory.observe(
             event.session, inst.name, Source.WEBHOOK, observed_at=observed_at, status=status
         ):
@@ -301,19 +278,19 @@ class Webhooks:
                 status=str(status),
                 webhook_event=event.name,
             )
+        return False
 
     async def _relay(
-        self, request: web.Request, event: Event, body: bytes
+        self, path: str, event: Event, body: bytes, headers: list[tuple[str, str]], ts: int
     ) -> tuple[web.Response, str]:
         if self.laravel is None:
             return web.json_response({"status": "accepted"}), "accepted"
-        headers = [(k, request.headers[k]) for k in RELAYED_HEADERS if k in request.headers]
         session = event.session or ""
         assert self.backlog is not None
         # Per-session order: behind anything already waiting for this session.
         if await self.backlog.pending(session) == 0:
             result = await post_raw(
-                self._forwarder, self.laravel, request.path, body, headers, self.cfg.relay_timeout_s
+                self._forwarder, self.laravel, path, body, headers, self.cfg.relay_timeout_s
             )
             if result.verdict != "retry":
                 self.stats.relayed += 1
@@ -329,18 +306,12 @@ class Webhooks:
                 webhook_event=event.name,
                 detail=result.detail,
             )
-        return await self._enqueue(request.path, event, body, headers, request), "queued"
+        return await self._enqueue(path, event, body, headers, ts), "queued"
 
     async def _enqueue(
-        self,
-        path: str,
-        event: Event,
-        body: bytes,
-        headers: list[tuple[str, str]],
-        request: web.Request,
+        self, path: str, event: Event, body: bytes, headers: list[tuple[str, str]], ts: int
     ) -> web.Response:
         assert self.backlog is not None
-        ts = int(request.headers[TIMESTAMP])
         item = await self.backlog.append(
             session=event.session or "", path=path, body=body, headers=headers, timestamp=ts
         )

@@ -20,7 +20,6 @@ active list), `clock` and `window_s` (signature window).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import json
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..signing import sign
 from .models import AUTHENTICATED, CONNECTED, DISCONNECTED, QR_SCANNING, Headers
 from .webhook import HDR_INSTANCE_URL, HDR_SIGNATURE, HDR_TIMESTAMP
 
@@ -223,7 +223,7 @@ class SimLaravel:
             stamp = 0
         if abs(self.clock() - stamp) > self.window_s:
             return "timestamp_expired"
-        expected = hmac.new(self.secret.encode(), ts.encode() + raw, hashlib.sha256).hexdigest()
+        expected = sign(self.secret, ts, raw)
         if not hmac.compare_digest(expected, sig):  # PHP's hash_equals: constant time
             return "invalid_signature"
         return None

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 from collections import deque
@@ -30,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import aiohttp
+
+from ..signing import sign
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,9 @@ Failure = Literal["refused", "timeout", "error"]
 
 
 def sign_webhook(secret: str, timestamp: str, body: bytes) -> str:
-    """Lowercase hex HMAC-SHA256(secret, timestamp + raw body): the two simply concatenated.
-
-    Laravel's VerifyWhatsAppHmac recomputes exactly this over the raw request bytes.
-    """
-    return hmac.new(secret.encode(), timestamp.encode() + body, hashlib.sha256).hexdigest()
+    """Lowercase hex HMAC-SHA256(secret, timestamp + raw body): the two simply concatenated
+    (one signing module for the router, the sim and the Laravel stand-in)."""
+    return sign(secret, timestamp, body)
 
 
 def encode_webhook(event: str, data: dict[str, Any] | None) -> bytes:

@@ -36,6 +36,7 @@ from .events import (
     parse_event,
 )
 from .forward import Forwarder, UpstreamRequest
+from .gate import REFUSE, WEBHOOK, decide_path
 from .httpio import forward_headers, json_error, read_body, relay
 from .laravel_view import DROP, HOLD, Held, Holding, relayed_headers, verdict
 from .pool import Pool, State
@@ -331,8 +332,22 @@ class Webhooks:
         return web.json_response({"status": "queued"}, status=202)
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
-        """Node's other calls to Laravel (accounts/active, chats/sync, mark-disconnected,
-        mobile-activity) go on unchanged: Laravel checks them itself."""
+        """Everything else under the prefix (gate.py): another spelling of the webhook path
+        is verified as a webhook; Node's other calls to Laravel (accounts/active, chats/sync,
+        mark-disconnected, mobile-activity) go on unchanged, Laravel checks them itself;
+        anything else is refused here."""
+        decision = decide_path(request.method, request.rel_url.raw_path, self.cfg.path)
+        if decision.kind == WEBHOOK:
+            if request.method == "POST":
+                return await self.intake(request)
+            return json_error(
+                RequestRejected(405, "method_not_allowed", "webhooks are POSTed", reason="method")
+            )
+        if decision.kind == REFUSE:
+            self.stats.events[("passthrough", "refused")] += 1
+            log.warning("laravel_call_refused", method=request.method, reason=decision.reason)
+            code = "bad_request" if decision.status == 400 else "not_found"
+            return json_error(RequestRejected(decision.status, code, decision.reason))
         try:
             if self.laravel is None:
                 raise RequestRejected(

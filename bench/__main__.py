@@ -20,10 +20,12 @@ RESULTS = HERE / "RESULTS.md"
 
 def combine(parts: tuple[str, ...] = PARTS) -> Path:
     """bench/RESULTS.md: every part's latest results, in a fixed order."""
-    chunks = ["# wa-router benchmark results\n",
-              "Written by `python -m bench all`; each section by its part "
-              "(`python -m bench PART`). Numbers from one machine: compare ratios within "
-              "a run, not across machines.\n"]
+    chunks = [
+        "# wa-router benchmark results\n",
+        "Written by `python -m bench all`; each section by its part "
+        "(`python -m bench PART`). Numbers from one machine: compare ratios within "
+        "a run, not across machines.\n",
+    ]
     for part in parts:
         path = HERE / "results" / f"{part}.md"
         if path.exists():
@@ -60,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         print(f"== bench {part} ==", flush=True)
         code = module.run(part_args)
-        print(f"== bench {part}: exit {code} in {time.monotonic() - started:.0f} s ==",
-              flush=True)
+        print(f"== bench {part}: exit {code} in {time.monotonic() - started:.0f} s ==", flush=True)
         worst = max(worst, code)
     print(combine())
     return worst

@@ -23,17 +23,28 @@ def memory_table(res: Results) -> list[str]:
         rows.append([f"{n:,}", how, f"{per['ids']:.0f}", f"{per['store']:.0f}",
                      f"{per['cache']:.0f}", f"**{total:.0f}**",
                      f"{total * n / 2**20:,.0f}", f"{m['seconds']:.1f}"])  # fmt: skip
-    head = ["entries", "measured by", "id string B/entry", "MemoryStore B/entry",
-            "Directory cache B/entry", "total B/entry", "total MiB", "build s"]
+    head = [
+        "entries",
+        "measured by",
+        "id string B/entry",
+        "MemoryStore B/entry",
+        "Directory cache B/entry",
+        "total B/entry",
+        "total MiB",
+        "build s",
+    ]
     out = [c.md_table(head, rows), ""]
     big = [m for m in res.memory if m["mode"] == "rss" and m["entries"] >= 10 * DEFAULT_CACHE_MAX]
     if big:
         m = big[-1]
         n = m["entries"]
         capped = m["ids"] + m["store"] + m["cache"] / n * DEFAULT_CACHE_MAX
-        out += [f"With the default `directory.cache_max_entries: {DEFAULT_CACHE_MAX:,}` only "
-                f"that many entries are cached: {n:,} sessions then cost about "
-                f"{capped / 2**20:,.0f} MiB (RSS), {capped / n:.0f} B per session.", ""]
+        out += [
+            f"With the default `directory.cache_max_entries: {DEFAULT_CACHE_MAX:,}` only "
+            f"that many entries are cached: {n:,} sessions then cost about "
+            f"{capped / 2**20:,.0f} MiB (RSS), {capped / n:.0f} B per session.",
+            "",
+        ]
     if res.memory:
         out += [f"Entries are built as the webhook path builds them (instance name, status and "
                 f"source shared between entries). Entries learned by sync (or discovery) each "
@@ -44,9 +55,12 @@ def memory_table(res: Results) -> list[str]:
 
 def lookup_table(plan: Plan, res: Results) -> list[str]:
     rows = [[name, h.spread(v, 0)] for name, v in res.lookups]
-    out = [f"Tight loop over {plan.lookup_entries:,} ids ({plan.redis_lookups:,} for Redis, "
-           f"one at a time), {plan.lookup_repeats} repeats; ns per call including the "
-           f"coroutine call, median (min-max) over repeats; `time.perf_counter_ns`.", ""]
+    out = [
+        f"Tight loop over {plan.lookup_entries:,} ids ({plan.redis_lookups:,} for Redis, "
+        f"one at a time), {plan.lookup_repeats} repeats; ns per call including the "
+        f"coroutine call, median (min-max) over repeats; `time.perf_counter_ns`.",
+        "",
+    ]
     return [*out, c.md_table(["lookup", "ns per call"], rows), ""]
 
 
@@ -66,19 +80,38 @@ def sync_table(plan: Plan, res: Results) -> list[str]:
                          h.spread([s.verified for s in got], 0),
                          h.spread([s.stall_ms for s in got], 0),
                          "; ".join(sorted({s.other for s in got}))])  # fmt: skip
-    head = ["store", "run", "runs", "wall s", "router CPU s", "instances' CPU s",
-            "sessions/s", "learned", "verified", "longest event-loop stall ms", "other"]
+    head = [
+        "store",
+        "run",
+        "runs",
+        "wall s",
+        "router CPU s",
+        "instances' CPU s",
+        "sessions/s",
+        "learned",
+        "verified",
+        "longest event-loop stall ms",
+        "other",
+    ]
     out = [c.md_table(head, rows), ""]
     if res.profile is not None:
-        out += [f"Where the memory-store sync's time goes: py-spy record (200 Hz, CPU only) of "
-                f"the bench process during one more sync pair (first + second, not in the "
-                f"table), {res.profile_note}.", "", c.profile_table(res.profile), ""]
+        out += [
+            f"Where the memory-store sync's time goes: py-spy record (200 Hz, CPU only) of "
+            f"the bench process during one more sync pair (first + second, not in the "
+            f"table), {res.profile_note}.",
+            "",
+            c.profile_table(res.profile),
+            "",
+        ]
     elif res.profile_note:
         out += [f"No sync profile: {res.profile_note}.", ""]
     if res.redis_bytes_per_entry is not None:
-        out += [f"Redis `used_memory` grew by {res.redis_bytes_per_entry:,.0f} B per session "
-                f"(entry key + JSON value, the live set, the counts hash) over the first Redis "
-                f"sync.", ""]
+        out += [
+            f"Redis `used_memory` grew by {res.redis_bytes_per_entry:,.0f} B per session "
+            f"(entry key + JSON value, the live set, the counts hash) over the first Redis "
+            f"sync.",
+            "",
+        ]
     return out
 
 
@@ -90,16 +123,20 @@ def redis_table(plan: Plan, res: Results) -> list[str]:
              f"{h.percentile(w, 99):,.0f}", f"{max(w):,.0f}"],
             ["A's write started -> B's cache holds the new owner", f"{h.percentile(p, 50):,.0f}",
              f"{h.percentile(p, 99):,.0f}", f"{max(p):,.0f}"]]  # fmt: skip
-    out = [f"{len(p):,} changes one after another (of {plan.changes:,}; {res.missed} never "
-           f"heard within 2 s); after each, B's `lookup` returned the old owner "
-           f"{res.stale_after_event} times.", ""]
+    out = [
+        f"{len(p):,} changes one after another (of {plan.changes:,}; {res.missed} never "
+        f"heard within 2 s); after each, B's `lookup` returned the old owner "
+        f"{res.stale_after_event} times.",
+        "",
+    ]
     return [*out, c.md_table(["µs", "p50", "p99", "max"], rows), ""]
 
 
 def render(plan: Plan, cores: h.Cores, res: Results, head: list[str]) -> str:
     out = [*head, "### Method", ""]
     pinning = cores.describe("the sync's simulated instances (`bench._simhost`) and redis-server")
-    out += [f"""\
+    out += [
+        f"""\
 - Pinning: {pinning}. The memory runs are separate processes on the bench core.
 - Session ids as Blazz makes them (`webjs_<workspace>_<ms>_<rand6>`, ~35 characters); 16 \
 instance names.
@@ -123,13 +160,22 @@ sessions owned by node-1 and cached by router B; then one at a time router A \
 `observe(session, node-2, Source.WEBHOOK)`; measured from just before A's write to B's store \
 subscription callback for that change (B's Directory subscribed first, so its cache is \
 updated then), checked with B's `lookup`. Clock: `time.perf_counter_ns` (CLOCK_MONOTONIC), \
-one process.""", ""]
+one process.""",
+        "",
+    ]
     out += ["### Memory per session entry", "", *memory_table(res)]
     out += ["### Lookup cost", "", *lookup_table(plan, res)]
-    out += [f"### Sync of {plan.sync_sessions:,} sessions over {plan.sync_instances} "
-            f"instances (median (min-max))", "", *sync_table(plan, res)]
-    out += ["### Redis: ownership change on router A -> router B routes by it", "",
-            *redis_table(plan, res)]
+    out += [
+        f"### Sync of {plan.sync_sessions:,} sessions over {plan.sync_instances} "
+        f"instances (median (min-max))",
+        "",
+        *sync_table(plan, res),
+    ]
+    out += [
+        "### Redis: ownership change on router A -> router B routes by it",
+        "",
+        *redis_table(plan, res),
+    ]
     out += ["### Notes", "", *notes(plan, res), ""]
     return "\n".join(out)
 

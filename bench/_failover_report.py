@@ -233,8 +233,17 @@ def tables(plan: Plan, groups: dict[Scenario, list[Outcome]]) -> list[str]:
              _col(g, lambda o: _ms(o.delay_p99)), _col(g, lambda o: _ms(o.delay_max)),
              _col(g, lambda o: o.first_failed, 0), _col(g, lambda o: o.unreached, 0)]
             for s, g in groups.items()]  # fmt: skip
-    head = ["scenario", "moved", "back -> first 200 p50", "p99", "router delay p50", "p99", "max",
-            "sessions whose first request while back failed", "no 200 by the end"]
+    head = [
+        "scenario",
+        "moved",
+        "back -> first 200 p50",
+        "p99",
+        "router delay p50",
+        "p99",
+        "max",
+        "sessions whose first request while back failed",
+        "no 200 by the end",
+    ]
     out += [c.md_table(head, rows), ""]
     out += ["### Latency of all requests (ms, from when due; median over runs (min-max))", ""]
     rows = []
@@ -243,16 +252,33 @@ def tables(plan: Plan, groups: dict[Scenario, list[Outcome]]) -> list[str]:
         for win in ("steady", "event", "after"):
             row += [h.spread([o.lat[win][0] for o in g]), h.spread([o.lat[win][1] for o in g])]
         rows.append([*row, _col(g, lambda o: o.lat["event"][2]), _col(g, lambda o: o.stop_ms)])
-    head = ["scenario", "steady p50", "steady p99", "event p50", "event p99", "after p50",
-            "after p99", "event max", "stop() took"]
+    head = [
+        "scenario",
+        "steady p50",
+        "steady p99",
+        "event p50",
+        "event p99",
+        "after p50",
+        "after p99",
+        "event max",
+        "stop() took",
+    ]
     out += [c.md_table(head, rows), ""]
     out += ["### The router's work during a run (median (min-max))", ""]
     rows = [[s.label] + [h.spread([o.discovery.get(k, 0) for o in g], 0)
                          for k in ("scans", "probes", "found", "not_found", "negative_hits")]
             + [_col(g, lambda o: o.probes_seen, 0), _col(g, lambda o: o.router_cpu_pct, 0)]
             for s, g in groups.items()]  # fmt: skip
-    head = ["scenario", "scans", "probes", "found", "not found", "negative-cache hits",
-            "probes the instances saw", "router CPU %"]
+    head = [
+        "scenario",
+        "scans",
+        "probes",
+        "found",
+        "not found",
+        "negative-cache hits",
+        "probes the instances saw",
+        "router CPU %",
+    ]
     out += [c.md_table(head, rows), ""]
     return out
 
@@ -265,8 +291,14 @@ def targets(groups: dict[Scenario, list[Outcome]]) -> list[str]:
             verdict = (c.verdict(delay, TARGET_DELAY_S, "s") if not math.isinf(delay) else
                        "**missed**: over 1% of the sessions asked for while back got no 200 "
                        "by the end of the run")  # fmt: skip
-            rows.append([s.label, "first success after a session is back <= 0.2 s (router "
-                         "delay p99)", f"{delay:.3f} s", verdict])
+            rows.append(
+                [
+                    s.label,
+                    "first success after a session is back <= 0.2 s (router delay p99)",
+                    f"{delay:.3f} s",
+                    verdict,
+                ]
+            )
         cat_c = c.median([o.cat_c for o in g]) or 0.0
         verdict = "met" if cat_c == 0 else f"**missed** by {cat_c:g} requests per run (median)"
         rows.append([s.label, "0 failed requests that never reached the stopped instance",
@@ -286,8 +318,10 @@ def notes(groups: dict[Scenario, list[Outcome]]) -> list[str]:
             after = [ms for o in g for ms in o.c_after_back_ms]
             when = (f"; they were due {min(after):,.0f} to {max(after):,.0f} ms after their "
                     f"session came back" if after else "")  # fmt: skip
-            out.append(f"- {s.label}: the C failures were {causes} over {len(g)} runs{when}; "
-                       f"the router counted {neg:g} negative-cache hits per run (median).")
+            out.append(
+                f"- {s.label}: the C failures were {causes} over {len(g)} runs{when}; "
+                f"the router counted {neg:g} negative-cache hits per run (median)."
+            )
     out += [
         "- A `session_not_found` for a session that is back is the negative cache (discovery."
         "negative_ttl_s, 2 s by default) answering for a scan made while the session was on no "
@@ -317,9 +351,14 @@ def render(plan: Plan, cores: h.Cores, outcomes: Sequence[Outcome], profile: Pat
     out += ["### Profile", ""]
     if profile is not None:
         top = c.speedscope_top(profile, 15)
-        out += [f"py-spy record (200 Hz, CPU samples only, idle left out) of the router process "
-                f"from 0.5 s before the stop to ~4 s after, in one extra run of the worst "
-                f"scenario; `{profile.relative_to(c.REPO)}`.", "", c.profile_table(top), ""]
+        out += [
+            f"py-spy record (200 Hz, CPU samples only, idle left out) of the router process "
+            f"from 0.5 s before the stop to ~4 s after, in one extra run of the worst "
+            f"scenario; `{profile.relative_to(c.REPO)}`.",
+            "",
+            c.profile_table(top),
+            "",
+        ]
     else:
         out += ["No profile run (targets met, `--no-profile`, smoke run, or py-spy missing).", ""]
     return "\n".join(out)

@@ -236,16 +236,33 @@ class RouterProc:
         self.proc: c.Proc | None = None
 
     async def start(self, doc: dict[str, Any], http: aiohttp.ClientSession) -> None:
+        self.spawn(doc)
+        await self.wait_ready(http)
+
+    def spawn(self, doc: dict[str, Any]) -> None:
+        """Start the process without waiting for it (`wait_alive`, `wait_ready`)."""
         path = self.tmp / f"{self.name}.yaml"
         path.write_text(json.dumps(doc, indent=2))  # JSON is YAML
         env = {k: v for k, v in os.environ.items() if not k.startswith("WA_ROUTER_")}
         env["PYTHONPATH"] = str(c.REPO)
         argv = [sys.executable, "-m", "wa_router.cli", "serve", "-c", str(path), "--loop", "uvloop"]
         self.proc = c.Proc(self.name, [*self.cores.router_prefix(), *argv], self.tmp, env)
-        await self.wait_ready(http)
+
+    @property
+    def log_path(self) -> Path | None:
+        return None if self.proc is None else self.proc.log_path
+
+    async def wait_alive(self, http: aiohttp.ClientSession, timeout_s: float = 30.0) -> None:
+        """Until /healthz answers: listening (its instances may all be down still)."""
+        await self._wait_for("/healthz", "alive", http, timeout_s)
 
     async def wait_ready(self, http: aiohttp.ClientSession, timeout_s: float = 30.0) -> None:
         """Until /readyz says ready: listening, warm sync done, an instance healthy."""
+        await self._wait_for("/readyz", "ready", http, timeout_s)
+
+    async def _wait_for(
+        self, path: str, what: str, http: aiohttp.ClientSession, timeout_s: float
+    ) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         last = "no answer"
@@ -254,14 +271,14 @@ class RouterProc:
                 code = self.proc.popen.returncode
                 raise RuntimeError(f"router exited {code}: {self.proc.tail()}")
             try:
-                async with http.get(f"{self.url}/readyz") as resp:
+                async with http.get(f"{self.url}{path}") as resp:
                     if resp.status == 200:
                         return
                     last = f"HTTP {resp.status}: {await resp.text()}"
             except aiohttp.ClientError as exc:
                 last = repr(exc)
             await asyncio.sleep(0.05)
-        raise TimeoutError(f"router not ready: {last}")
+        raise TimeoutError(f"router not {what}: {last}")
 
     async def metrics(self, http: aiohttp.ClientSession) -> dict[str, float]:
         """`/metrics` as {`name{labels}`: value}. (Not /admin/status: it answers 500 once a

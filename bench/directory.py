@@ -266,10 +266,15 @@ async def measure(plan: Plan, cores: h.Cores, res: Results) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync-repeats", type=int, default=3, help="memory-store syncs (3)")
     parser.add_argument("--no-redis-sync", action="store_true", help="skip the Redis sync")
-    parser.add_argument("--exact-1m", action="store_true",
-                        help="tracemalloc at 1 M too (about a minute more)")
-    parser.add_argument("--smoke", action="store_true", help="CI: 2 k entries, 2 sims, 20 "
-                        "changes; writes bench/out/directory-smoke.md unless --out")
+    parser.add_argument(
+        "--exact-1m", action="store_true", help="tracemalloc at 1 M too (about a minute more)"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI: 2 k entries, 2 sims, 20 "
+        "changes; writes bench/out/directory-smoke.md unless --out",
+    )
     parser.add_argument("--out", type=Path, help="default: bench/results/directory.md")
 
 

@@ -110,8 +110,11 @@ class Herd:
         body = {"session_id": sid, "workspace_id": 1, "recipient_phone": "628123456789",
                 "message": "herd", "type": "text", "api_key": h.API_KEY}  # fmt: skip
         try:
-            async with self.http.post(self.router.url + SEND, data=json.dumps(body).encode(),
-                                      headers={"Content-Type": "application/json"}) as resp:
+            async with self.http.post(
+                self.router.url + SEND,
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            ) as resp:
                 data = await resp.read()
                 answer = str(resp.status)
                 if resp.status != 200:
@@ -146,8 +149,10 @@ class Herd:
                 h.set_backlog(sim, 128)
         spy = None
         if spy_to is not None:
-            prefix = c.pinned(None if self.router.cores.bench is None
-                              else str(self.router.cores.bench), self.router.cores.taskset)
+            prefix = c.pinned(
+                None if self.router.cores.bench is None else str(self.router.cores.bench),
+                self.router.cores.taskset,
+            )
             spy = c.pyspy_record(self.router.pid, 2, spy_to, self.router.tmp, prefix)
             await asyncio.sleep(0.5)  # fmt: skip
         before = await self.router.discovery(self.http)
@@ -234,7 +239,8 @@ def render(plan: Plan, cores: h.Cores, shots: list[Shot], profile: Path | None,
            head: list[str]) -> str:  # fmt: skip
     names = [f"node-{i}" for i in range(1, 5)]
     out = [*head, "### Method", ""]
-    out += [f"""\
+    out += [
+        f"""\
 - 4 simulated Blazz instances (real loopback sockets) in the bench's event loop, the router a \
 subprocess (`python -m wa_router.cli serve`, uvloop, memory store; discovery probe timeout 1 s, \
 negative cache 2 s; health checks every 0.5 s so a restarted node-1 is back between herds).
@@ -249,7 +255,11 @@ herd was fired to each answer's end (the client writes {plan.requests:,} request
 last ones leave later). Probe arrival: when each probe reached its instance, after the herd \
 was fired (same clock: `perf_counter`, one process).
 - {plan.repeats} herds per variant, variants interleaved; median (min-max) over herds.
-- Variants: """ + "; ".join(f"**{k}**: {v}" for k, v in DESCRIBE.items()) + ".", ""]
+- Variants: """
+        + "; ".join(f"**{k}**: {v}" for k, v in DESCRIBE.items())
+        + ".",
+        "",
+    ]
     rows = []
     for variant in VARIANTS:
         group = [s for s in shots if s.variant == variant]
@@ -268,11 +278,22 @@ was fired (same clock: `perf_counter`, one process).
             answers.update(s.answers)
         row += [", ".join(f"{k}: {v}" for k, v in answers.most_common())]
         rows.append(row)
-    head_row = ["variant", "scans", *(f"probes {n}" for n in names), "negative-cache hits",
-                "sends to node-1", "sends to node-2", "latency p50 ms", "latency p99 ms",
-                "router CPU ms", "bench CPU ms (client + instances)",
-                "first probe arrived ms", "last probe arrived ms", "listen overflows",
-                "answers (all herds)"]
+    head_row = [
+        "variant",
+        "scans",
+        *(f"probes {n}" for n in names),
+        "negative-cache hits",
+        "sends to node-1",
+        "sends to node-2",
+        "latency p50 ms",
+        "latency p99 ms",
+        "router CPU ms",
+        "bench CPU ms (client + instances)",
+        "first probe arrived ms",
+        "last probe arrived ms",
+        "listen overflows",
+        "answers (all herds)",
+    ]
     out += ["### Results (per herd: median (min-max))", "", c.md_table(head_row, rows), ""]
     out += ["### Target (reported, not asserted)", ""]
     rows = []
@@ -280,9 +301,14 @@ was fired (same clock: `perf_counter`, one process).
         group = [s for s in shots if s.variant == variant]
         bad = [s for s in group if not s.one_round]
         worst = max((max(s.probes.values()) for s in group), default=0)
-        verdict = "met" if not bad else (
-            f"**missed** in {len(bad)}/{len(group)} herds: up to "
-            f"{max(s.scans for s in group)} scans, {worst} probes to one instance")
+        verdict = (
+            "met"
+            if not bad
+            else (
+                f"**missed** in {len(bad)}/{len(group)} herds: up to "
+                f"{max(s.scans for s in group)} scans, {worst} probes to one instance"
+            )
+        )
         rows.append([variant, "one probe round per herd (1 scan, <= 1 probe per instance)",
                      f"{c.median([s.scans for s in group])} scans", verdict])  # fmt: skip
     out += [c.md_table(["variant", "target", "measured (median)", "verdict"], rows), ""]
@@ -351,8 +377,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         plan = Plan(args.requests, args.repeats, not args.no_profile, False,
                     args.out or c.RESULTS / "herd.md")  # fmt: skip
-    print(f"bench herd: {len(VARIANTS)} variants x {plan.repeats} herds of {plan.requests}",
-          flush=True)
+    print(
+        f"bench herd: {len(VARIANTS)} variants x {plan.repeats} herds of {plan.requests}",
+        flush=True,
+    )
     load_at_start, cores, started = h.load_average(), h.Cores.split(), time.monotonic()
     with TemporaryDirectory(prefix="wa-bench-herd-") as tmp, h.affinity(cores.bench):
         shots, profile = h.run_loop(measure(plan, cores, Path(tmp)))

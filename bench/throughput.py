@@ -126,7 +126,9 @@ class Bench:
         env = {k: v for k, v in os.environ.items() if not k.startswith("WA_ROUTER_")}
         env["PYTHONPATH"] = str(c.REPO)
         if setup.proxy == "nginx":
-            proc = self._nginx("proxy", cores, port=str(port), upstream=first.removeprefix("http://"))
+            proc = self._nginx(
+                "proxy", cores, port=str(port), upstream=first.removeprefix("http://")
+            )
         else:
             if setup.proxy == "naive":
                 code = "import sys; from bench.throughput import naive_proxy; naive_proxy(sys.argv)"

@@ -172,6 +172,14 @@ class RouterCollector(Collector):
         for outcome in (WOKEN, TIMEOUT, FULL, SHUTDOWN):
             left.add_metric([outcome], pk.stats.outcomes.get(outcome, 0))
         yield left
+        unavailable = CounterMetricFamily(
+            "wa_router_session_unavailable",
+            "503 session_unavailable answers, by reason",
+            labels=["reason"],
+        )
+        for reason, n in sorted(r.proxy.stats.unavailable.items()):
+            unavailable.add_metric([reason], n)
+        yield unavailable
         cands = CounterMetricFamily(
             "wa_router_directory_candidates",
             "Login-stage claims kept as candidates: the session was connected elsewhere",

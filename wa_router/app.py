@@ -28,6 +28,7 @@ from .parking import Parking
 from .pool import Instance, Pool
 from .profiles import Profile, build_profile
 from .proxy import Proxy
+from .replay import SharedSeen
 from .rules import RuleTable, SessionIdPolicy
 from .stores import MemoryStore, RedisStore, Store
 from .sync import Syncer
@@ -185,9 +186,13 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         backlog = SqliteBacklog(
             Path(cfg.state.dir) / "webhooks.sqlite3", max_items=cfg.webhooks.backlog_max_items
         )
+    # Replay memory outlives the process: in Redis when routers share it, else in the
+    # backlog's file (one router).
+    shared: SharedSeen | None = store if isinstance(store, RedisStore) else backlog
     webhooks = Webhooks(
         cfg=cfg.webhooks,
         advertise_url=advertise_url(cfg),
+        seen_shared=shared,
         pool=pool,
         directory=directory,
         discovery=discovery,

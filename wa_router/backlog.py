@@ -75,10 +75,17 @@ class Backlog(Protocol):
         """Items pending in all sessions."""
         ...
 
+    async def remember(self, key: bytes, ttl_s: float) -> bool:
+        """Webhook replay memory kept with the backlog (it survives a restart): record
+        `key` for `ttl_s`; False when it was there already."""
+        ...
+
+    async def forget(self, key: bytes) -> None: ...
+
 
 # Bumped when the table changes; a file written by a newer router is refused rather than
 # misread.
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: the `seen` table (replay memory); a version-1 file gains it
 
 # AUTOINCREMENT: without it SQLite reuses max(rowid)+1, so after the newest item is acked
 # the next append would get an id already handed out, and ids would stop following arrival
@@ -95,6 +102,11 @@ CREATE TABLE IF NOT EXISTS backlog (
     enqueued_at REAL    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS backlog_session_id ON backlog (session, id);
+CREATE TABLE IF NOT EXISTS seen (
+    key     BLOB PRIMARY KEY,
+    expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires);
 """
 
 # The oldest item of each session. A loose-index ("skip") scan: the recursive CTE walks the
@@ -272,6 +284,33 @@ class SqliteBacklog:
             return int(conn.execute("SELECT COUNT(*) FROM backlog").fetchone()[0])
 
         return await self._call(count)
+
+    async def remember(self, key: bytes, ttl_s: float) -> bool:
+        """Replay memory that survives a restart (replay.SharedSeen): False when `key` was
+        recorded within its time already."""
+        now = self._clock()
+
+        def put(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("DELETE FROM seen WHERE expires <= ?", (now,))
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO seen (key, expires) VALUES (?, ?)", (key, now + ttl_s)
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return cur.rowcount == 1
+
+        return await self._call(put)
+
+    async def forget(self, key: bytes) -> None:
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM seen WHERE key = ?", (key,))
+
+        await self._call(delete)
 
 
 def _pending(row: Sequence[Any]) -> Pending:

@@ -225,6 +225,9 @@ class WebhookConfig:
     max_body_bytes: int = 1024 * 1024
     forget_reasons: tuple[str, ...] = ("LOGOUT", "UNPAIRED", "UNPAIRED_IDLE")
     relay_timeout_s: float = 10.0
+    # A relay that timed out may still be running at Laravel: that event (and so the rest
+    # of its session, to keep the order) is not sent again before this long.
+    inflight_s: float = 60.0
     backlog_max_items: int = 100_000
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
@@ -406,6 +409,8 @@ def _validate_webhooks(wh: WebhookConfig) -> None:
             "webhooks.resign_after_s",
             "must be below webhooks.window_s, or re-signing comes too late",
         )
+    if wh.inflight_s < wh.relay_timeout_s:
+        raise ConfigError("webhooks.inflight_s", "must not be below webhooks.relay_timeout_s")
     if wh.retry_base_s > wh.retry_max_s:
         raise ConfigError("webhooks.retry_base_s", "must not exceed webhooks.retry_max_s")
 

@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .backlog import Backlog, Pending
-from .errors import UpstreamError
+from .errors import SentNoAnswer, UpstreamError
 from .forward import Forwarder, UpstreamRequest, fetch
 from .pool import Instance
 from .signing import SIGNATURE, TIMESTAMP, sign
@@ -40,6 +40,7 @@ class RelayResult:
     body: bytes = b""
     content_type: str = "application/json"
     detail: str = ""
+    unknown: bool = False  # sent, no answer: Laravel may still be processing it
 
 
 def verdict_for(status: int) -> str:
@@ -68,7 +69,7 @@ async def post_raw(
     try:
         answer = await fetch(forwarder, laravel, req, timeout_s)
     except UpstreamError as exc:
-        return RelayResult("retry", None, detail=exc.detail)
+        return RelayResult("retry", None, detail=exc.detail, unknown=isinstance(exc, SentNoAnswer))
     return RelayResult(
         verdict_for(answer.status),
         answer.status,
@@ -105,6 +106,7 @@ class Deliverer:
         timeout_s: float,
         retry_base_s: float,
         retry_max_s: float,
+        inflight_s: float = 60.0,
         wall: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -116,6 +118,7 @@ class Deliverer:
         self._timeout_s = timeout_s
         self._base_s = retry_base_s
         self._max_s = retry_max_s
+        self._inflight_s = inflight_s
         self._wall = wall
         self._monotonic = monotonic
         self._wake = asyncio.Event()
@@ -126,6 +129,12 @@ class Deliverer:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def hold(self, session: str) -> None:
+        """A delivery of `session`'s oldest event timed out: it may still be running at
+        Laravel, so nothing of that session is sent before `inflight_s` have passed (a
+        second copy racing the first would also overtake the order)."""
+        self._not_before[session] = self._monotonic() + self._inflight_s
 
     async def run(self) -> None:
         while True:
@@ -160,6 +169,8 @@ class Deliverer:
                 self.failures += 1
                 await self._backlog.attempted(item.id)
                 delay = backoff_s(item.attempts + 1, self._base_s, self._max_s, random.random())
+                if result.unknown:
+                    delay = max(delay, self._inflight_s)
                 self._not_before[item.session] = self._monotonic() + delay
                 log.info(
                     "webhook_delivery_failed",

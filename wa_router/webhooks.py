@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,6 @@ from .events import (
     DEMOTE,
     FORGET,
     Event,
-    SeenSet,
     learning,
     parse_event,
 )
@@ -40,11 +40,14 @@ from .gate import REFUSE, WEBHOOK, decide_path
 from .httpio import forward_headers, json_error, read_body, relay
 from .laravel_view import DROP, HOLD, Held, Holding, relayed_headers, verdict
 from .pool import Pool, State
+from .replay import Seen, SharedSeen
 from .retry import failure_answer
 from .signing import INSTANCE_URL, SIGNATURE, TIMESTAMP, sign, verify
 from .stores.base import Source
 
 log = structlog.get_logger("wa_router.webhooks")
+
+WEBHOOK_ID = "X-Webhook-Id"
 
 # What goes on to Laravel with the raw body: what its HMAC middleware and controller read.
 RELAYED_HEADERS = ("Content-Type", TIMESTAMP, SIGNATURE, INSTANCE_URL)
@@ -75,6 +78,7 @@ class Webhooks:
         forwarder: Forwarder,
         backlog: Backlog | None,
         advertise_url: str | None = None,
+        seen_shared: SharedSeen | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
@@ -86,9 +90,9 @@ class Webhooks:
         self._clock = clock
         self.laravel = laravel_instance(cfg.laravel_url) if cfg.laravel_url else None
         # A replay is the same (timestamp, signature): remembered while it could verify.
-        self._replays = SeenSet(2 * cfg.window_s, clock)
+        self._replays = Seen(2 * cfg.window_s, clock, seen_shared)
         # Node's retry of one event: same body from the same instance, new signature.
-        self._retries = SeenSet(cfg.retry_dedupe_s, clock)
+        self._retries = Seen(cfg.retry_dedupe_s, clock, seen_shared)
         self.stats = WebhookStats()
         self.advertise_url = advertise_url
         self.holding = Holding(cfg.hold_login_events_s)
@@ -106,6 +110,7 @@ class Webhooks:
                 timeout_s=cfg.relay_timeout_s,
                 retry_base_s=cfg.retry_base_s,
                 retry_max_s=cfg.retry_max_s,
+                inflight_s=cfg.inflight_s,
             )
 
     async def intake(self, request: web.Request) -> web.Response:
@@ -147,13 +152,16 @@ class Webhooks:
         replay_key = f"{ts}:{request.headers[SIGNATURE]}:{sender}".encode()
         # Node's retry: the same body from the same instance, re-signed.
         retry_key = f"{sender}\0".encode() + hashlib.sha256(body).digest()
-        if not self._replays.add(replay_key) or not self._retries.add(retry_key):
+        if not await self._replays.add(replay_key) or not await self._retries.add(retry_key):
             self.stats.duplicates += 1
             log.info("webhook_duplicate", webhook_event=event.name, session=event.session)
             return web.json_response({"status": "duplicate"}), event.name, "duplicate"
         self.stats.accepted += 1
         headers = relayed_headers(
-            [(k, request.headers[k]) for k in RELAYED_HEADERS if k in request.headers],
+            [(k, request.headers[k]) for k in RELAYED_HEADERS if k in request.headers]
+            # The same on every attempt, direct or from the backlog: a receiver can tell a
+            # second delivery of one event from a new one (README: Laravel middleware).
+            + [(WEBHOOK_ID, uuid.uuid4().hex)],
             instance_url_header=INSTANCE_URL,
             advertise_url=self.advertise_url,
             origin=inst.name if inst is not None else None,
@@ -173,8 +181,8 @@ class Webhooks:
         except BaseException:
             # Not taken after all (full backlog, crash): Node's retry must not look like
             # a duplicate of an event nobody has.
-            self._replays.discard(replay_key)
-            self._retries.discard(retry_key)
+            await self._replays.discard(replay_key)
+            await self._retries.discard(retry_key)
             raise
 
     @contextlib.asynccontextmanager
@@ -307,6 +315,8 @@ class Webhooks:
                 webhook_event=event.name,
                 detail=result.detail,
             )
+            if result.unknown and self.deliverer is not None:
+                self.deliverer.hold(session)
         return await self._enqueue(path, event, body, headers, ts), "queued"
 
     async def _enqueue(

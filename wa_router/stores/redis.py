@@ -10,6 +10,7 @@ Keys (all under `key_prefix`, nothing else is touched, nothing is ever flushed):
     {prefix}live         sorted set of live session ids, all scores 0, so ZRANGEBYLEX gives
                          the admin API's id-ordered cursor pages
     {prefix}changes      pub/sub channel: one message per stored observation
+    {prefix}seen:{hex}   webhook replay / retry memory, with the TTL of its window
 
 Every write goes through one Lua script (compare-and-set, counts, live set, TTL, publish),
 so two routers racing can never let the older observation win, and the counts and the live
@@ -240,6 +241,14 @@ class RedisStore:
             ],
         )
         return bool(stored)
+
+    async def remember(self, key: bytes, ttl_s: float) -> bool:
+        """Replay memory shared by every router (replay.SharedSeen): SET NX with a TTL."""
+        name = f"{self.key_prefix}seen:{key.hex()}"
+        return bool(await self._redis.set(name, "1", nx=True, px=max(1, round(ttl_s * 1000))))
+
+    async def forget(self, key: bytes) -> None:
+        await self._redis.delete(f"{self.key_prefix}seen:{key.hex()}")
 
     async def counts(self) -> dict[str, int]:
         raw = cast("dict[str, str]", await self._redis.hgetall(self._counts_key))

@@ -11,6 +11,7 @@ Synchronous on purpose: the event loop is per test function, the process can out
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -89,8 +90,19 @@ class RedisServer:
                 raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
             time.sleep(0.01)
 
+    def pause(self) -> None:
+        """SIGSTOP: the port stays open, nothing is answered (a hung Redis)."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.send_signal(signal.SIGCONT)  # a paused one could not act on SIGTERM
         if proc is None:
             return
         proc.terminate()

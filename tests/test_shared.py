@@ -68,11 +68,15 @@ async def test_routing_goes_on_while_redis_is_down(
         assert (await client.post("/api/messages/send", json=send_body("r2"))).status == 200
     finally:
         redis_server.start()
-    # Back (empty: no persistence): new facts are written to it again.
+    # Back (empty: no persistence): new facts are written to it again, those learned while
+    # its breaker was still open included.
     sims[0].add_session("r3")
     assert (await client.post("/api/messages/send", json=send_body("r3"))).status == 200
-    entry = await router.directory.store.get("r3")
-    assert entry is not None and entry.instance == "node-0"
+    deadline = asyncio.get_running_loop().time() + 5
+    while (entry := await router.directory.store.get("r3")) is None:
+        assert asyncio.get_running_loop().time() < deadline, "r3 never reached Redis"
+        await asyncio.sleep(0.01)
+    assert entry.instance == "node-0"
 
 
 async def test_a_request_waiting_on_one_router_is_woken_by_a_webhook_at_the_other(
@@ -100,3 +104,43 @@ async def test_a_request_waiting_on_one_router_is_woken_by_a_webhook_at_the_othe
     assert resp.status == 200, await resp.text()
     assert sends(sims[2]) == 1
     assert ra.parking.stats.outcomes["woken"] == 1
+
+
+async def test_a_hung_redis_holds_no_request_and_no_webhook(
+    sims: list[SimInstance], start_router: StartRouter, redis_server: RedisServer
+) -> None:
+    import aiohttp
+
+    from .conftest import signed_webhook as hook
+
+    client, router = await start_router(shared_config(sims, redis_server.url, unique_prefix()))  # type: ignore[arg-type]
+    sims[1].add_session("h1")
+    sims[2].add_session("h2")
+    for s in ("h1", "h2"):
+        assert (await client.post("/api/messages/send", json=send_body(s))).status == 200
+    redis_server.pause()
+    try:
+        router.directory.invalidate("h2")  # h2 must come from the store: it hangs
+        # Laravel's send timeout is 30 s and Node's webhook one 5 s; here a second each is
+        # plenty: the store gets 0.25 s, then the cache and discovery answer.
+        quick = aiohttp.ClientTimeout(total=1.0)
+        for s in ("h1", "h2"):
+            resp = await client.post("/api/messages/send", json=send_body(s), timeout=quick)
+            assert resp.status == 200, await resp.text()
+        sims[3].add_session("h3")
+        body, headers = hook(SECRET, "session_ready", {"session_id": "h3"}, sims[3].port)
+        resp = await client.post(
+            "/api/whatsapp/webhooks/webjs", data=body, headers=headers, timeout=quick
+        )
+        assert resp.status == 200, await resp.text()
+        resp = await client.post("/api/messages/send", json=send_body("h3"), timeout=quick)
+        assert resp.status == 200 and sends(sims[3]) == 1  # learned, though Redis is away
+        assert router.directory.stats.store_errors >= 1
+    finally:
+        redis_server.resume()
+    # Once Redis answers again, what it missed is written back.
+    deadline = asyncio.get_running_loop().time() + 5
+    while (entry := await router.directory.store.get("h3")) is None:
+        assert asyncio.get_running_loop().time() < deadline, "h3 never reached Redis"
+        await asyncio.sleep(0.01)
+    assert entry.instance == "node-3"

@@ -133,6 +133,8 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         store,
         cache_ttl_s=cfg.directory.cache_ttl_s,
         cache_max_entries=cfg.directory.cache_max_entries,
+        store_deadline_s=cfg.store.deadline_s,
+        store_breaker_s=cfg.store.breaker_s,
     )
     client = LeanForwarder if cfg.upstream.client == "lean" else AiohttpForwarder
     forwarder = client(
@@ -314,6 +316,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         if backlog is not None:
             await backlog.close()
         await router.forwarder.close()
+        await router.directory.close()
         await router.store.close()
         log.info("router_stopped")
 

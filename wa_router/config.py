@@ -146,6 +146,11 @@ class StoreConfig:
     kind: str = "memory"  # one of STORE_KINDS
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "wa-router:"
+    # Each call a request or a webhook makes to the store waits at most this long; after a
+    # failure the store is not asked for `breaker_s` (routing goes on from the cache and
+    # discovery): a hung Redis never holds a request or a webhook for long.
+    deadline_s: float = 0.25
+    breaker_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

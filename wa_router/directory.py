@@ -14,9 +14,12 @@ observation, this router's or (through the store's pub/sub) another's.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import structlog
 
@@ -25,7 +28,15 @@ from .stores.base import LOGIN_STAGES, Entry, Source, Status, Store, may_replace
 log = structlog.get_logger("wa_router.directory")
 
 ConnectedListener = Callable[[str, str], None]
+_T = TypeVar("_T")
+
+
+class StoreUnavailable(Exception):
+    """The store's breaker is open: not asked."""
+
+
 _CANDIDATES_MAX = 10_000
+_UNWRITTEN_MAX = 100_000
 
 
 @dataclass(slots=True)
@@ -51,6 +62,8 @@ class Directory:
         *,
         cache_ttl_s: float,
         cache_max_entries: int,
+        store_deadline_s: float = 0.25,
+        store_breaker_s: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -61,6 +74,14 @@ class Directory:
         self._monotonic = monotonic
         self._wall = wall
         self._cache: dict[str, tuple[Entry, float]] = {}
+        # A hung or dead shared store must not hold a request: each call has a deadline,
+        # and after a failure the store is left alone for a moment (a breaker), so a Redis
+        # under SIGSTOP costs one deadline now and then, not one per request.
+        self._deadline_s = store_deadline_s
+        self._breaker_s = store_breaker_s
+        self._store_down_until = 0.0
+        self._unwritten: dict[str, Entry] = {}  # cached while the store was away
+        self._flusher: asyncio.Task[None] | None = None
         self._candidates: dict[str, Entry] = {}
         self._connected_listeners: list[ConnectedListener] = []
         store.subscribe(self.on_store_change)
@@ -78,7 +99,7 @@ class Directory:
                 return hit[0]
             del self._cache[session]
         try:
-            entry = await self.store.get(session)
+            entry = await self._guarded(self.store.get(session))
         except Exception as exc:
             # A shared store that is down must not stop routing: discovery finds the owner
             # and the cache keeps it until the store is back.
@@ -123,7 +144,7 @@ class Directory:
             instance, self._wall() if observed_at is None else observed_at, source, status
         )
         try:
-            applied = await self.store.put(session, entry, only_if=instance)
+            applied = await self._guarded(self.store.put(session, entry, only_if=instance))
         except Exception as exc:
             self._store_failed("put", exc)
             applied = False
@@ -169,24 +190,68 @@ class Directory:
 
     async def counts(self) -> dict[str, int]:
         try:
-            return await self.store.counts()
+            return await self._guarded(self.store.counts())
         except Exception as exc:
             self._store_failed("counts", exc)
             return {}
 
+    def _write_back(self, session: str, entry: Entry) -> None:
+        if session not in self._unwritten and len(self._unwritten) >= _UNWRITTEN_MAX:
+            del self._unwritten[next(iter(self._unwritten))]  # the next sync has it anyway
+        self._unwritten[session] = entry
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        """Write what the store missed while it was away, once it answers again."""
+        while self._unwritten:
+            await asyncio.sleep(max(self._store_down_until - self._monotonic(), 0.0) + 0.01)
+            while self._unwritten:
+                session, entry = next(iter(self._unwritten.items()))
+                try:
+                    await self._guarded(self.store.put(session, entry))
+                except Exception:
+                    break  # still away: wait for the breaker again
+                if self._unwritten.get(session) is entry:
+                    del self._unwritten[session]
+        log.info("store_written_back")
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+
+    async def _guarded(self, call: Coroutine[Any, Any, _T]) -> _T:
+        """`call` under the store deadline; StoreUnavailable at once while the breaker is
+        open (the caller goes on with the cache and discovery)."""
+        if self._monotonic() < self._store_down_until:
+            call.close()
+            raise StoreUnavailable("the store failed a moment ago")
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                return await call
+        except Exception:
+            self._store_down_until = self._monotonic() + self._breaker_s
+            raise
+
     def _store_failed(self, op: str, exc: Exception) -> None:
         self.stats.store_errors += 1
-        log.warning("store_unavailable", op=op, error=type(exc).__name__)
+        if not isinstance(exc, StoreUnavailable):
+            log.warning("store_unavailable", op=op, error=type(exc).__name__)
 
     async def _write(self, session: str, entry: Entry) -> bool:
         try:
-            applied = await self.store.put(session, entry)
+            applied = await self._guarded(self.store.put(session, entry))
         except Exception as exc:
             self._store_failed("put", exc)
-            # Kept in this router's cache (the next sync writes it again), by the same rule
-            # the store applies: a restorer's claim must not displace a connected owner.
+            # Kept in this router's cache, by the same rule the store applies (a restorer's
+            # claim must not displace a connected owner), and written back once the store
+            # answers again (the store's own rule then decides against what it has).
             cached = self._cache.get(session)
             applied = may_replace(entry, cached[0] if cached is not None else None)
+            if applied:
+                self._write_back(session, entry)
         if not applied:
             if entry.status in LOGIN_STAGES and entry.instance is not None:
                 self._remember_candidate(session, entry)

@@ -145,3 +145,56 @@ def redis_server_fixture(scope: Any = "module") -> Callable[..., Any]:
             server.close()
 
     return pytest.fixture(scope=scope)(fixture)
+
+
+class SentinelServer:
+    """One redis-sentinel process watching `master` (a RedisServer) under the name
+    `name`: the sentinel binary when installed, else redis-server in sentinel mode."""
+
+    def __init__(self, master: RedisServer, name: str = "mymaster") -> None:
+        self.port = free_port()
+        self.name = name
+        self._master = master
+        self._dir = tempfile.TemporaryDirectory(prefix="wa-router-sentinel-")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        conf = Path(self._dir.name, "sentinel.conf")
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self._dir.name}\n"
+            f"logfile sentinel.log\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self._master.port} 1\n"
+            f"sentinel down-after-milliseconds {self.name} 5000\n"
+        )
+        binary = shutil.which("redis-sentinel")
+        argv = [binary, str(conf)] if binary else [REDIS_SERVER, str(conf), "--sentinel"]
+        self._proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout_s
+        while not self.knows_master():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-sentinel on {self.port} did not come up")
+            time.sleep(0.02)
+
+    def knows_master(self) -> bool:
+        """Whether it answers where `name`'s master is (a raw RESP exchange)."""
+        cmd = f"SENTINEL get-master-addr-by-name {self.name}\r\n".encode()
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(cmd)
+                return str(self._master.port).encode() in s.recv(256)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._dir.cleanup()

@@ -106,6 +106,32 @@ def test_config_file_from_env(tmp_path: Path) -> None:
             "limits.session_id_pattern",
             "regular expression",
         ),
+        (BASE + "store: {sentinels: [nohost]}\n", {}, "store.sentinels[0]", "host:port"),
+        (BASE + "store: {sentinels: ['h:99999']}\n", {}, "store.sentinels[0]", "host:port"),
+        (
+            BASE + "profile: {not_here: [{http_status: 200}]}\n",
+            {},
+            "profile.not_here[0].http_status",
+            "4xx or 5xx",
+        ),
+        (
+            BASE + "profile: {not_here: [{http_status: 409, means: maybe}]}\n",
+            {},
+            "profile.not_here[0].means",
+            "not one of",
+        ),
+        (
+            BASE + "webhooks: {advertise_url: 'ftp://x'}\n",
+            {},
+            "webhooks.advertise_url",
+            "http",
+        ),
+        (
+            BASE + "webhooks: {inflight_s: 1, relay_timeout_s: 5}\n",
+            {},
+            "webhooks.inflight_s",
+            "relay_timeout_s",
+        ),
     ],
 )
 def test_bad_config_names_the_key(

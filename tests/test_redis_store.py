@@ -317,3 +317,32 @@ async def test_only_if_writes_only_while_the_entry_names_that_instance(
         assert await store.put("s", gone_b, only_if="node-b")
         assert await store.get("s") == gone_b
         assert (await store.counts()) == {"node-b": 1}  # still placed there (known)
+
+
+async def test_the_store_finds_its_master_through_a_real_sentinel(
+    redis_server: RedisServer,
+) -> None:
+    from tests.redis_server import SentinelServer
+
+    sentinel = SentinelServer(redis_server)
+    sentinel.start()
+    try:
+        # The URL gives only credentials and db: its host is nowhere.
+        store = RedisStore(
+            "redis://127.0.0.1:1/0",
+            key_prefix=unique_prefix(),
+            sentinels=(("127.0.0.1", sentinel.port),),
+            sentinel_master=sentinel.name,
+        )
+        await store.start()
+        try:
+            changes = recorder(store)
+            assert await store.put("s1", Entry("node-1", 1.0, Source.WEBHOOK, "connected"))
+            assert await store.get("s1") == Entry("node-1", 1.0, Source.WEBHOOK, "connected")
+            await wait_for(lambda: bool(changes), what="the change through pub/sub")
+            assert changes[0][0] == "s1"
+            assert await store.remember(b"k", 5.0) and not await store.remember(b"k", 5.0)
+        finally:
+            await store.close()
+    finally:
+        sentinel.stop()

@@ -115,9 +115,16 @@ def build_store(cfg: Config) -> Store:
         return RedisStore(
             cfg.store.redis_url,
             key_prefix=cfg.store.key_prefix,
+            sentinels=tuple(sentinel_address(a) for a in cfg.store.sentinels),
+            sentinel_master=cfg.store.sentinel_master,
             tombstone_ttl_s=cfg.directory.tombstone_ttl_s,
         )
     raise ConfigError("store.kind", f"unknown store {cfg.store.kind}")  # pragma: no cover
+
+
+def sentinel_address(hostport: str) -> tuple[str, int]:
+    host, _, port = hostport.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def build_router(cfg: Config, *, store: Store | None = None) -> Router:

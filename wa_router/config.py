@@ -144,7 +144,12 @@ class DirectoryConfig:
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     kind: str = "memory"  # one of STORE_KINDS
+    # redis://, rediss:// (TLS), unix://; `redis://user:password@host:6379/0` for ACLs.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Sentinel: `host:port` of each sentinel, and the master's name; the URL then
+    # gives only the credentials and the db. (Redis Cluster is not supported.)
+    sentinels: tuple[str, ...] = ()
+    sentinel_master: str = "mymaster"
     key_prefix: str = "wa-router:"
     # Each call a request or a webhook makes to the store waits at most this long; after a
     # failure the store is not asked for `breaker_s` (routing goes on from the cache and
@@ -366,6 +371,10 @@ def validate(cfg: Config) -> None:
     _validate_choice("upstream.client", cfg.upstream.client, UPSTREAM_CLIENTS)
     if URL(cfg.store.redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("store.redis_url", "must be redis://, rediss:// or unix://")
+    for i, hostport in enumerate(cfg.store.sentinels):
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"store.sentinels[{i}]", f"{hostport!r} is not host:port")
     _validate_choice("log.format", cfg.log.format, ("auto", "json", "console"))
     _validate_choice("log.level", cfg.log.level.lower(), ("debug", "info", "warning", "error"))
     if cfg.upstream.client_keys and not cfg.upstream.api_key:

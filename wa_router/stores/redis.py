@@ -32,7 +32,9 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import EqualJitterBackoff, NoBackoff
 
 from .base import Entry, Source
@@ -124,6 +126,56 @@ def decode_change(payload: str) -> tuple[str, Entry]:
     return str(session), Entry(instance, float(observed_at), Source(source), status)
 
 
+# Commands: one short retry covers a pooled connection that died under us; a Redis that
+# stays down surfaces quickly as ConnectionError for the caller to handle.
+_COMMANDS: dict[str, Any] = {
+    "decode_responses": True,
+    "socket_connect_timeout": 2.0,
+    "socket_timeout": 5.0,
+    "retry": Retry(EqualJitterBackoff(cap=0.1, base=0.01), 1),
+}
+# Listener: its own client without retries, because redis-py's pubsub otherwise reconnects
+# and resubscribes silently, and the messages missed meanwhile would go unnoticed. No
+# socket timeout: a quiet channel is normal. The health-check PING (and TCP keepalive)
+# turns a half-open connection into an error.
+_LISTENER: dict[str, Any] = {
+    "decode_responses": True,
+    "socket_connect_timeout": 2.0,
+    "socket_timeout": None,
+    "socket_keepalive": True,
+    "health_check_interval": 15,
+    "retry": Retry(NoBackoff(), 0),
+}
+
+
+def _direct_clients(url: str) -> tuple[aioredis.Redis, aioredis.Redis]:
+    """redis://, rediss:// (TLS), unix://; user and password (ACL) from the URL. A
+    blocking pool: a burst of requests waits for one of `_MAX_CONNECTIONS` instead of
+    failing with "Too many connections". Options in the URL's query string win."""
+    commands = aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=_MAX_CONNECTIONS, timeout=_POOL_WAIT_S, **_COMMANDS
+        )
+    )
+    return commands, aioredis.Redis.from_url(url, **_LISTENER)
+
+
+def _sentinel_clients(
+    url: str, sentinels: tuple[tuple[str, int], ...], master: str
+) -> tuple[aioredis.Redis, aioredis.Redis]:
+    """The master Sentinel names now (and after a failover): redis-py asks the sentinels
+    on every new connection. Credentials and db come from `url` (its host is unused)."""
+    auth: dict[str, Any] = {
+        k: v for k, v in parse_url(url).items() if k in ("username", "password", "db")
+    }
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(sentinels), socket_timeout=1.0, socket_connect_timeout=1.0
+    )
+    commands = sentinel.master_for(master, max_connections=_MAX_CONNECTIONS, **auth, **_COMMANDS)
+    listener = sentinel.master_for(master, **auth, **_LISTENER)
+    return commands, listener
+
+
 class RedisStore:
     """The `Store` protocol over Redis, plus change notifications for in-process caches.
 
@@ -132,42 +184,23 @@ class RedisStore:
     """
 
     def __init__(
-        self, url: str, *, key_prefix: str = "wa-router:", tombstone_ttl_s: float = 600.0
+        self,
+        url: str,
+        *,
+        key_prefix: str = "wa-router:",
+        tombstone_ttl_s: float = 600.0,
+        sentinels: tuple[tuple[str, int], ...] = (),
+        sentinel_master: str = "mymaster",
     ) -> None:
         self.key_prefix = key_prefix
         self.channel = f"{key_prefix}changes"
         self._counts_key = f"{key_prefix}counts"
         self._live_key = f"{key_prefix}live"
         self._tombstone_ttl_ms = max(1, round(tombstone_ttl_s * 1000))
-        # Commands: one short retry covers a pooled connection that died under us; a Redis
-        # that stays down surfaces quickly as ConnectionError for the caller to handle.
-        # A blocking pool: a burst of requests waits for one of `_MAX_CONNECTIONS` instead
-        # of failing with "Too many connections" (redis-py's plain pool). Options given in
-        # the URL's query string take precedence over these.
-        self._redis = aioredis.Redis.from_pool(
-            aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=_MAX_CONNECTIONS,
-                timeout=_POOL_WAIT_S,
-                decode_responses=True,
-                socket_connect_timeout=2.0,
-                socket_timeout=5.0,
-                retry=Retry(EqualJitterBackoff(cap=0.1, base=0.01), 1),
-            )
-        )
-        # Listener: its own client without retries, because redis-py's pubsub otherwise
-        # reconnects and resubscribes silently, and the messages missed meanwhile would go
-        # unnoticed. No socket timeout: a quiet channel is normal. The health-check PING
-        # (and TCP keepalive) turns a half-open connection into an error.
-        self._listener_redis = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=2.0,
-            socket_timeout=None,
-            socket_keepalive=True,
-            health_check_interval=15,
-            retry=Retry(NoBackoff(), 0),
-        )
+        if sentinels:
+            self._redis, self._listener_redis = _sentinel_clients(url, sentinels, sentinel_master)
+        else:
+            self._redis, self._listener_redis = _direct_clients(url)
         self._put_script = self._redis.register_script(_PUT_LUA)
         self._subscribers: list[Subscriber] = []
         self._listener: asyncio.Task[None] | None = None

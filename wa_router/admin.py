@@ -33,11 +33,11 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from .app import Handler, Router, tracked
 from .errors import RequestRejected
 from .httpio import json_error
 from .openapi import openapi_document
 from .pool import Instance, State
+from .runtime import Handler, Router, tracked
 from .stores.base import Entry, Source
 from .webhooks import WebhookStats
 

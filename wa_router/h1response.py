@@ -8,14 +8,39 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .errors import Disconnected
 
-if TYPE_CHECKING:
-    from .h1 import _Conn
+
+class _Host(Protocol):
+    """The pool a connection goes back to (h1.py's): what an answer needs of it."""
+
+    @property
+    def name(self) -> str: ...
+
+    def put(self, conn: Any) -> None: ...
+
+    def drop(self, conn: Any) -> None: ...
+
+
+class _Conn(Protocol):
+    """One pooled connection (h1.py's), as the answer reads it: its buffer, whether more
+    can come, and the pool it belongs to. A narrow view, so this module needs no h1."""
+
+    @property
+    def host(self) -> _Host: ...
+
+    buf: bytearray
+    closed: bool
+    error: Exception | None
+
+    async def more(self, head: bool = False) -> None: ...
+
+    def take(self, n: int) -> bytes: ...
+
 
 MAX_HEAD_BYTES = 64 * 1024
 _MAX_LINE_BYTES = 8 * 1024  # a chunk-size or trailer line

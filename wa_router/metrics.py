@@ -21,7 +21,7 @@ from .parking import FULL, SHUTDOWN, TIMEOUT, WOKEN
 from .pool import State
 
 if TYPE_CHECKING:
-    from .app import Router
+    from .runtime import Router
 
 # Loopback to Node answers in ~1 ms; sends through WhatsApp take seconds.
 LATENCY_BUCKETS_S = (

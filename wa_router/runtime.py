@@ -1,0 +1,97 @@
+"""The running router's parts, held together, and the wrapper every handler runs in.
+
+Below the wiring (`app.py` builds a `Router` and its routes) and above the parts, so the
+admin API, the metrics and the status page read the parts through it without importing
+the wiring (no import loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .config import Config
+from .directory import Directory
+from .discovery import Discovery
+from .forward import AiohttpForwarder
+from .h1 import LeanForwarder
+from .health import HealthChecker
+from .logging import CURRENT_REQUEST
+from .parking import Parking
+from .pool import Pool
+from .profiles import Profile
+from .proxy import Proxy
+from .stores import Store
+from .sync import Syncer
+from .webhooks import Webhooks
+
+
+@dataclass(slots=True)
+class Router:
+    config: Config
+    profile: Profile
+    pool: Pool
+    store: Store
+    directory: Directory
+    forwarder: AiohttpForwarder | LeanForwarder
+    discovery: Discovery
+    proxy: Proxy
+    webhooks: Webhooks
+    health: HealthChecker
+    syncer: Syncer
+    parking: Parking
+    # Warm: the first sync is done (or gave up); /readyz says so.
+    warm: bool = False
+    # Handler tasks in flight, so shutdown can wait for them (and only for its grace).
+    inflight: set[asyncio.Task[object]] = field(default_factory=set)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+_request_ids = itertools.count(1)
+_ID_PREFIX = f"{os.getpid():x}-"
+
+
+class RequestId:
+    """Names one request in the logs: the caller's X-Request-Id when it is a sane token,
+    else a cheap unique one; made on first use (most requests log nothing), then kept."""
+
+    __slots__ = ("_request", "_rid")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._rid: str | None = None
+
+    def __call__(self) -> str:
+        if self._rid is None:
+            given = self._request.headers.get("X-Request-Id", "")
+            if 0 < len(given) <= 64 and given.isascii() and given.isprintable():
+                self._rid = given
+            else:
+                self._rid = f"{_ID_PREFIX}{next(_request_ids):x}"
+        return self._rid
+
+
+def tracked(router: Router, handler: Handler) -> Handler:
+    """Run `handler` counted as in flight (for the drain), with its request id on every log
+    line it writes."""
+
+    async def run(request: web.Request) -> web.StreamResponse:
+        task = request.task
+        router.inflight.add(task)
+        # Reset on exit: aiohttp serves a keep-alive connection's requests in one task,
+        # so the request must not outlive its own handling in the context.
+        token = CURRENT_REQUEST.set(RequestId(request))
+        try:
+            return await handler(request)
+        finally:
+            CURRENT_REQUEST.reset(token)
+            router.inflight.discard(task)
+
+    return run

@@ -42,6 +42,16 @@ def ping(port: int, timeout_s: float = 0.2) -> bool:
         return False
 
 
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after a deadline: never leave a server behind."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=5.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def unique_prefix() -> str:
     """A key prefix of its own for each test, so tests never see each other's keys."""
     return f"t-{uuid.uuid4().hex[:12]}:"
@@ -103,14 +113,7 @@ class RedisServer:
         proc, self._proc = self._proc, None
         if proc is not None:
             proc.send_signal(signal.SIGCONT)  # a paused one could not act on SIGTERM
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            terminate(proc)
 
     def close(self) -> None:
         self.stop()
@@ -191,10 +194,5 @@ class SentinelServer:
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc)
         self._dir.cleanup()

@@ -346,3 +346,79 @@ async def test_the_store_finds_its_master_through_a_real_sentinel(
             await store.close()
     finally:
         sentinel.stop()
+
+
+@pytest.mark.parametrize(("candidate", "existing", "stored"), OWNERSHIP)
+async def test_a_batch_applies_the_same_rule_item_by_item(
+    make_store: MakeStore, candidate: Entry, existing: Entry | None, stored: bool
+) -> None:
+    memory = MemoryStore(clock=lambda: 3.0)
+    for store in (await make_store(key_prefix=unique_prefix()), memory):
+        items = [("other", Entry("node-z", 1.0, Source.SYNC, Status.CONNECTED))]
+        if existing is not None:
+            await store.put("s", existing)
+        assert await store.put_many([*items, ("s", candidate)]) == [True, stored]
+        assert await store.get("s") == (candidate if stored else existing)
+        assert await store.get("other") == items[0][1]
+
+
+async def test_a_first_sync_into_redis_writes_in_batches(
+    redis_server: RedisServer, sims_for_sync: Any
+) -> None:
+    """One script call per batch of sessions, not one per session."""
+    from wa_router.app import build_router
+    from wa_router.config import config_from_dict
+
+    sims = sims_for_sync
+    for i in range(600):
+        sims[i % 2].add_session(f"b{i}")
+    cfg = config_from_dict(
+        {
+            "instances": [{"name": s.name, "url": s.url} for s in sims],
+            "store": {
+                "kind": "redis",
+                "redis_url": redis_server.url,
+                "key_prefix": unique_prefix(),
+            },
+            "upstream": {"api_key": "test-key"},
+        }
+    )
+    router = build_router(cfg)
+    await router.store.start()
+    await router.forwarder.start()
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+
+        async def evalsha_calls() -> int:
+            stats = await client.info("commandstats")
+            return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+        before = await evalsha_calls()
+        report = await router.syncer.run()
+        assert len(report.learned) == 600
+        assert await evalsha_calls() - before <= 3  # 600 sessions in batches of 256
+        assert (await router.store.counts()) == {"node-0": 300, "node-1": 300}
+        # ...and the cache is warm with what the next sync verifies.
+        router.directory.on_store_change("", None)  # "anything may have changed": all dropped
+        report = await router.syncer.run()
+        assert report.verified == 600
+        hits = router.directory.stats.cache_hits
+        assert (await router.directory.lookup("b7")) is not None
+        assert router.directory.stats.cache_hits == hits + 1
+    finally:
+        await client.aclose()
+        await router.forwarder.close()
+        await router.directory.close()
+        await router.store.close()
+
+
+@pytest.fixture
+async def sims_for_sync() -> AsyncIterator[list[Any]]:
+    from wa_router.sim import SimInstance
+
+    nodes = [SimInstance(name=f"node-{i}", api_key="test-key", ready_delay_s=0.0) for i in range(2)]
+    for n in nodes:
+        await n.start()
+    yield nodes
+    for n in nodes:
+        await n.stop()

@@ -245,13 +245,37 @@ class Directory:
             applied = await self._guarded(self.store.put(session, entry))
         except Exception as exc:
             self._store_failed("put", exc)
-            # Kept in this router's cache, by the same rule the store applies (a restorer's
-            # claim must not displace a connected owner), and written back once the store
-            # answers again (the store's own rule then decides against what it has).
-            cached = self._cache.get(session)
-            applied = may_replace(entry, cached[0] if cached is not None else None)
-            if applied:
-                self._write_back(session, entry)
+            applied = self._kept_meanwhile(session, entry)
+        self._after_write(session, entry, applied)
+        return applied
+
+    async def observe_many(self, items: list[tuple[str, Entry]]) -> list[bool]:
+        """`observe` of each prepared entry, in one store round trip (sync's batches)."""
+        try:
+            results = await self._guarded(self.store.put_many(items))
+        except Exception as exc:
+            self._store_failed("put_many", exc)
+            results = [self._kept_meanwhile(s, e) for s, e in items]
+        for (session, entry), applied in zip(items, results, strict=True):
+            self._after_write(session, entry, applied)
+        return results
+
+    def warm(self, session: str, entry: Entry) -> None:
+        """Cache what a sync found true in the store: the first request needs no read."""
+        if entry.instance is not None:
+            self._remember(session, entry)
+
+    def _kept_meanwhile(self, session: str, entry: Entry) -> bool:
+        # The store did not answer. Kept in this router's cache, by the same rule the store
+        # applies (a restorer's claim must not displace a connected owner), and written
+        # back once the store answers again (the store's own rule then decides).
+        cached = self._cache.get(session)
+        applied = may_replace(entry, cached[0] if cached is not None else None)
+        if applied:
+            self._write_back(session, entry)
+        return applied
+
+    def _after_write(self, session: str, entry: Entry, applied: bool) -> None:
         if not applied:
             if entry.status in LOGIN_STAGES and entry.instance is not None:
                 self._remember_candidate(session, entry)
@@ -274,7 +298,6 @@ class Directory:
             self._remember(session, entry)
             if entry.connected:
                 self._tell_connected(session, entry)
-        return applied
 
     def _remember_candidate(self, session: str, entry: Entry) -> None:
         self.stats.candidates += 1

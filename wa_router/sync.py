@@ -181,7 +181,7 @@ class Syncer:
             batch = pending[start : start + _BATCH]
             await asyncio.sleep(0)  # a big sync must not stall the requests
             entries = await self._directory.store.get_many([session for session, _ in batch])
-            writes = []
+            writes: list[tuple[str, Entry]] = []
             for (session, owners), entry in zip(batch, entries, strict=True):
                 kept = owners[0] if len(owners) == 1 else self._keep(owners)
                 if len(owners) > 1:
@@ -191,6 +191,7 @@ class Syncer:
                 seen = Entry(kept[0], report.started_at, Source.SYNC, seen_status)
                 if entry is not None and entry.instance == kept[0] and entry.status == seen_status:
                     report.verified += 1
+                    self._directory.warm(session, entry)  # the first request needs no read
                     continue
                 if not may_replace(seen, entry):
                     if entry is not None and entry.instance == kept[0]:
@@ -205,17 +206,10 @@ class Syncer:
                 else:
                     report.verified += 1  # same owner, its status brought up to date
                 if not dry_run:
-                    writes.append(
-                        self._directory.observe(
-                            session,
-                            kept[0],
-                            Source.SYNC,
-                            observed_at=report.started_at,
-                            status=seen_status,
-                        )
-                    )
-            # Concurrent writes: a shared store's round trips overlap (its pool is the bound).
-            await asyncio.gather(*writes)
+                    writes.append((session, seen))
+            # One store call per batch (one script call on Redis), not one per session.
+            if writes:
+                await self._directory.observe_many(writes)
         if only is not None and report.instances.get(only.name) == "ok":
             await self._gone_after_restart(only, present, report, dry_run)
         if only is None:

@@ -112,6 +112,10 @@ class Store(Protocol):
         racing cannot let the older one win."""
         ...
 
+    async def put_many(self, items: list[tuple[str, Entry]]) -> list[bool]:
+        """`put` of each, in order, in one round trip where the store has round trips."""
+        ...
+
     async def counts(self) -> dict[str, int]:
         """Live sessions per instance name."""
         ...

@@ -56,6 +56,9 @@ class MemoryStore:
         self._entries[session] = entry
         return True
 
+    async def put_many(self, items: list[tuple[str, Entry]]) -> list[bool]:
+        return [await self.put(session, entry) for session, entry in items]
+
     async def counts(self) -> dict[str, int]:
         return {name: n for name, n in self._counts.items() if n > 0}
 

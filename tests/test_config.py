@@ -127,6 +127,18 @@ def test_config_file_from_env(tmp_path: Path) -> None:
             "http",
         ),
         (
+            BASE + "server: {host: 0.0.0.0}\nwebhooks: {laravel_url: 'http://l:1'}\n",
+            {},
+            "webhooks.advertise_url",
+            "Laravel reaches it",
+        ),
+        (
+            BASE + "webhooks: {hold_login_events_s: 300}\n",
+            {},
+            "webhooks.hold_login_events_s",
+            "window_s",
+        ),
+        (
             BASE + "webhooks: {inflight_s: 1, relay_timeout_s: 5}\n",
             {},
             "webhooks.inflight_s",

@@ -95,3 +95,16 @@ def test_held_events_are_released_in_order_or_expire() -> None:
         ("s2", "node-c", "session_authenticated")
     ]
     assert holding.dropped == 1 and len(holding) == 0
+
+
+def test_a_restorer_refreshing_its_qr_does_not_pile_up_held_events() -> None:
+    now = [0.0]
+    holding = Holding(10.0, clock=lambda: now[0])
+    for n in range(1000):  # a QR every 20 s for 5.5 h: the key itself stays fresh
+        now[0] = n * 20.0
+        holding.hold("s1", "node-b", Held("qr_code_generated", "/p", b"{}", (), n, now[0]))
+    released = holding.release("s1", "node-b")
+    assert len(released) == 1 and released[0].timestamp == 999  # only the live one
+    for n in range(20):  # a burst within the hold: the latest few are kept
+        holding.hold("s2", "node-b", Held("qr_code_generated", "/p", b"{}", (), n, now[0]))
+    assert [h.timestamp for h in holding.release("s2", "node-b")] == list(range(12, 20))

@@ -341,7 +341,9 @@ async def test_the_store_finds_its_master_through_a_real_sentinel(
             assert await store.get("s1") == Entry("node-1", 1.0, Source.WEBHOOK, "connected")
             await wait_for(lambda: bool(changes), what="the change through pub/sub")
             assert changes[0][0] == "s1"
-            assert await store.remember(b"k", 5.0) and not await store.remember(b"k", 5.0)
+            assert await store.kv_get(b"k") is None
+            await store.kv_put(b"k", b"\x00v", 5.0)
+            assert await store.kv_get(b"k") == b"\x00v"
         finally:
             await store.close()
     finally:

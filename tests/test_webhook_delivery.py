@@ -157,3 +157,124 @@ async def test_a_slow_laravel_never_gets_a_second_copy_while_it_works_on_the_fir
     ids = [a[1] for a in receiver.arrivals]
     # At least once, in order, and the unavoidable second copy says it is the same event.
     assert seqs == ["1", "1", "2"] and ids[0] == ids[1] != ids[2]
+
+
+def lifecycle(
+    event: str, port: int, session: str = "s1", ts: int | None = None, **data: Any
+) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps(
+        {"event": event, "data": {"session_id": session, "workspace_id": 1, **data}},
+        separators=(",", ":"),
+    ).encode()
+    stamp = str(int(time.time()) if ts is None else ts)
+    return body, {
+        "Content-Type": "application/json",
+        "X-Timestamp": stamp,
+        "X-HMAC-Signature": sign_webhook(SECRET, stamp, body),
+        "X-Instance-Url": f"http://localhost:{port}",
+    }
+
+
+class Events(Receiver):
+    """The receiver, keeping each arrival's event name and its origin member."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str]] = []
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        doc = json.loads(await request.read())
+        self.events.append((doc["event"], request.headers.get("X-Wa-Router-Instance", "")))
+        return web.json_response({"status": "ok"})
+
+
+@pytest.fixture
+async def events() -> AsyncIterator[Events]:
+    r = Events()
+    await r.start()
+    yield r
+    await r.stop()
+
+
+async def test_a_real_reconnect_repeating_its_ready_is_not_a_retry(
+    sims: list[SimInstance], events: Events, start_router: StartRouter, tmp_path: Path
+) -> None:
+    client, router = await start_router(config(sims, events, tmp_path))  # type: ignore[arg-type]
+    port = sims[0].port
+    ready = {"phone_number": "628", "status": "connected"}
+    now = int(time.time())
+    for n, (event, data) in enumerate(
+        (
+            ("session_ready", ready),
+            ("session_disconnected", {"reason": "NAVIGATION"}),
+            ("session_ready", ready),  # the same bytes again: a new event, not Node's retry
+        )
+    ):
+        body, headers = lifecycle(event, port, ts=now + n, **data)
+        resp = await client.post(HOOK, data=body, headers=headers)
+        assert (await resp.json())["status"] != "duplicate", event
+    assert [e for e, _ in events.events] == [
+        "session_ready",
+        "session_disconnected",
+        "session_ready",
+    ]
+    entry = await router.directory.lookup("s1")
+    assert entry is not None and entry.connected and entry.instance == "node-0"
+    # Node's own retry of that last one (re-signed, nothing in between) is one event.
+    body, headers = lifecycle("session_ready", port, ts=now + 3, **ready)
+    resp = await client.post(HOOK, data=body, headers=headers)
+    assert (await resp.json())["status"] == "duplicate" and len(events.events) == 3
+
+
+async def test_a_replay_naming_another_instance_is_still_a_replay(
+    sims: list[SimInstance], receiver: Receiver, start_router: StartRouter, tmp_path: Path
+) -> None:
+    client, _ = await start_router(config(sims, receiver, tmp_path))
+    body, headers = signed(1, sims[0].port)
+    assert (await client.post(HOOK, data=body, headers=headers)).status == 200
+    for other in (sims[1].port, sims[2].port, 1):
+        forged = {**headers, "X-Instance-Url": f"http://localhost:{other}"}
+        resp = await client.post(HOOK, data=body, headers=forged)
+        assert (await resp.json())["status"] == "duplicate"
+    assert len(receiver.arrivals) == 1
+
+
+async def test_what_a_restorer_held_waits_for_its_own_ready_only(
+    sims: list[SimInstance], events: Events, start_router: StartRouter, tmp_path: Path
+) -> None:
+    client, router = await start_router(config(sims, events, tmp_path))  # type: ignore[arg-type]
+    a, b = sims[0].port, sims[1].port
+    ready = {"phone_number": "628", "status": "connected"}
+    for event, port, data in (
+        ("session_ready", a, ready),  # connected on node-0
+        ("session_authenticated", b, {}),  # node-1 restores it: held
+        ("session_reconnected", b, {}),  # node-1 again, still not the owner
+        ("session_error", b, {"error": "x"}),
+    ):
+        body, headers = lifecycle(event, port, **data)
+        assert (await client.post(HOOK, data=body, headers=headers)).status == 200
+    # Laravel never heard node-1's login stage while node-0 held the session connected.
+    assert ("session_authenticated", "node-1") not in events.events
+    body, headers = lifecycle("session_ready", b, **ready)  # node-1 wins: then, in order
+    assert (await client.post(HOOK, data=body, headers=headers)).status == 200
+    assert events.events[-2:] == [("session_authenticated", "node-1"), ("session_ready", "node-1")]
+
+
+async def test_a_relay_cut_off_by_a_crash_leaves_nodes_retry_welcome(
+    sims: list[SimInstance], receiver: Receiver, start_router: StartRouter, tmp_path: Path
+) -> None:
+    cfg = config(sims, receiver, tmp_path, server={"shutdown_grace_s": 0})
+    client, _ = await start_router(cfg)
+    receiver.plan = [5.0]  # Laravel slow: the relay is in flight when the router goes
+    body, headers = signed(1, sims[0].port)
+    in_flight = asyncio.create_task(client.post(HOOK, data=body, headers=headers))
+    await wait_for(lambda: len(receiver.arrivals) == 1, what="the relay at Laravel")
+    await client.close()  # the router stops with the relay unanswered
+    in_flight.cancel()
+    await asyncio.gather(in_flight, return_exceptions=True)
+    again, _ = await start_router(config(sims, receiver, tmp_path))
+    ts = str(int(time.time()) + 1)  # Node's retry: the same body, re-signed
+    retry = {**headers, "X-Timestamp": ts, "X-HMAC-Signature": sign_webhook(SECRET, ts, body)}
+    resp = await again.post(HOOK, data=body, headers=retry)
+    assert (await resp.json())["status"] == "ok"  # not a "duplicate" of an event nobody has
+    assert len(receiver.arrivals) == 2

@@ -25,7 +25,7 @@ from .parking import Parking
 from .pool import Instance, Pool
 from .profiles import Profile, build_profile
 from .proxy import Proxy
-from .replay import SharedSeen
+from .replay import SharedKV
 from .rules import RuleTable, SessionIdPolicy
 from .runtime import Router, tracked
 from .stores import MemoryStore, RedisStore, Store
@@ -129,11 +129,12 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         )
     # Replay memory outlives the process: in Redis when routers share it, else in the
     # backlog's file (one router).
-    shared: SharedSeen | None = store if isinstance(store, RedisStore) else backlog
+    shared: SharedKV | None = store if isinstance(store, RedisStore) else backlog
     webhooks = Webhooks(
         cfg=cfg.webhooks,
         advertise_url=advertise_url(cfg),
         seen_shared=shared,
+        store_limits={"deadline_s": cfg.store.deadline_s, "breaker_s": cfg.store.breaker_s},
         pool=pool,
         directory=directory,
         discovery=discovery,

@@ -75,17 +75,17 @@ class Backlog(Protocol):
         """Items pending in all sessions."""
         ...
 
-    async def remember(self, key: bytes, ttl_s: float) -> bool:
-        """Webhook replay memory kept with the backlog (it survives a restart): record
-        `key` for `ttl_s`; False when it was there already."""
+    async def kv_get(self, key: bytes) -> bytes | None:
+        """Webhook intake memory kept with the backlog (it survives a restart)."""
         ...
 
-    async def forget(self, key: bytes) -> None: ...
+    async def kv_put(self, key: bytes, value: bytes, ttl_s: float) -> None: ...
 
 
 # Bumped when the table changes; a file written by a newer router is refused rather than
 # misread.
-_SCHEMA_VERSION = 2  # 2: the `seen` table (replay memory); a version-1 file gains it
+# 3: the `seen` table (webhook intake memory: ephemeral, rebuilt on an older file)
+_SCHEMA_VERSION = 3
 
 # AUTOINCREMENT: without it SQLite reuses max(rowid)+1, so after the newest item is acked
 # the next append would get an id already handed out, and ids would stop following arrival
@@ -104,6 +104,7 @@ CREATE TABLE IF NOT EXISTS backlog (
 CREATE INDEX IF NOT EXISTS backlog_session_id ON backlog (session, id);
 CREATE TABLE IF NOT EXISTS seen (
     key     BLOB PRIMARY KEY,
+    value   BLOB NOT NULL,
     expires REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires);
@@ -186,6 +187,8 @@ class SqliteBacklog:
                     f"backlog {self._path} has schema version {version}; "
                     f"this wa-router knows up to {_SCHEMA_VERSION}"
                 )
+            if version < 3:
+                conn.execute("DROP TABLE IF EXISTS seen")  # only memory of the last minutes
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         except BaseException:
@@ -285,32 +288,36 @@ class SqliteBacklog:
 
         return await self._call(count)
 
-    async def remember(self, key: bytes, ttl_s: float) -> bool:
-        """Replay memory that survives a restart (replay.SharedSeen): False when `key` was
-        recorded within its time already."""
+    async def kv_get(self, key: bytes) -> bytes | None:
+        """Webhook intake memory that survives a restart (replay.SharedKV)."""
         now = self._clock()
 
-        def put(conn: sqlite3.Connection) -> bool:
+        def get(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                "SELECT value FROM seen WHERE key = ? AND expires > ?", (key, now)
+            ).fetchone()
+            return bytes(row[0]) if row is not None else None
+
+        return await self._call(get)
+
+    async def kv_put(self, key: bytes, value: bytes, ttl_s: float) -> None:
+        now = self._clock()
+
+        def put(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.execute("DELETE FROM seen WHERE expires <= ?", (now,))
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO seen (key, expires) VALUES (?, ?)", (key, now + ttl_s)
+                conn.execute(
+                    "INSERT OR REPLACE INTO seen (key, value, expires) VALUES (?, ?, ?)",
+                    (key, value, now + ttl_s),
                 )
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            return cur.rowcount == 1
 
-        return await self._call(put)
-
-    async def forget(self, key: bytes) -> None:
-        def delete(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM seen WHERE key = ?", (key,))
-
-        await self._call(delete)
+        await self._call(put)
 
 
 def _pending(row: Sequence[Any]) -> Pending:

@@ -394,6 +394,16 @@ def validate(cfg: Config) -> None:
     for i, rule in enumerate(cfg.rules or ()):
         validate_rule(rule, f"rules[{i}]")
     _validate_webhooks(cfg.webhooks)
+    if (
+        cfg.webhooks.laravel_url
+        and cfg.webhooks.advertise_url is None
+        and cfg.server.host in ("0.0.0.0", "::", "")
+    ):
+        raise ConfigError(
+            "webhooks.advertise_url",
+            "set it to the router's URL as Laravel reaches it: relayed webhooks name it, and "
+            "with server.host a wildcard the router cannot tell its own address",
+        )
 
 
 def _validate_webhooks(wh: WebhookConfig) -> None:
@@ -422,6 +432,11 @@ def _validate_webhooks(wh: WebhookConfig) -> None:
         raise ConfigError(
             "webhooks.resign_after_s",
             "must be below webhooks.window_s, or re-signing comes too late",
+        )
+    if wh.hold_login_events_s >= wh.window_s:
+        raise ConfigError(
+            "webhooks.hold_login_events_s",
+            "must be below webhooks.window_s: a held event is relayed as it was signed",
         )
     if wh.inflight_s < wh.relay_timeout_s:
         raise ConfigError("webhooks.inflight_s", "must not be below webhooks.relay_timeout_s")

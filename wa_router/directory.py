@@ -80,7 +80,8 @@ class Directory:
         self._deadline_s = store_deadline_s
         self._breaker_s = store_breaker_s
         self._store_down_until = 0.0
-        self._unwritten: dict[str, Entry] = {}  # cached while the store was away
+        # Written while the store was away: (entry, only_if), written back when it answers.
+        self._unwritten: dict[str, tuple[Entry, str | None]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._candidates: dict[str, Entry] = {}
         self._connected_listeners: list[ConnectedListener] = []
@@ -148,6 +149,7 @@ class Directory:
         except Exception as exc:
             self._store_failed("put", exc)
             applied = False
+            self._write_back(session, entry, only_if=instance)  # other routers need it too
         cached = self._cache.get(session)
         if applied or (cached is not None and cached[0].instance == instance):
             self.invalidate(session)
@@ -195,10 +197,10 @@ class Directory:
             self._store_failed("counts", exc)
             return {}
 
-    def _write_back(self, session: str, entry: Entry) -> None:
+    def _write_back(self, session: str, entry: Entry, only_if: str | None = None) -> None:
         if session not in self._unwritten and len(self._unwritten) >= _UNWRITTEN_MAX:
             del self._unwritten[next(iter(self._unwritten))]  # the next sync has it anyway
-        self._unwritten[session] = entry
+        self._unwritten[session] = (entry, only_if)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush())
 
@@ -207,12 +209,13 @@ class Directory:
         while self._unwritten:
             await asyncio.sleep(max(self._store_down_until - self._monotonic(), 0.0) + 0.01)
             while self._unwritten:
-                session, entry = next(iter(self._unwritten.items()))
+                session, item = next(iter(self._unwritten.items()))
+                entry, only_if = item
                 try:
-                    await self._guarded(self.store.put(session, entry))
+                    await self._guarded(self.store.put(session, entry, only_if=only_if))
                 except Exception:
                     break  # still away: wait for the breaker again
-                if self._unwritten.get(session) is entry:
+                if self._unwritten.get(session) is item:
                     del self._unwritten[session]
         log.info("store_written_back")
 

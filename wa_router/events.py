@@ -4,8 +4,6 @@ it, and the memory that tells a replay or Node's retry from a new event."""
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +19,19 @@ ASSIGNING = {
     "qr_code_generated": Status.QR_SCANNING,
 }
 ASSIGN, FORGET, DEMOTE, CHECK = "assign", "forget", "demote", "check"
+# Events whose bodies carry no timestamp of their own: the same bytes again can be a new
+# event (node-pool-api.md, "Identical bodies").
+LIFECYCLE = frozenset(
+    {
+        "qr_code_generated",
+        "session_authenticated",
+        "session_ready",
+        "session_disconnected",
+        "session_reconnected",
+        "session_reconnect_failed",
+        "session_error",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,28 +71,3 @@ def learning(event: Event, forget_reasons: tuple[str, ...]) -> tuple[str, Status
     if event.name == "session_reconnected":
         return (CHECK, None)
     return None
-
-
-class SeenSet:
-    """Keys seen within the last `ttl_s` seconds (insertion-ordered, so expiry is O(1))."""
-
-    def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
-        self._ttl_s = ttl_s
-        self._clock = clock
-        self._seen: OrderedDict[bytes, float] = OrderedDict()
-
-    def add(self, key: bytes) -> bool:
-        """Record `key`; False when it was already there."""
-        now = self._clock()
-        while self._seen:
-            oldest, at = next(iter(self._seen.items()))
-            if at > now - self._ttl_s:
-                break
-            del self._seen[oldest]
-        if key in self._seen:
-            return False
-        self._seen[key] = now
-        return True
-
-    def discard(self, key: bytes) -> None:
-        self._seen.pop(key, None)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from .stores.base import Entry
 
 RELAY, HOLD, DROP = "relay", "hold", "drop"
+_PER_KEY = 8  # held events kept per (session, sender)
 LOGIN_EVENTS = frozenset({"session_authenticated", "qr_code_generated"})
 ORIGIN_INSTANCE = "X-Wa-Router-Instance"  # the pool member a relayed webhook came from
 ORIGIN_INSTANCE_URL = "X-Wa-Router-Instance-Url"  # ...and its own X-Instance-Url
@@ -95,7 +96,13 @@ class Holding:
     def hold(self, session: str, sender: str, item: Held) -> None:
         self.expire()
         key = (session, sender)
-        self._held.setdefault(key, []).append(item)
+        items = self._held.setdefault(key, [])
+        limit = self._clock() - self.hold_s
+        # Each item by its own age (a restorer refreshing its QR keeps the key fresh), and
+        # a few per key at most: only the latest login stages matter to Laravel.
+        fresh = [i for i in items if i.held_at > limit][-(_PER_KEY - 1) :]
+        self.dropped += len(items) - len(fresh)
+        items[:] = [*fresh, item]
         self._held.move_to_end(key)
 
     def release(self, session: str, sender: str) -> list[Held]:

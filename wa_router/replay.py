@@ -1,65 +1,107 @@
-"""Replay and retry memory that outlives the process and is shared by replicas.
+"""What the intake remembers of accepted webhooks, beyond this process and across replicas.
 
-A webhook seen once must be refused as a replay by this router after a restart and by
-every other router: the keys go to the backlog's SQLite file (one router) or to Redis (when
-Redis is the store), behind this router's own in-process memory. The shared memory is
-asked under a short deadline: a hung store never holds a webhook for long (Node gives up at
-5 s); then the local memory alone decides, which is what one router without it would do.
+Two facts, each with its own lifetime:
+
+- *replays*: a (timestamp, signature) accepted before (for lifecycle events, from the same
+  pool member: two instances sign the same bytes in the same second);
+- *the last event* each member sent for each session: Node's retry of an event is the same
+  body again from the same member, with nothing else from it for that session in between
+  (a real repeat after a reconnect or a restart has other events before it).
+
+A fact is written once the event is delivered or queued (`commit`), never before: a router
+killed in the middle of a relay must not leave behind a memory that makes Node's retry look
+like a duplicate of an event nobody has. The shared memory (the backlog's SQLite file, or
+Redis when it is the store) is asked under a deadline with a breaker: a hung store costs a
+webhook at most one deadline now and then; meanwhile this process's memory decides.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
 import structlog
 
-from .events import SeenSet
-
 log = structlog.get_logger("wa_router.replay")
 
-DEADLINE_S = 0.25
+
+class SharedKV(Protocol):
+    async def kv_get(self, key: bytes) -> bytes | None: ...
+
+    async def kv_put(self, key: bytes, value: bytes, ttl_s: float) -> None: ...
 
 
-class SharedSeen(Protocol):
-    async def remember(self, key: bytes, ttl_s: float) -> bool:
-        """Record `key` for `ttl_s`; False when it was there already."""
-        ...
+class _Local:
+    """key -> (value, expiry), oldest write first (one TTL per memory: expiry is O(1))."""
 
-    async def forget(self, key: bytes) -> None: ...
+    def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._items: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
+
+    def get(self, key: bytes) -> bytes | None:
+        now = self._clock()
+        while self._items:
+            oldest, (_, expires) = next(iter(self._items.items()))
+            if expires > now:
+                break
+            del self._items[oldest]
+        hit = self._items.get(key)
+        return hit[0] if hit is not None else None
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._items.pop(key, None)
+        self._items[key] = (value, self._clock() + self._ttl_s)
 
 
-class Seen:
-    """`add(key)`: first time within `ttl_s` here or anywhere the shared memory reaches."""
+class Memory:
+    """One kind of fact (`get`/`put` by key), local first, then shared."""
 
     def __init__(
-        self, ttl_s: float, clock: Callable[[], float], shared: SharedSeen | None = None
+        self,
+        ttl_s: float,
+        clock: Callable[[], float],
+        shared: SharedKV | None = None,
+        *,
+        deadline_s: float = 0.25,
+        breaker_s: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._ttl_s = ttl_s
-        self._local = SeenSet(ttl_s, clock)
+        self.ttl_s = ttl_s
+        self._local = _Local(ttl_s, clock)
         self.shared = shared
+        self._deadline_s = deadline_s
+        self._breaker_s = breaker_s
+        self._monotonic = monotonic
+        self._down_until = 0.0
         self.shared_errors = 0
 
-    async def add(self, key: bytes) -> bool:
-        if not self._local.add(key):
-            return False
-        if self.shared is None:
-            return True
+    async def get(self, key: bytes) -> bytes | None:
+        hit = self._local.get(key)
+        if hit is not None or self.shared is None or self._monotonic() < self._down_until:
+            return hit
         try:
-            async with asyncio.timeout(DEADLINE_S):
-                return await self.shared.remember(key, self._ttl_s)
-        except Exception as exc:  # unreachable or hung: this router's memory decides
-            self.shared_errors += 1
-            log.warning("replay_memory_unavailable", error=type(exc).__name__)
-            return True
+            async with asyncio.timeout(self._deadline_s):
+                return await self.shared.kv_get(key)
+        except Exception as exc:
+            self._failed(exc)
+            return None
 
-    async def discard(self, key: bytes) -> None:
-        self._local.discard(key)
-        if self.shared is not None:
-            try:
-                async with asyncio.timeout(DEADLINE_S):
-                    await self.shared.forget(key)
-            except Exception as exc:
-                self.shared_errors += 1
-                log.warning("replay_memory_unavailable", error=type(exc).__name__)
+    async def put(self, key: bytes, value: bytes) -> None:
+        self._local.put(key, value)
+        if self.shared is None or self._monotonic() < self._down_until:
+            return
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                await self.shared.kv_put(key, value, self.ttl_s)
+        except Exception as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        # Unreachable or hung: this process's memory decides for a moment.
+        self.shared_errors += 1
+        self._down_until = self._monotonic() + self._breaker_s
+        log.warning("replay_memory_unavailable", error=type(exc).__name__)

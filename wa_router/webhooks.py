@@ -31,6 +31,7 @@ from .events import (
     CHECK,
     DEMOTE,
     FORGET,
+    LIFECYCLE,
     Event,
     learning,
     parse_event,
@@ -40,7 +41,7 @@ from .gate import REFUSE, WEBHOOK, decide_path
 from .httpio import forward_headers, json_error, read_body, relay
 from .laravel_view import DROP, HOLD, Held, Holding, relayed_headers, verdict
 from .pool import Pool, State
-from .replay import Seen, SharedSeen
+from .replay import Memory, SharedKV
 from .retry import failure_answer
 from .signing import INSTANCE_URL, SIGNATURE, TIMESTAMP, sign, verify
 from .stores.base import Source
@@ -78,7 +79,8 @@ class Webhooks:
         forwarder: Forwarder,
         backlog: Backlog | None,
         advertise_url: str | None = None,
-        seen_shared: SharedSeen | None = None,
+        seen_shared: SharedKV | None = None,
+        store_limits: dict[str, float] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
@@ -90,9 +92,16 @@ class Webhooks:
         self._clock = clock
         self.laravel = laravel_instance(cfg.laravel_url) if cfg.laravel_url else None
         # A replay is the same (timestamp, signature): remembered while it could verify.
-        self._replays = Seen(2 * cfg.window_s, clock, seen_shared)
+        limits = store_limits or {}
+        deadline_s = limits.get("deadline_s", 0.25)
+        breaker_s = limits.get("breaker_s", 1.0)
+        self._replays = Memory(
+            2 * cfg.window_s, clock, seen_shared, deadline_s=deadline_s, breaker_s=breaker_s
+        )
         # Node's retry of one event: same body from the same instance, new signature.
-        self._retries = Seen(cfg.retry_dedupe_s, clock, seen_shared)
+        self._lasts = Memory(
+            cfg.retry_dedupe_s, clock, seen_shared, deadline_s=deadline_s, breaker_s=breaker_s
+        )
         self.stats = WebhookStats()
         self.advertise_url = advertise_url
         self.holding = Holding(cfg.hold_login_events_s)
@@ -143,47 +152,52 @@ class Webhooks:
             # A verified webhook is the instance talking: it is up (its first webhook
             # after a restart usually beats the next health check).
             self._pool.mark_healthy(inst, "signed webhook")
-        # Two instances sending the same lifecycle event in the same second sign the same
-        # bytes (shared secret, no timestamp in the body): only the sender tells them apart,
-        # as the pool member it names (X-Instance-Url is not signed: spellings of one member
-        # are one sender, and a URL naming no member is one sender too). After a restart
-        # the same instance says the same things again: its epoch tells them apart.
-        sender = f"{inst.name}@{inst.back_at}" if inst is not None else "?"
-        replay_key = f"{ts}:{request.headers[SIGNATURE]}:{sender}".encode()
-        # Node's retry: the same body from the same instance, re-signed.
-        retry_key = f"{sender}\0".encode() + hashlib.sha256(body).digest()
-        if not await self._replays.add(replay_key) or not await self._retries.add(retry_key):
-            self.stats.duplicates += 1
-            log.info("webhook_duplicate", webhook_event=event.name, session=event.session)
-            return web.json_response({"status": "duplicate"}), event.name, "duplicate"
-        self.stats.accepted += 1
-        headers = relayed_headers(
-            [(k, request.headers[k]) for k in RELAYED_HEADERS if k in request.headers]
-            # The same on every attempt, direct or from the backlog: a receiver can tell a
-            # second delivery of one event from a new one (README: Laravel middleware).
-            + [(WEBHOOK_ID, uuid.uuid4().hex)],
-            instance_url_header=INSTANCE_URL,
-            advertise_url=self.advertise_url,
-            origin=inst.name if inst is not None else None,
-        )
-        try:
-            # One session's events are learned from and relayed one at a time, in arrival
-            # order: what Laravel hears is what the directory learned, in the same order.
-            async with self._in_order(event.session or ""):
-                logout = await self._learn(event, instance_url, ts)
-                told = await self._tell(
-                    event, inst.name if inst else None, logout, request.path, body, headers, ts
-                )
-                if told is not None:
-                    return told[0], event.name, told[1]
-                resp, result = await self._relay(request.path, event, body, headers, ts)
-            return resp, event.name, result
-        except BaseException:
-            # Not taken after all (full backlog, crash): Node's retry must not look like
-            # a duplicate of an event nobody has.
-            await self._replays.discard(replay_key)
-            await self._retries.discard(retry_key)
-            raise
+        member = inst.name if inst is not None else "?"
+        session = event.session or ""
+        # The event's place in its session's line is taken now, before anything else is
+        # awaited: one session's events are handled one at a time in arrival order, and
+        # what Laravel hears is what the directory learned, in the same order.
+        async with self._in_order(session):
+            # A replay: the same (timestamp, signature). Two instances sending the same
+            # lifecycle event in the same second sign the same bytes (shared secret, no
+            # timestamp in the body): for those only the sender, as the pool member it
+            # names, tells them apart (X-Instance-Url is not signed).
+            replay_key = f"{ts}:{request.headers[SIGNATURE]}".encode()
+            if event.name in LIFECYCLE:
+                replay_key += f":{member}".encode()
+            # Node's retry: the same body again from the same member for the same session,
+            # with nothing else from it for that session in between (a real repeat after a
+            # reconnect or a restart has other events before it).
+            last_key = f"{member}\0{session}".encode()
+            digest = hashlib.sha256(body).digest()
+            if (
+                await self._replays.get(replay_key) is not None
+                or await self._lasts.get(last_key) == digest
+            ):
+                self.stats.duplicates += 1
+                log.info("webhook_duplicate", webhook_event=event.name, session=event.session)
+                return web.json_response({"status": "duplicate"}), event.name, "duplicate"
+            self.stats.accepted += 1
+            headers = relayed_headers(
+                [(k, request.headers[k]) for k in RELAYED_HEADERS if k in request.headers]
+                # The same on every attempt, direct or from the backlog: a receiver can
+                # tell a second delivery of one event from a new one (README: middleware).
+                + [(WEBHOOK_ID, uuid.uuid4().hex)],
+                instance_url_header=INSTANCE_URL,
+                advertise_url=self.advertise_url,
+                origin=inst.name if inst is not None else None,
+            )
+            logout = await self._learn(event, instance_url, ts)
+            told = await self._tell(
+                event, inst.name if inst else None, logout, request.path, body, headers, ts
+            )
+            if told is None:
+                told = await self._relay(request.path, event, body, headers, ts)
+            # Remembered only now that it is delivered, queued, held or dropped on purpose:
+            # a crash or a refusal (full backlog) before this leaves Node's retry welcome.
+            await self._replays.put(replay_key, b"1")
+            await self._lasts.put(last_key, digest)
+        return told[0], event.name, told[1]
 
     @contextlib.asynccontextmanager
     async def _in_order(self, session: str) -> AsyncIterator[None]:
@@ -228,6 +242,8 @@ class Webhooks:
                 "webhook_superseded", session=event.session, webhook_event=event.name, sender=sender
             )
             return web.json_response({"status": "superseded"}), "superseded"
+        if owner is not None and owner.connected and owner.instance != sender:
+            return None  # relayed, while what it had held still waits for its own ready
         for held in self.holding.release(event.session, sender):
             # It became the owner: what it said meanwhile goes first, in order.
             await self._relay(

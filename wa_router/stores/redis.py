@@ -311,13 +311,14 @@ class RedisStore:
             only_if or "",
         ]
 
-    async def remember(self, key: bytes, ttl_s: float) -> bool:
-        """Replay memory shared by every router (replay.SharedSeen): SET NX with a TTL."""
-        name = f"{self.key_prefix}seen:{key.hex()}"
-        return bool(await self._redis.set(name, "1", nx=True, px=max(1, round(ttl_s * 1000))))
+    async def kv_get(self, key: bytes) -> bytes | None:
+        """Webhook intake memory shared by every router (replay.SharedKV)."""
+        value = await self._redis.get(f"{self.key_prefix}seen:{key.hex()}")
+        return bytes.fromhex(value) if isinstance(value, str) else None
 
-    async def forget(self, key: bytes) -> None:
-        await self._redis.delete(f"{self.key_prefix}seen:{key.hex()}")
+    async def kv_put(self, key: bytes, value: bytes, ttl_s: float) -> None:
+        name = f"{self.key_prefix}seen:{key.hex()}"
+        await self._redis.set(name, value.hex(), px=max(1, round(ttl_s * 1000)))
 
     async def counts(self) -> dict[str, int]:
         raw = cast("dict[str, str]", await self._redis.hgetall(self._counts_key))

@@ -25,6 +25,9 @@ from wa_router.sim import SessionFolder, SimInstance, SimLaravel
 from wa_router.sim.laravel import STATUS_OF_EVENT
 
 from .conftest import API_KEY, StartRouter, free_port, pool_config, send_body, wait_for
+from .redis_server import RedisServer, redis_server_fixture, unique_prefix
+
+redis_server = redis_server_fixture()
 
 SECRET = "restart-secret"
 SESSIONS_PER_INSTANCE = 3
@@ -49,8 +52,15 @@ class Pool:
         return [r for r in self.results if r[1] != 200]
 
 
-@pytest.fixture
-async def real_pool(start_router: StartRouter, tmp_path: Path) -> AsyncIterator[Pool]:
+@pytest.fixture(params=["memory", "redis"])
+async def real_pool(
+    request: pytest.FixtureRequest,
+    start_router: StartRouter,
+    tmp_path: Path,
+    redis_server: RedisServer,
+) -> AsyncIterator[Pool]:
+    """The pool, its Laravel and the router; the directory in process or in Redis (the
+    ownership rule then runs in the store's Lua script)."""
     folder = SessionFolder(conflict_delay_s=0.3)
     laravel = SimLaravel(secret=SECRET)
     await laravel.start()
@@ -81,6 +91,7 @@ async def real_pool(start_router: StartRouter, tmp_path: Path) -> AsyncIterator[
         state={"dir": str(tmp_path / "state")},
         health={"interval_s": 0.5, "down_interval_s": 0.1, "timeout_s": 0.3},
         sync={"interval_s": 3600},
+        store={"kind": request.param, "redis_url": redis_server.url, "key_prefix": unique_prefix()},
     )
     client, router = await start_router(cfg)
     router_url = str(client.make_url("")).rstrip("/")

@@ -20,7 +20,7 @@ from wa_router.errors import (
 )
 from wa_router.pool import Pool, State
 from wa_router.profiles import build_profile
-from wa_router.retry import failure_answer, should_retry
+from wa_router.retry import failure_answer, look_again, may_resend, outcome_of
 from wa_router.singleflight import SingleFlight
 
 
@@ -40,7 +40,9 @@ from wa_router.singleflight import SingleFlight
 def test_retry_policy(
     exc: UpstreamError, method: str, headers: dict[str, str], retry: bool
 ) -> None:
-    assert should_retry(exc, method, headers) is retry
+    # Whether the router looks for the owner again to send once more after `exc`.
+    again = look_again(outcome_of(exc), may_resend=may_resend(method, headers), sends_left=1)
+    assert again is retry
 
 
 @pytest.mark.parametrize(

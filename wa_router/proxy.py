@@ -229,8 +229,9 @@ class Proxy:
         may_resend = retry.may_resend(call.method, call.request.headers)
         resent = maybe_processed = False
         sends_left, parks_left = MAX_SENDS, MAX_PARKS
-        # One deadline from arrival covers every wait of this request.
-        deadline = time.monotonic() + self._wait_s(call)
+        # One deadline from arrival covers every wait of this request (worked out only if it
+        # comes to waiting: the common request never reads its Prefer header).
+        arrived = time.monotonic()
         outcome: Outcome | None = None
         failed: Instance | None = None
         error: UpstreamError | None = None
@@ -301,6 +302,7 @@ class Proxy:
             if retry.look_again(outcome, may_resend=resend_ok, sends_left=sends_left):
                 known, found = await self.resolver.look(ask, outcome, failed)
             now = time.monotonic()
+            deadline = arrived + self._wait_s(call)
             can_park = not maybe_processed and parks_left > 0 and deadline > now
             step = retry.decide(
                 outcome, known, may_resend=resend_ok, sends_left=sends_left, can_park=can_park

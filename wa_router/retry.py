@@ -143,15 +143,6 @@ def expected_back(
     return owner_state is not State.HEALTHY or not owner_answered or owner_restarted
 
 
-def should_retry(exc: UpstreamError, method: str, headers: Mapping[str, str]) -> bool:
-    """Retry (once, on the rediscovered owner) after `exc`?"""
-    if isinstance(exc, NotReached):
-        return True
-    if isinstance(exc, SentNoAnswer):
-        return may_resend(method, headers)
-    return False
-
-
 def failure_answer(exc: UpstreamError, session: str | None, *, retried: bool) -> RequestRejected:
     """The caller's answer when `exc` ends the request."""
     if isinstance(exc, ReadTimeout):

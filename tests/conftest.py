@@ -22,6 +22,18 @@ from wa_router.sim import SimInstance, sign_webhook
 API_KEY = "test-key"
 
 
+async def wait_until(
+    cond: Callable[[], Awaitable[bool]], timeout_s: float = 5.0, what: str = ""
+) -> None:
+    """`wait_for` of a condition that has to ask a server (awaitable)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        await asyncio.sleep(0.005)
+
+
 async def wait_for(cond: Callable[[], bool], timeout_s: float = 5.0, what: str = "") -> None:
     """Wait until `cond()` holds; fail after the deadline (never a fixed sleep)."""
     loop = asyncio.get_running_loop()
@@ -117,11 +129,12 @@ def caller_traffic(sim: SimInstance) -> int:
 
 
 def signed_webhook(
-    secret: str, event: str, data: dict[str, Any], instance_port: int
+    secret: str, event: str, data: dict[str, Any], instance_port: int, ts: int | None = None
 ) -> tuple[bytes, dict[str, str]]:
-    """A webhook as Node sends it: compact JSON, signed over X-Timestamp + raw body."""
+    """A webhook as Node sends it: compact JSON, signed over X-Timestamp + raw body (now,
+    or at `ts`)."""
     body = json.dumps({"event": event, "data": data}, separators=(",", ":")).encode()
-    ts = str(int(time.time()))
+    ts = str(int(time.time()) if ts is None else ts)
     return body, {
         "Content-Type": "application/json",
         "X-Timestamp": ts,

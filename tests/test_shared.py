@@ -6,7 +6,7 @@ import asyncio
 
 from wa_router.sim import SimInstance
 
-from .conftest import StartRouter, pool_config, send_body, sends, signed_webhook
+from .conftest import StartRouter, pool_config, send_body, sends, signed_webhook, wait_until
 from .redis_server import RedisServer, redis_server_fixture, unique_prefix
 
 redis_server = redis_server_fixture()
@@ -42,10 +42,7 @@ async def test_a_move_learned_by_one_router_is_routed_by_the_other_without_a_sca
         entry = await rb.directory.lookup("sh")
         return entry is not None and entry.instance == "node-3"
 
-    deadline = asyncio.get_running_loop().time() + 5
-    while not await b_knows():
-        assert asyncio.get_running_loop().time() < deadline, "B never heard of the move"
-        await asyncio.sleep(0.005)
+    await wait_until(b_knows, what="B hearing of the move")
     assert (await b.post("/api/messages/send", json=send_body("sh"))).status == 200
     assert sends(sims[0]) == 2 and sends(sims[3]) == 1  # B went straight to node-3
     assert rb.discovery.stats.scans == 0
@@ -72,11 +69,12 @@ async def test_routing_goes_on_while_redis_is_down(
     # its breaker was still open included.
     sims[0].add_session("r3")
     assert (await client.post("/api/messages/send", json=send_body("r3"))).status == 200
-    deadline = asyncio.get_running_loop().time() + 5
-    while (entry := await router.directory.store.get("r3")) is None:
-        assert asyncio.get_running_loop().time() < deadline, "r3 never reached Redis"
-        await asyncio.sleep(0.01)
-    assert entry.instance == "node-0"
+
+    async def in_redis() -> bool:
+        entry = await router.directory.store.get("r3")
+        return entry is not None and entry.instance == "node-0"
+
+    await wait_until(in_redis, what="r3 in Redis")
 
 
 async def test_a_request_waiting_on_one_router_is_woken_by_a_webhook_at_the_other(
@@ -138,9 +136,10 @@ async def test_a_hung_redis_holds_no_request_and_no_webhook(
         assert router.directory.stats.store_errors >= 1
     finally:
         redis_server.resume()
+
     # Once Redis answers again, what it missed is written back.
-    deadline = asyncio.get_running_loop().time() + 5
-    while (entry := await router.directory.store.get("h3")) is None:
-        assert asyncio.get_running_loop().time() < deadline, "h3 never reached Redis"
-        await asyncio.sleep(0.01)
-    assert entry.instance == "node-3"
+    async def in_redis() -> bool:
+        entry = await router.directory.store.get("h3")
+        return entry is not None and entry.instance == "node-3"
+
+    await wait_until(in_redis, what="h3 in Redis")

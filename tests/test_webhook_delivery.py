@@ -16,7 +16,7 @@ from aiohttp import web
 
 from wa_router.sim import SimInstance
 
-from .conftest import StartRouter, free_port, pool_config, sign_webhook, wait_for
+from .conftest import StartRouter, free_port, pool_config, sign_webhook, signed_webhook, wait_for
 from .redis_server import RedisServer, redis_server_fixture, unique_prefix
 
 redis_server = redis_server_fixture()
@@ -70,17 +70,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 def signed(seq: int, port: int, session: str = "s1") -> tuple[bytes, dict[str, str]]:
-    body = json.dumps(
-        {"event": "message_received", "data": {"session_id": session, "seq": seq}},
-        separators=(",", ":"),
-    ).encode()
-    ts = str(int(time.time()))
-    return body, {
-        "Content-Type": "application/json",
-        "X-Timestamp": ts,
-        "X-HMAC-Signature": sign_webhook(SECRET, ts, body),
-        "X-Instance-Url": f"http://localhost:{port}",
-    }
+    return signed_webhook(SECRET, "message_received", {"session_id": session, "seq": seq}, port)
 
 
 def config(sims: list[SimInstance], receiver: Receiver, state: Path, **extra: Any) -> Any:
@@ -162,17 +152,9 @@ async def test_a_slow_laravel_never_gets_a_second_copy_while_it_works_on_the_fir
 def lifecycle(
     event: str, port: int, session: str = "s1", ts: int | None = None, **data: Any
 ) -> tuple[bytes, dict[str, str]]:
-    body = json.dumps(
-        {"event": event, "data": {"session_id": session, "workspace_id": 1, **data}},
-        separators=(",", ":"),
-    ).encode()
-    stamp = str(int(time.time()) if ts is None else ts)
-    return body, {
-        "Content-Type": "application/json",
-        "X-Timestamp": stamp,
-        "X-HMAC-Signature": sign_webhook(SECRET, stamp, body),
-        "X-Instance-Url": f"http://localhost:{port}",
-    }
+    return signed_webhook(
+        SECRET, event, {"session_id": session, "workspace_id": 1, **data}, port, ts=ts
+    )
 
 
 class Events(Receiver):

@@ -37,7 +37,9 @@ class Receiver:
         self._runner: web.AppRunner | None = None
 
     async def _hook(self, request: web.Request) -> web.Response:
-        doc = json.loads(await request.read())
+        return await self._hook_of(request, json.loads(await request.read()))
+
+    async def _hook_of(self, request: web.Request, doc: Any) -> web.Response:
         seq = str(doc["data"].get("seq"))
         self.arrivals.append((seq, request.headers.get("X-Webhook-Id", ""), time.monotonic()))
         step = self.plan.pop(0) if self.plan else 200
@@ -260,3 +262,87 @@ async def test_a_relay_cut_off_by_a_crash_leaves_nodes_retry_welcome(
     resp = await again.post(HOOK, data=body, headers=retry)
     assert (await resp.json())["status"] == "ok"  # not a "duplicate" of an event nobody has
     assert len(receiver.arrivals) == 2
+
+
+class Deliveries(Receiver):
+    """The receiver, keeping (session, seq, X-Webhook-Id) of every delivery that ended
+    with its 200, and answering with `plan` as Receiver does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done: list[tuple[str, str, str]] = []
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        doc = json.loads(await request.read())
+        resp = await super()._hook_of(request, doc)
+        if resp.status == 200:
+            data = doc["data"]
+            self.done.append(
+                (data["session_id"], str(data["seq"]), request.headers["X-Webhook-Id"])
+            )
+        return resp
+
+
+async def test_a_router_killed_mid_delivery_redelivers_at_most_one_event_per_session(
+    sims: list[SimInstance], tmp_path: Path
+) -> None:
+    import signal
+    from collections import Counter
+
+    import aiohttp
+    import yaml
+
+    from .test_lifecycle import router_process, wait_healthy
+
+    laravel = Deliveries()
+    await laravel.start()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    raw = {
+        "instances": [{"name": s.name, "url": s.url} for s in sims],
+        "server": {"host": "127.0.0.1", "port": port},
+        "webhooks": {"secrets": [SECRET], "laravel_url": laravel.url, "retry_base_s": 0.05},
+        "state": {"dir": str(tmp_path / "state")},
+    }
+    cfg = tmp_path / "router.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    sessions = [f"k{n}" for n in range(4)]
+    laravel.plan = [503] * 10_000  # Laravel down: every event waits in the backlog
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with router_process(cfg, tmp_path / "first") as proc:
+                await wait_healthy(proc, base, tmp_path / "first")
+                for seq in range(4):
+                    for s in sessions:
+                        body, headers = signed(seq, sims[0].port, session=s)
+                        async with http.post(base + HOOK, data=body, headers=headers) as r:
+                            assert r.status in (200, 202), await r.text()
+                # Laravel back, slow: each session's oldest event is in flight when the
+                # router is killed.
+                laravel.plan = [2.0] * 4
+                await wait_for(
+                    lambda: len(laravel.arrivals) > len(laravel.finished),
+                    20,
+                    "a delivery in flight",
+                )
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+            async with router_process(cfg, tmp_path / "second") as proc:
+                await wait_healthy(proc, base, tmp_path / "second")
+                every = {(s, str(q)) for s in sessions for q in range(4)}
+                await wait_for(
+                    lambda: {(s, q) for s, q, _ in laravel.done} >= every, 20, "all delivered"
+                )
+    finally:
+        await laravel.stop()
+    copies = Counter((s, q) for s, q, _ in laravel.done)
+    assert set(copies) == every  # none lost
+    for s in sessions:
+        extra = sum(n - 1 for (sess, _), n in copies.items() if sess == s)
+        assert extra <= 1, (s, copies)  # at most the one that was in flight
+        firsts = [q for sess, q, _ in laravel.done if sess == s]
+        assert sorted(set(firsts), key=firsts.index) == ["0", "1", "2", "3"]  # in order
+    ids: dict[tuple[str, str], set[str]] = {}
+    for s, q, i in laravel.done:
+        ids.setdefault((s, q), set()).add(i)
+    assert all(len(v) == 1 for v in ids.values())  # a second copy says it is the same event

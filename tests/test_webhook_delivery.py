@@ -108,10 +108,15 @@ async def test_a_replay_to_another_router_on_the_same_redis_is_refused(
     a, _ = await start_router(config(sims, receiver, tmp_path / "a", store=store))
     b, _ = await start_router(config(sims, receiver, tmp_path / "b", store=store))
     body, headers = signed(1, sims[0].port)
-    assert (await (await a.post(HOOK, data=body, headers=headers)).json())["status"] == "ok"
+    # Through the shared stream backlog (the Redis store's default): accepted, then sent.
+    assert (await (await a.post(HOOK, data=body, headers=headers)).json())["status"] == "queued"
+    await wait_for(lambda: len(receiver.arrivals) == 1, what="the delivery")
     resp = await b.post(HOOK, data=body, headers=headers)
     assert (await resp.json())["status"] == "duplicate"
-    assert len(receiver.arrivals) == 1
+    body2, headers2 = signed(2, sims[0].port)  # a new event after it: only that one arrives
+    assert (await (await b.post(HOOK, data=body2, headers=headers2)).json())["status"] == "queued"
+    await wait_for(lambda: len(receiver.arrivals) == 2, what="the second delivery")
+    assert [seq for seq, _, _ in receiver.arrivals] == ["1", "2"]
 
 
 async def test_every_attempt_of_an_event_carries_its_one_webhook_id(

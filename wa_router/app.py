@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,13 +10,15 @@ import structlog
 from aiohttp import web
 
 from .admin import add_admin_routes
+from .aio import cancel_and_wait
 from .apikeys import KeyPolicy
 from .backlog import Backlog, SqliteBacklog
-from .config import Config
+from .config import Config, backlog_kind
+from .delivery import Deliverer, Delivering, Relay, laravel_instance
 from .directory import Directory
 from .discovery import Discovery
 from .errors import ConfigError
-from .forward import AiohttpForwarder
+from .forward import AiohttpForwarder, Forwarder
 from .h1 import LeanForwarder
 from .health import HealthChecker
 from .metrics import Metrics
@@ -29,6 +30,8 @@ from .replay import SharedKV
 from .rules import RuleTable, SessionIdPolicy
 from .runtime import Router, tracked
 from .stores import MemoryStore, RedisStore, Store
+from .stream_backlog import StreamBacklog
+from .stream_relay import StreamRelay
 from .sync import Syncer
 from .webhooks import Webhooks
 
@@ -59,7 +62,44 @@ def sentinel_address(hostport: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def build_router(cfg: Config, *, store: Store | None = None) -> Router:
+def build_backlog(
+    cfg: Config, store: Store, forwarder: Forwarder, *, worker: int | None = None
+) -> tuple[Backlog | None, Delivering | None]:
+    """Where webhooks wait for Laravel, and what delivers them; none without relaying."""
+    wh = cfg.webhooks
+    if not (wh.secrets and wh.laravel_url):
+        return None, None
+    relay = Relay(
+        forwarder,
+        laravel_instance(wh.laravel_url),
+        secret=wh.secrets[0],
+        resign_after_s=wh.resign_after_s,
+        timeout_s=wh.relay_timeout_s,
+        retry_base_s=wh.retry_base_s,
+        retry_max_s=wh.retry_max_s,
+        inflight_s=wh.inflight_s,
+    )
+    state = Path(cfg.state.dir)
+    if backlog_kind(cfg) == "sqlite":
+        sqlite = SqliteBacklog(state / "webhooks.sqlite3", max_items=wh.backlog_max_items)
+        return sqlite, Deliverer(sqlite, relay)
+    # Each process its own spool file: two movers of one file would both move its items.
+    name = "webhooks-spool.sqlite3" if worker is None else f"webhooks-spool-{worker}.sqlite3"
+    streams = StreamBacklog(
+        cfg.store.redis_url,
+        SqliteBacklog(state / name, max_items=wh.backlog_max_items),
+        key_prefix=cfg.store.key_prefix,
+        shards=wh.shards,
+        max_items=wh.backlog_max_items,
+        sentinels=tuple(sentinel_address(a) for a in cfg.store.sentinels),
+        sentinel_master=cfg.store.sentinel_master,
+        deadline_s=cfg.store.deadline_s,
+        breaker_s=cfg.store.breaker_s,
+    )
+    return streams, StreamRelay(streams, relay, claim_after_s=wh.claim_after_s)
+
+
+def build_router(cfg: Config, *, store: Store | None = None, worker: int | None = None) -> Router:
     profile = build_profile(cfg.profile, cfg.rules)
     pool = Pool(
         cfg.instances,
@@ -122,14 +162,16 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         parking=parking,
         parking_cfg=cfg.parking,
     )
-    backlog: Backlog | None = None
-    if cfg.webhooks.secrets and cfg.webhooks.laravel_url:
-        backlog = SqliteBacklog(
-            Path(cfg.state.dir) / "webhooks.sqlite3", max_items=cfg.webhooks.backlog_max_items
-        )
+    backlog, deliverer = build_backlog(cfg, store, forwarder, worker=worker)
     # Replay memory outlives the process: in Redis when routers share it, else in the
     # backlog's file (one router).
-    shared: SharedKV | None = store if isinstance(store, RedisStore) else backlog
+    shared: SharedKV | None = (
+        store
+        if isinstance(store, RedisStore)
+        else backlog
+        if isinstance(backlog, SqliteBacklog)
+        else None
+    )
     webhooks = Webhooks(
         cfg=cfg.webhooks,
         advertise_url=advertise_url(cfg),
@@ -140,6 +182,7 @@ def build_router(cfg: Config, *, store: Store | None = None) -> Router:
         discovery=discovery,
         forwarder=forwarder,
         backlog=backlog,
+        deliverer=deliverer,
     )
     webhooks.on_hint = parking.kick
     syncer = Syncer(
@@ -249,9 +292,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         for task in reversed(tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await router.health.stop()
         if backlog is not None:
             await backlog.close()
@@ -293,8 +334,10 @@ async def _drain(app: web.Application) -> None:
             await asyncio.wait(late, timeout=1.0)
 
 
-def build_app(cfg: Config, *, store: Store | None = None) -> web.Application:
-    router = build_router(cfg, store=store)
+def build_app(
+    cfg: Config, *, store: Store | None = None, worker: int | None = None
+) -> web.Application:
+    router = build_router(cfg, store=store, worker=worker)
     # Bodies are read by the proxy itself (JSON 413); aiohttp's own limit only backs it up.
     # auto_decompress off: a gzip request body must reach Node as the gzip bytes it is,
     # matching the Content-Encoding header that goes with it.

@@ -1,9 +1,10 @@
 """The durable backlog of webhooks waiting to be relayed to Laravel.
 
 When Laravel is down, a webhook is persisted here before Node gets its 202 ("we have it"),
-and delivered later in order per session. `Backlog` is the interface the relay uses; it
-speaks of items, sessions and ids only, so a Redis Stream implementation can stand behind
-it later. `SqliteBacklog` is the embedded default: one local SQLite file.
+and delivered later in order per session. `Backlog` is what the intake uses (append and
+counts); `Queue` adds what `delivery.Deliverer` takes items out with. `SqliteBacklog` is the
+embedded default, one local SQLite file; with Redis as the store, `stream_backlog.py` keeps
+them in Redis Streams that every router delivers from.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ _T = TypeVar("_T")
 class Pending:
     """One webhook waiting to be relayed."""
 
-    id: int  # increasing in arrival order, across all sessions; never reused
+    # Increasing in arrival order, across all sessions; never reused. An int in SQLite, the
+    # entry id ("1733050000000-0") in a Redis Stream.
+    id: int | str
     session: str  # "" when the event names no session
     path: str  # the path Node posted to
     body: bytes  # raw bytes exactly as received: the HMAC signs them, never re-serialise
@@ -37,6 +40,11 @@ class Pending:
 
 
 class Backlog(Protocol):
+    # True: the intake relays an event at once when nothing of its session waits here
+    # (one router: its own lock keeps the order). False: every event goes through the
+    # backlog (several routers: only the backlog's order is shared).
+    direct: bool
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -49,22 +57,10 @@ class Backlog(Protocol):
         body: bytes,
         headers: Sequence[tuple[str, str]],
         timestamp: int,
-    ) -> int | None:
+        enqueued_at: float | None = None,
+    ) -> int | str | None:
         """Persist (durably committed before returning) and return its id; None when the
         backlog holds max_items already (then nothing is stored)."""
-        ...
-
-    async def heads(self, limit: int = 100) -> list[Pending]:
-        """The oldest pending item of each session that has any, ordered by that item's id
-        (oldest first), at most `limit`."""
-        ...
-
-    async def ack(self, item_id: int) -> None:
-        """Delivered: remove it. An unknown id is a no-op."""
-        ...
-
-    async def attempted(self, item_id: int) -> None:
-        """One more failed delivery attempt: attempts += 1. An unknown id is a no-op."""
         ...
 
     async def pending(self, session: str) -> int:
@@ -75,11 +71,22 @@ class Backlog(Protocol):
         """Items pending in all sessions."""
         ...
 
-    async def kv_get(self, key: bytes) -> bytes | None:
-        """Webhook intake memory kept with the backlog (it survives a restart)."""
+
+class Queue(Backlog, Protocol):
+    """A backlog one process delivers from."""
+
+    async def heads(self, limit: int = 100) -> list[Pending]:
+        """The oldest pending item of each session that has any, ordered by that item's id
+        (oldest first), at most `limit`."""
         ...
 
-    async def kv_put(self, key: bytes, value: bytes, ttl_s: float) -> None: ...
+    async def ack(self, item_id: int | str) -> None:
+        """Delivered: remove it. An unknown id is a no-op."""
+        ...
+
+    async def attempted(self, item_id: int | str) -> None:
+        """One more failed delivery attempt: attempts += 1. An unknown id is a no-op."""
+        ...
 
 
 # Bumped when the table changes; a file written by a newer router is refused rather than
@@ -139,6 +146,8 @@ class SqliteBacklog:
     executor's queue cannot be skipped that way (a call cancelled before it starts is simply
     not run).
     """
+
+    direct = True
 
     def __init__(
         self,
@@ -221,6 +230,7 @@ class SqliteBacklog:
         body: bytes,
         headers: Sequence[tuple[str, str]],
         timestamp: int,
+        enqueued_at: float | None = None,
     ) -> int | None:
         row = (
             session,
@@ -228,7 +238,7 @@ class SqliteBacklog:
             bytes(body),
             json.dumps([[name, value] for name, value in headers]),
             timestamp,
-            self._clock(),
+            self._clock() if enqueued_at is None else enqueued_at,
         )
         max_items = self._max_items
 
@@ -263,13 +273,25 @@ class SqliteBacklog:
 
         return [_pending(row) for row in await self._call(select)]
 
-    async def ack(self, item_id: int) -> None:
+    async def oldest(self, limit: int = 100) -> list[Pending]:
+        """The oldest items of all sessions, in arrival order (the spool's move to Redis)."""
+
+        def select(conn: sqlite3.Connection) -> list[Any]:
+            query = (
+                "SELECT id, session, path, body, headers, timestamp, attempts, enqueued_at"
+                " FROM backlog ORDER BY id LIMIT ?"
+            )
+            return conn.execute(query, (limit,)).fetchall()
+
+        return [_pending(row) for row in await self._call(select)]
+
+    async def ack(self, item_id: int | str) -> None:
         def delete(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM backlog WHERE id = ?", (item_id,))
 
         await self._call(delete)
 
-    async def attempted(self, item_id: int) -> None:
+    async def attempted(self, item_id: int | str) -> None:
         def increment(conn: sqlite3.Connection) -> None:
             conn.execute("UPDATE backlog SET attempts = attempts + 1 WHERE id = ?", (item_id,))
 

@@ -33,6 +33,7 @@ ROUTE_KINDS = ("session", "create", "pool_health", "pool_list", "any_instance")
 SESSION_SOURCES = ("path", "body", "query", "header", "none")
 PROFILES = ("blazz", "simple")
 STORE_KINDS = ("memory", "redis")
+BACKLOG_KINDS = ("auto", "sqlite", "redis")
 UPSTREAM_CLIENTS = ("aiohttp", "lean")  # forward.AiohttpForwarder | h1.LeanForwarder
 
 
@@ -251,6 +252,14 @@ class WebhookConfig:
     # most this long: relayed before that instance's session_ready, else dropped.
     hold_login_events: bool = True
     hold_login_events_s: float = 30.0
+    # Where waiting webhooks are kept: "sqlite" (a file in state.dir, one router), "redis"
+    # (Redis Streams beside the directory, any number of routers and workers), "auto":
+    # redis when store.kind is redis.
+    backlog: str = "auto"
+    shards: int = 16  # Redis Streams: one session's events all go to one of them
+    # A router that stops renewing its hold of a shard for this long is taken for dead:
+    # another takes the shard and claims what it had not acknowledged.
+    claim_after_s: float = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +354,13 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
 # Validation: rules that span fields
 
 
+def backlog_kind(cfg: Config) -> str:
+    """ "sqlite" or "redis": where this config keeps waiting webhooks."""
+    if cfg.webhooks.backlog == "auto":
+        return "redis" if cfg.store.kind == "redis" else "sqlite"
+    return cfg.webhooks.backlog
+
+
 def validate(cfg: Config) -> None:
     _validate_numbers(cfg, "")
     if not cfg.instances:
@@ -394,6 +410,8 @@ def validate(cfg: Config) -> None:
     for i, rule in enumerate(cfg.rules or ()):
         validate_rule(rule, f"rules[{i}]")
     _validate_webhooks(cfg.webhooks)
+    if cfg.webhooks.backlog == "redis" and cfg.store.kind != "redis":
+        raise ConfigError("webhooks.backlog", "redis needs store.kind: redis (its connection)")
     if (
         cfg.webhooks.laravel_url
         and cfg.webhooks.advertise_url is None
@@ -442,6 +460,12 @@ def _validate_webhooks(wh: WebhookConfig) -> None:
         raise ConfigError("webhooks.inflight_s", "must not be below webhooks.relay_timeout_s")
     if wh.retry_base_s > wh.retry_max_s:
         raise ConfigError("webhooks.retry_base_s", "must not exceed webhooks.retry_max_s")
+    _validate_choice("webhooks.backlog", wh.backlog, BACKLOG_KINDS)
+    if wh.claim_after_s <= wh.relay_timeout_s:
+        raise ConfigError(
+            "webhooks.claim_after_s",
+            "must be above webhooks.relay_timeout_s: a holder's last delivery ends first",
+        )
 
 
 def _validate_numbers(obj: Any, key: str) -> None:

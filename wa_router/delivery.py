@@ -15,12 +15,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 from multidict import CIMultiDict
 from yarl import URL
 
-from .backlog import Backlog, Pending
+from .backlog import Pending, Queue
 from .errors import SentNoAnswer, UpstreamError
 from .forward import Forwarder, UpstreamRequest, fetch
 from .pool import Instance
@@ -94,10 +95,41 @@ def backoff_s(attempts: int, base_s: float, max_s: float, rand: float) -> float:
     return float(ceiling * (0.5 + rand / 2))
 
 
-class Deliverer:
+class Delivering(Protocol):
+    """What the intake and the metrics see of a backlog's delivery."""
+
+    @property
+    def delivered(self) -> int: ...
+
+    @property
+    def dropped(self) -> int: ...
+
+    @property
+    def failures(self) -> int: ...
+
+    def wake(self) -> None: ...
+
+    def hold(self, session: str) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt at a backlog item settled."""
+
+    done: bool  # delivered, or refused for good: remove it from the backlog
+    delay_s: float  # not done: how long its session waits before the next try
+    result: RelayResult
+
+
+class Relay:
+    """One delivery attempt of a waiting webhook, with the policy around it (re-signing an
+    aged one, backoff, the in-flight hold after a timeout). Both backlogs deliver with it:
+    the SQLite one (`Deliverer`) and the Redis Stream one (`stream_relay.py`)."""
+
     def __init__(
         self,
-        backlog: Backlog,
         forwarder: Forwarder,
         laravel: Instance,
         *,
@@ -108,24 +140,86 @@ class Deliverer:
         retry_max_s: float,
         inflight_s: float = 60.0,
         wall: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._backlog = backlog
         self._forwarder = forwarder
         self._laravel = laravel
         self._secret = secret
         self._resign_after_s = resign_after_s
-        self._timeout_s = timeout_s
+        self.timeout_s = timeout_s
         self._base_s = retry_base_s
         self._max_s = retry_max_s
-        self._inflight_s = inflight_s
+        self.inflight_s = inflight_s
         self._wall = wall
-        self._monotonic = monotonic
-        self._wake = asyncio.Event()
-        self._not_before: dict[str, float] = {}  # session -> monotonic time of next try
         self.delivered = 0
         self.dropped = 0
         self.failures = 0
+
+    async def attempt(self, item: Pending) -> Outcome:
+        headers: Sequence[tuple[str, str]] = item.headers
+        now = self._wall()
+        if now - item.timestamp > self._resign_after_s and self._secret:
+            headers = resign(headers, item.body, self._secret, int(now))
+        result = await post_raw(
+            self._forwarder, self._laravel, item.path, item.body, headers, self.timeout_s
+        )
+        if result.verdict == "retry":
+            self.failures += 1
+            delay = backoff_s(item.attempts + 1, self._base_s, self._max_s, random.random())
+            if result.unknown:
+                delay = max(delay, self.inflight_s)
+            log.info(
+                "webhook_delivery_failed",
+                id=item.id,
+                session=item.session,
+                attempts=item.attempts + 1,
+                retry_in_s=round(delay, 2),
+                detail=result.detail,
+            )
+            return Outcome(False, delay, result)
+        if result.verdict == "delivered":
+            self.delivered += 1
+            log.info(
+                "webhook_delivered",
+                id=item.id,
+                session=item.session,
+                attempts=item.attempts + 1,
+                waited_s=round(now - item.enqueued_at, 1),
+            )
+        else:
+            self.dropped += 1
+            log.error(
+                "webhook_refused_by_laravel", id=item.id, session=item.session, status=result.status
+            )
+        return Outcome(True, 0.0, result)
+
+
+class Deliverer:
+    """Empties the SQLite backlog: each session's oldest item first, sessions in parallel."""
+
+    def __init__(
+        self,
+        backlog: Queue,
+        relay: Relay,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._backlog = backlog
+        self.relay = relay
+        self._monotonic = monotonic
+        self._wake = asyncio.Event()
+        self._not_before: dict[str, float] = {}  # session -> monotonic time of next try
+
+    @property
+    def delivered(self) -> int:
+        return self.relay.delivered
+
+    @property
+    def dropped(self) -> int:
+        return self.relay.dropped
+
+    @property
+    def failures(self) -> int:
+        return self.relay.failures
 
     def wake(self) -> None:
         self._wake.set()
@@ -134,7 +228,7 @@ class Deliverer:
         """A delivery of `session`'s oldest event timed out: it may still be running at
         Laravel, so nothing of that session is sent before `inflight_s` have passed (a
         second copy racing the first would also overtake the order)."""
-        self._not_before[session] = self._monotonic() + self._inflight_s
+        self._not_before[session] = self._monotonic() + self.relay.inflight_s
 
     async def run(self) -> None:
         while True:
@@ -158,45 +252,10 @@ class Deliverer:
 
     async def _one(self, item: Pending, sem: asyncio.Semaphore) -> None:
         async with sem:
-            headers: Sequence[tuple[str, str]] = item.headers
-            now = self._wall()
-            if now - item.timestamp > self._resign_after_s and self._secret:
-                headers = resign(headers, item.body, self._secret, int(now))
-            result = await post_raw(
-                self._forwarder, self._laravel, item.path, item.body, headers, self._timeout_s
-            )
-            if result.verdict == "retry":
-                self.failures += 1
+            outcome = await self.relay.attempt(item)
+            if not outcome.done:
                 await self._backlog.attempted(item.id)
-                delay = backoff_s(item.attempts + 1, self._base_s, self._max_s, random.random())
-                if result.unknown:
-                    delay = max(delay, self._inflight_s)
-                self._not_before[item.session] = self._monotonic() + delay
-                log.info(
-                    "webhook_delivery_failed",
-                    id=item.id,
-                    session=item.session,
-                    attempts=item.attempts + 1,
-                    retry_in_s=round(delay, 2),
-                    detail=result.detail,
-                )
+                self._not_before[item.session] = self._monotonic() + outcome.delay_s
                 return
             await self._backlog.ack(item.id)
             self._not_before.pop(item.session, None)
-            if result.verdict == "delivered":
-                self.delivered += 1
-                log.info(
-                    "webhook_delivered",
-                    id=item.id,
-                    session=item.session,
-                    attempts=item.attempts + 1,
-                    waited_s=round(now - item.enqueued_at, 1),
-                )
-            else:
-                self.dropped += 1
-                log.error(
-                    "webhook_refused_by_laravel",
-                    id=item.id,
-                    session=item.session,
-                    status=result.status,
-                )

@@ -15,7 +15,6 @@ observation, this router's or (through the store's pub/sub) another's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from .aio import cancel_and_wait
 from .stores.base import LOGIN_STAGES, Entry, Source, Status, Store, may_replace, newer
 
 log = structlog.get_logger("wa_router.directory")
@@ -221,9 +221,7 @@ class Directory:
 
     async def close(self) -> None:
         if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            await cancel_and_wait(self._flusher)
 
     async def _guarded(self, call: Coroutine[Any, Any, _T]) -> _T:
         """`call` under the store deadline; StoreUnavailable at once while the breaker is

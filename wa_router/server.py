@@ -3,7 +3,9 @@
 `--workers N` forks N processes that share the port with SO_REUSEPORT (the kernel spreads
 connections over them). Each has its own directory cache; with the memory store each also
 has its own directory, which is correct (every worker finds sessions by itself) but costs a
-rediscovery per worker: use the Redis store to share one.
+rediscovery per worker: use the Redis store to share one. Relaying webhooks with several
+workers needs the Redis Stream backlog (store.kind redis): every worker takes intake and
+delivers its share of the shards; each keeps its own spool file for when Redis is away.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from .app import build_app
-from .config import Config
+from .config import Config, backlog_kind
 from .errors import ConfigError
 
 log = structlog.get_logger("wa_router.server")
@@ -38,7 +40,9 @@ def new_event_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def serve(cfg: Config, *, loop_kind: str = "uvloop", reuse_port: bool = False) -> None:
+def serve(
+    cfg: Config, *, loop_kind: str = "uvloop", reuse_port: bool = False, worker: int | None = None
+) -> None:
     """Run until SIGTERM/SIGINT: stop accepting, let requests in flight finish (bounded by
     server.shutdown_grace_s), then close upstream connections and the store."""
     loop = new_event_loop(loop_kind)
@@ -51,7 +55,7 @@ def serve(cfg: Config, *, loop_kind: str = "uvloop", reuse_port: bool = False) -
         pid=os.getpid(),
     )
     web.run_app(
-        build_app(cfg),
+        build_app(cfg, worker=worker),
         host=cfg.server.host,
         port=cfg.server.port,
         # The grace is applied by the app's drain; this only bounds aiohttp's last wait.
@@ -71,16 +75,18 @@ def serve_workers(cfg: Config, *, workers: int, loop_kind: str = "uvloop") -> in
     if workers == 1:
         serve(cfg, loop_kind=loop_kind)
         return 0
-    if cfg.webhooks.laravel_url and cfg.webhooks.secrets:
+    if cfg.webhooks.laravel_url and cfg.webhooks.secrets and backlog_kind(cfg) != "redis":
         # Each worker would run its own delivery of one shared backlog file.
-        raise ConfigError("--workers", "relaying webhooks needs a single worker")
+        raise ConfigError(
+            "--workers", "relaying webhooks with several workers needs store.kind: redis"
+        )
     children: list[int] = []
-    for _ in range(workers):
+    for index in range(workers):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             code = 0
             try:
-                serve(cfg, loop_kind=loop_kind, reuse_port=True)
+                serve(cfg, loop_kind=loop_kind, reuse_port=True, worker=index)
             except BaseException as exc:
                 print(f"wa-router worker {os.getpid()}: {exc!r}", file=sys.stderr)
                 code = 1

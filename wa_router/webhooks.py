@@ -23,7 +23,7 @@ from aiohttp import web
 
 from .backlog import Backlog
 from .config import WebhookConfig
-from .delivery import Deliverer, RelayResult, laravel_instance, post_raw
+from .delivery import Delivering, RelayResult, laravel_instance, post_raw
 from .directory import Directory
 from .discovery import Discovery
 from .errors import RequestRejected, UpstreamError
@@ -78,6 +78,7 @@ class Webhooks:
         discovery: Discovery,
         forwarder: Forwarder,
         backlog: Backlog | None,
+        deliverer: Delivering | None = None,
         advertise_url: str | None = None,
         seen_shared: SharedKV | None = None,
         store_limits: dict[str, float] | None = None,
@@ -108,19 +109,7 @@ class Webhooks:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         # A `session_reconnected`: the app points it at the parking (ask about it now).
         self.on_hint: Callable[[str], None] = lambda session: None
-        self.deliverer: Deliverer | None = None
-        if backlog is not None and self.laravel is not None:
-            self.deliverer = Deliverer(
-                backlog,
-                forwarder,
-                self.laravel,
-                secret=cfg.secrets[0] if cfg.secrets else "",
-                resign_after_s=cfg.resign_after_s,
-                timeout_s=cfg.relay_timeout_s,
-                retry_base_s=cfg.retry_base_s,
-                retry_max_s=cfg.retry_max_s,
-                inflight_s=cfg.inflight_s,
-            )
+        self.deliverer = deliverer
 
     async def intake(self, request: web.Request) -> web.Response:
         try:
@@ -312,8 +301,9 @@ class Webhooks:
             return web.json_response({"status": "accepted"}), "accepted"
         session = event.session or ""
         assert self.backlog is not None
-        # Per-session order: behind anything already waiting for this session.
-        if await self.backlog.pending(session) == 0:
+        # Per-session order: behind anything already waiting for this session (with
+        # several routers, always through the shared backlog).
+        if self.backlog.direct and await self.backlog.pending(session) == 0:
             result = await post_raw(
                 self._forwarder, self.laravel, path, body, headers, self.cfg.relay_timeout_s
             )

@@ -37,6 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import EqualJitterBackoff, NoBackoff
 
+from ..aio import cancel_and_wait
 from .base import Entry, Source
 
 log = structlog.get_logger("wa_router.stores.redis")
@@ -167,20 +168,42 @@ _LISTENER: dict[str, Any] = {
 }
 
 
-def _direct_clients(url: str) -> tuple[aioredis.Redis, aioredis.Redis]:
+def connect(
+    url: str,
+    sentinels: tuple[tuple[str, int], ...] = (),
+    master: str = "mymaster",
+    *,
+    decode: bool = True,
+) -> tuple[aioredis.Redis, aioredis.Redis]:
+    """The command client and the listener's client for one deployment. `decode=False`:
+    replies as bytes (the webhook streams keep raw bodies)."""
+    commands = {**_COMMANDS, "decode_responses": decode}
+    listener = {**_LISTENER, "decode_responses": decode}
+    if sentinels:
+        return _sentinel_clients(url, sentinels, master, commands, listener)
+    return _direct_clients(url, commands, listener)
+
+
+def _direct_clients(
+    url: str, commands: dict[str, Any], listener: dict[str, Any]
+) -> tuple[aioredis.Redis, aioredis.Redis]:
     """redis://, rediss:// (TLS), unix://; user and password (ACL) from the URL. A
     blocking pool: a burst of requests waits for one of `_MAX_CONNECTIONS` instead of
     failing with "Too many connections". Options in the URL's query string win."""
-    commands = aioredis.Redis.from_pool(
+    client = aioredis.Redis.from_pool(
         aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=_MAX_CONNECTIONS, timeout=_POOL_WAIT_S, **_COMMANDS
+            url, max_connections=_MAX_CONNECTIONS, timeout=_POOL_WAIT_S, **commands
         )
     )
-    return commands, aioredis.Redis.from_url(url, **_LISTENER)
+    return client, aioredis.Redis.from_url(url, **listener)
 
 
 def _sentinel_clients(
-    url: str, sentinels: tuple[tuple[str, int], ...], master: str
+    url: str,
+    sentinels: tuple[tuple[str, int], ...],
+    master: str,
+    commands: dict[str, Any],
+    listener: dict[str, Any],
 ) -> tuple[aioredis.Redis, aioredis.Redis]:
     """The master Sentinel names now (and after a failover): redis-py asks the sentinels
     on every new connection. Credentials and db come from `url` (its host is unused)."""
@@ -190,9 +213,8 @@ def _sentinel_clients(
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(sentinels), socket_timeout=1.0, socket_connect_timeout=1.0
     )
-    commands = sentinel.master_for(master, max_connections=_MAX_CONNECTIONS, **auth, **_COMMANDS)
-    listener = sentinel.master_for(master, **auth, **_LISTENER)
-    return commands, listener
+    client = sentinel.master_for(master, max_connections=_MAX_CONNECTIONS, **auth, **commands)
+    return client, sentinel.master_for(master, **auth, **listener)
 
 
 class RedisStore:
@@ -216,10 +238,7 @@ class RedisStore:
         self._counts_key = f"{key_prefix}counts"
         self._live_key = f"{key_prefix}live"
         self._tombstone_ttl_ms = max(1, round(tombstone_ttl_s * 1000))
-        if sentinels:
-            self._redis, self._listener_redis = _sentinel_clients(url, sentinels, sentinel_master)
-        else:
-            self._redis, self._listener_redis = _direct_clients(url)
+        self._redis, self._listener_redis = connect(url, sentinels, sentinel_master)
         self._put_script = self._redis.register_script(_PUT_LUA)
         self._put_many_script = self._redis.register_script(_PUT_MANY_LUA)
         self._subscribers: list[Subscriber] = []
@@ -246,9 +265,7 @@ class RedisStore:
             return
         self._closed = True
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await cancel_and_wait(self._listener)
             self._listener = None
         await self._listener_redis.aclose()
         await self._redis.aclose()

@@ -302,6 +302,7 @@ async def test_drained_instance_gets_no_new_sessions_but_serves_its_own(
     assert await admin(client, "POST", "/admin/instances/node-0/drain") == {
         "instance": "node-0",
         "draining": True,
+        "shared": True,
     }
     status = await admin(client, "GET", "/admin/status")
     assert status["instances"][0]["draining"] is True

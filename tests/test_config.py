@@ -144,6 +144,14 @@ def test_config_file_from_env(tmp_path: Path) -> None:
             "webhooks.inflight_s",
             "relay_timeout_s",
         ),
+        (
+            BASE + "webhooks: {claim_after_s: 10, relay_timeout_s: 10}\n",
+            {},
+            "webhooks.claim_after_s",
+            "relay_timeout_s",
+        ),
+        (BASE + "webhooks: {backlog: kafka}\n", {}, "webhooks.backlog", "kafka"),
+        (BASE + "webhooks: {backlog: redis}\n", {}, "webhooks.backlog", "store.kind"),
     ],
 )
 def test_bad_config_names_the_key(
@@ -175,3 +183,13 @@ def test_console_script_exits_2_on_bad_config(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "discovery.probe_timeout_s" in proc.stderr
+
+
+def test_several_workers_relay_webhooks_only_with_the_redis_backlog(tmp_path: Path) -> None:
+    from wa_router.server import serve_workers
+
+    hooks = "webhooks: {secrets: [s], laravel_url: 'http://l:1'}\n"
+    cfg = load_config(write(tmp_path, BASE + hooks))
+    with pytest.raises(ConfigError) as info:
+        serve_workers(cfg, workers=2)
+    assert info.value.key == "--workers" and "store.kind: redis" in info.value.message

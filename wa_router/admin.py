@@ -17,7 +17,7 @@ The endpoints (documented, and tested against this table, in `openapi.py`):
     POST   /admin/instances/{name}/undrain
     GET    /admin/openapi.json
 
-Draining is per router process: with several replicas, drain the instance on each.
+Draining is shared through the store: every router sharing it drains the instance.
 """
 
 from __future__ import annotations
@@ -353,19 +353,17 @@ class Admin:
         return _json({**report.to_json(), "lines": report.lines()})
 
     async def drain(self, request: web.Request) -> web.Response:
-        return self._set_draining(request, True)
+        return await self._set_draining(request, True)
 
     async def undrain(self, request: web.Request) -> web.Response:
-        return self._set_draining(request, False)
+        return await self._set_draining(request, False)
 
-    def _set_draining(self, request: web.Request, draining: bool) -> web.Response:
+    async def _set_draining(self, request: web.Request, draining: bool) -> web.Response:
         inst = self._instance(request.match_info["name"])
-        if inst.draining != draining:
-            log.warning(
-                "instance_drained" if draining else "instance_undrained", instance=inst.name
-            )
-        inst.draining = draining
-        return _json({"instance": inst.name, "draining": inst.draining})
+        # Shared: every router sharing the store drains it too (draining.py). "shared":
+        # false when the store could not be told; this router has it all the same.
+        shared = await self.router.drain.set(inst.name, draining)
+        return _json({"instance": inst.name, "draining": inst.draining, "shared": shared})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return _json(openapi_document())

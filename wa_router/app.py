@@ -13,10 +13,12 @@ from .admin import add_admin_routes
 from .aio import cancel_and_wait
 from .apikeys import KeyPolicy
 from .backlog import Backlog, SqliteBacklog
+from .breaker import Breaker
 from .config import Config, backlog_kind
 from .delivery import Deliverer, Delivering, Relay, laravel_instance
 from .directory import Directory
 from .discovery import Discovery
+from .draining import SharedDrain
 from .errors import ConfigError
 from .forward import AiohttpForwarder, Forwarder
 from .h1 import LeanForwarder
@@ -63,7 +65,7 @@ def sentinel_address(hostport: str) -> tuple[str, int]:
 
 
 def build_backlog(
-    cfg: Config, store: Store, forwarder: Forwarder, *, worker: int | None = None
+    cfg: Config, forwarder: Forwarder, breaker: Breaker, *, worker: int | None = None
 ) -> tuple[Backlog | None, Delivering | None]:
     """Where webhooks wait for Laravel, and what delivers them; none without relaying."""
     wh = cfg.webhooks
@@ -93,8 +95,7 @@ def build_backlog(
         max_items=wh.backlog_max_items,
         sentinels=tuple(sentinel_address(a) for a in cfg.store.sentinels),
         sentinel_master=cfg.store.sentinel_master,
-        deadline_s=cfg.store.deadline_s,
-        breaker_s=cfg.store.breaker_s,
+        breaker=breaker,
     )
     return streams, StreamRelay(streams, relay, claim_after_s=wh.claim_after_s)
 
@@ -108,12 +109,13 @@ def build_router(cfg: Config, *, store: Store | None = None, worker: int | None 
         rise=cfg.health.rise,
     )
     store = build_store(cfg) if store is None else store
+    # One for the store's Redis: whichever part sees it hang, all skip it for a moment.
+    breaker = Breaker(cfg.store.deadline_s, cfg.store.breaker_s)
     directory = Directory(
         store,
         cache_ttl_s=cfg.directory.cache_ttl_s,
         cache_max_entries=cfg.directory.cache_max_entries,
-        store_deadline_s=cfg.store.deadline_s,
-        store_breaker_s=cfg.store.breaker_s,
+        breaker=breaker,
     )
     client = LeanForwarder if cfg.upstream.client == "lean" else AiohttpForwarder
     forwarder = client(
@@ -162,7 +164,7 @@ def build_router(cfg: Config, *, store: Store | None = None, worker: int | None 
         parking=parking,
         parking_cfg=cfg.parking,
     )
-    backlog, deliverer = build_backlog(cfg, store, forwarder, worker=worker)
+    backlog, deliverer = build_backlog(cfg, forwarder, breaker, worker=worker)
     # Replay memory outlives the process: in Redis when routers share it, else in the
     # backlog's file (one router).
     shared: SharedKV | None = (
@@ -176,7 +178,7 @@ def build_router(cfg: Config, *, store: Store | None = None, worker: int | None 
         cfg=cfg.webhooks,
         advertise_url=advertise_url(cfg),
         seen_shared=shared,
-        store_limits={"deadline_s": cfg.store.deadline_s, "breaker_s": cfg.store.breaker_s},
+        breaker=breaker,
         pool=pool,
         directory=directory,
         discovery=discovery,
@@ -218,6 +220,7 @@ def build_router(cfg: Config, *, store: Store | None = None, worker: int | None 
         health,
         syncer,
         parking,
+        SharedDrain(pool, store, deadline_s=cfg.store.deadline_s),
     )
 
 
@@ -272,6 +275,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         # Route without the shared store (cache + discovery) until it can be reached.
         log.error("store_unavailable", op="start", error=repr(exc))
         tasks.append(asyncio.create_task(_start_store_later(router.store)))
+    await router.drain.load()  # drained by an operator on another router, before our start
     await router.forwarder.start()
     backlog = router.webhooks.backlog
     try:

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import structlog
 
 from .aio import cancel_and_wait
+from .breaker import Breaker
 from .stores.base import LOGIN_STAGES, Entry, Source, Status, Store, may_replace, newer
 
 log = structlog.get_logger("wa_router.directory")
@@ -64,6 +65,7 @@ class Directory:
         cache_max_entries: int,
         store_deadline_s: float = 0.25,
         store_breaker_s: float = 1.0,
+        breaker: Breaker | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -77,9 +79,7 @@ class Directory:
         # A hung or dead shared store must not hold a request: each call has a deadline,
         # and after a failure the store is left alone for a moment (a breaker), so a Redis
         # under SIGSTOP costs one deadline now and then, not one per request.
-        self._deadline_s = store_deadline_s
-        self._breaker_s = store_breaker_s
-        self._store_down_until = 0.0
+        self._breaker = breaker or Breaker(store_deadline_s, store_breaker_s, monotonic)
         # Written while the store was away: (entry, only_if), written back when it answers.
         self._unwritten: dict[str, tuple[Entry, str | None]] = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -207,7 +207,7 @@ class Directory:
     async def _flush(self) -> None:
         """Write what the store missed while it was away, once it answers again."""
         while self._unwritten:
-            await asyncio.sleep(max(self._store_down_until - self._monotonic(), 0.0) + 0.01)
+            await asyncio.sleep(self._breaker.closes_in() + 0.01)
             while self._unwritten:
                 session, item = next(iter(self._unwritten.items()))
                 entry, only_if = item
@@ -226,14 +226,14 @@ class Directory:
     async def _guarded(self, call: Coroutine[Any, Any, _T]) -> _T:
         """`call` under the store deadline; StoreUnavailable at once while the breaker is
         open (the caller goes on with the cache and discovery)."""
-        if self._monotonic() < self._store_down_until:
+        if self._breaker.open:
             call.close()
             raise StoreUnavailable("the store failed a moment ago")
         try:
-            async with asyncio.timeout(self._deadline_s):
+            async with asyncio.timeout(self._breaker.deadline_s):
                 return await call
         except Exception:
-            self._store_down_until = self._monotonic() + self._breaker_s
+            self._breaker.trip()
             raise
 
     def _store_failed(self, op: str, exc: Exception) -> None:

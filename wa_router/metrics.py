@@ -19,6 +19,8 @@ from prometheus_client.registry import Collector
 
 from .parking import FULL, SHUTDOWN, TIMEOUT, WOKEN
 from .pool import State
+from .stream_backlog import StreamBacklog
+from .stream_relay import StreamRelay
 
 if TYPE_CHECKING:
     from .runtime import Router
@@ -157,6 +159,21 @@ class RouterCollector(Collector):
             later.add_metric(["failed"], deliverer.failures)
             later.add_metric(["refused"], deliverer.dropped)
             yield later
+        if isinstance(deliverer, StreamRelay):
+            shards = GaugeMetricFamily(
+                "wa_router_webhook_shards_held",
+                "Webhook stream shards this router delivers now (Redis backlog)",
+            )
+            shards.add_metric([], float(len(deliverer.held)))
+            yield shards
+            streams = r.webhooks.backlog
+            if isinstance(streams, StreamBacklog):
+                spooled = GaugeMetricFamily(
+                    "wa_router_webhook_spooled",
+                    "Webhooks kept in the local spool until Redis answers again",
+                )
+                spooled.add_metric([], float(streams.spooled))
+                yield spooled
 
         pk = r.parking
         parked = GaugeMetricFamily(

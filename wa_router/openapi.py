@@ -180,7 +180,7 @@ def _schemas() -> dict[str, Any]:
             }
         ),
         "SyncReport": sync,
-        "Drain": _obj({"instance": _STR, "draining": _BOOL}),
+        "Drain": _obj({"instance": _STR, "draining": _BOOL, "shared": _BOOL}),
         "OpenApi": {"type": "object", "additionalProperties": True},
     }
 

@@ -25,6 +25,8 @@ from typing import Protocol
 
 import structlog
 
+from .breaker import Breaker
+
 log = structlog.get_logger("wa_router.replay")
 
 
@@ -68,23 +70,21 @@ class Memory:
         *,
         deadline_s: float = 0.25,
         breaker_s: float = 1.0,
+        breaker: Breaker | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl_s = ttl_s
         self._local = _Local(ttl_s, clock)
         self.shared = shared
-        self._deadline_s = deadline_s
-        self._breaker_s = breaker_s
-        self._monotonic = monotonic
-        self._down_until = 0.0
+        self._breaker = breaker or Breaker(deadline_s, breaker_s, monotonic)
         self.shared_errors = 0
 
     async def get(self, key: bytes) -> bytes | None:
         hit = self._local.get(key)
-        if hit is not None or self.shared is None or self._monotonic() < self._down_until:
+        if hit is not None or self.shared is None or self._breaker.open:
             return hit
         try:
-            async with asyncio.timeout(self._deadline_s):
+            async with asyncio.timeout(self._breaker.deadline_s):
                 return await self.shared.kv_get(key)
         except Exception as exc:
             self._failed(exc)
@@ -92,10 +92,10 @@ class Memory:
 
     async def put(self, key: bytes, value: bytes) -> None:
         self._local.put(key, value)
-        if self.shared is None or self._monotonic() < self._down_until:
+        if self.shared is None or self._breaker.open:
             return
         try:
-            async with asyncio.timeout(self._deadline_s):
+            async with asyncio.timeout(self._breaker.deadline_s):
                 await self.shared.kv_put(key, value, self.ttl_s)
         except Exception as exc:
             self._failed(exc)
@@ -103,5 +103,5 @@ class Memory:
     def _failed(self, exc: Exception) -> None:
         # Unreachable or hung: this process's memory decides for a moment.
         self.shared_errors += 1
-        self._down_until = self._monotonic() + self._breaker_s
+        self._breaker.trip()
         log.warning("replay_memory_unavailable", error=type(exc).__name__)

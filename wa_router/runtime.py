@@ -18,6 +18,7 @@ from aiohttp import web
 from .config import Config
 from .directory import Directory
 from .discovery import Discovery
+from .draining import SharedDrain
 from .forward import AiohttpForwarder
 from .h1 import LeanForwarder
 from .health import HealthChecker
@@ -45,6 +46,7 @@ class Router:
     health: HealthChecker
     syncer: Syncer
     parking: Parking
+    drain: SharedDrain
     # Warm: the first sync is done (or gave up); /readyz says so.
     warm: bool = False
     # Handler tasks in flight, so shutdown can wait for them (and only for its grace).

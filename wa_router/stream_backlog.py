@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from .backlog import Pending, SqliteBacklog
+from .breaker import Breaker
 from .stores.redis import connect
 
 log = structlog.get_logger("wa_router.stream_backlog")
@@ -150,6 +151,7 @@ class StreamBacklog:
         sentinel_master: str = "mymaster",
         deadline_s: float = 0.25,
         breaker_s: float = 1.0,
+        breaker: Breaker | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -162,8 +164,8 @@ class StreamBacklog:
         self._size_key = f"{self._prefix}size"
         self.consumers_key = f"{self._prefix}consumers"
         self._max_items = max_items
-        self._deadline_s = deadline_s
-        self._breaker_s = breaker_s
+        self._breaker = breaker or Breaker(deadline_s, breaker_s, monotonic)
+        self._deadline_s = self._breaker.deadline_s
         self._clock = clock
         self._monotonic = monotonic
         self.redis, self._unused = connect(url, sentinels, sentinel_master, decode=False)
@@ -172,7 +174,6 @@ class StreamBacklog:
         self._renew = self.redis.register_script(_RENEW_LUA)
         self._release = self.redis.register_script(_RELEASE_LUA)
         self._heartbeat = self.redis.register_script(_HEARTBEAT_LUA)
-        self._down_until = 0.0
         self._spooled = 0  # items in the spool (known here: only this process writes it)
         self.spool_wake = asyncio.Event()
         self.store_errors = 0
@@ -204,12 +205,12 @@ class StreamBacklog:
 
     @property
     def available(self) -> bool:
-        return self._monotonic() >= self._down_until
+        return not self._breaker.open
 
     def failed(self, op: str, exc: BaseException) -> None:
         """Redis did not answer in time: the spool takes intake for a moment."""
         self.store_errors += 1
-        self._down_until = self._monotonic() + self._breaker_s
+        self._breaker.trip()
         log.warning("webhook_stream_unavailable", op=op, error=type(exc).__name__)
 
     async def append(

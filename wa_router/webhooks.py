@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 
 from .backlog import Backlog
+from .breaker import Breaker
 from .config import WebhookConfig
 from .delivery import Delivering, RelayResult, laravel_instance, post_raw
 from .directory import Directory
@@ -81,7 +82,7 @@ class Webhooks:
         deliverer: Delivering | None = None,
         advertise_url: str | None = None,
         seen_shared: SharedKV | None = None,
-        store_limits: dict[str, float] | None = None,
+        breaker: Breaker | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
@@ -93,16 +94,10 @@ class Webhooks:
         self._clock = clock
         self.laravel = laravel_instance(cfg.laravel_url) if cfg.laravel_url else None
         # A replay is the same (timestamp, signature): remembered while it could verify.
-        limits = store_limits or {}
-        deadline_s = limits.get("deadline_s", 0.25)
-        breaker_s = limits.get("breaker_s", 1.0)
-        self._replays = Memory(
-            2 * cfg.window_s, clock, seen_shared, deadline_s=deadline_s, breaker_s=breaker_s
-        )
+        breaker = breaker or Breaker()
+        self._replays = Memory(2 * cfg.window_s, clock, seen_shared, breaker=breaker)
         # Node's retry of one event: same body from the same instance, new signature.
-        self._lasts = Memory(
-            cfg.retry_dedupe_s, clock, seen_shared, deadline_s=deadline_s, breaker_s=breaker_s
-        )
+        self._lasts = Memory(cfg.retry_dedupe_s, clock, seen_shared, breaker=breaker)
         self.stats = WebhookStats()
         self.advertise_url = advertise_url
         self.holding = Holding(cfg.hold_login_events_s)

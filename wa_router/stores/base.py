@@ -86,6 +86,8 @@ def may_replace(candidate: Entry, existing: Entry | None) -> bool:
 
 
 Listener = Callable[[str, "Entry | None"], None]
+# (instance, draining); (None, False): anything may have changed, read `drained()` again.
+DrainListener = Callable[["str | None", bool], None]
 
 
 class Store(Protocol):
@@ -130,5 +132,16 @@ class Store(Protocol):
         """Live entries with session ids above `after`, in id order, at most `limit`
         (the admin API's cursor pagination); only `instance`'s when given."""
         ...
+
+    async def set_draining(self, instance: str, draining: bool) -> None:
+        """Drain (or undrain) `instance` for every router sharing the store; each hears it
+        through `on_draining`, this one included."""
+        ...
+
+    async def drained(self) -> set[str]:
+        """The instances drained now."""
+        ...
+
+    def on_draining(self, callback: DrainListener) -> None: ...
 
     async def close(self) -> None: ...

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
-from .base import Entry, Listener, may_replace
+from .base import DrainListener, Entry, Listener, may_replace
 
 
 class MemoryStore:
@@ -18,6 +18,8 @@ class MemoryStore:
         self._counts: Counter[str] = Counter()
         self._tombstone_ttl_s = tombstone_ttl_s
         self._clock = clock
+        self._drained: set[str] = set()
+        self._drain_listeners: list[DrainListener] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -82,6 +84,20 @@ class MemoryStore:
             ),
             key=lambda kv: kv[0],
         )
+
+    async def set_draining(self, instance: str, draining: bool) -> None:
+        if draining:
+            self._drained.add(instance)
+        else:
+            self._drained.discard(instance)
+        for callback in list(self._drain_listeners):
+            callback(instance, draining)
+
+    async def drained(self) -> set[str]:
+        return set(self._drained)
+
+    def on_draining(self, callback: DrainListener) -> None:
+        self._drain_listeners.append(callback)
 
     async def close(self) -> None:
         return None

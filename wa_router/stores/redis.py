@@ -11,6 +11,9 @@ Keys (all under `key_prefix`, nothing else is touched, nothing is ever flushed):
                          the admin API's id-ordered cursor pages
     {prefix}changes      pub/sub channel: one message per stored observation
     {prefix}seen:{hex}   webhook replay / retry memory, with the TTL of its window
+    {prefix}drained      set of drained instances (admin drain, shared by every router)
+    {prefix}pool         pub/sub channel: {"instance": name, "draining": bool} per change
+    {prefix}wh:*         the webhook backlog's streams (stream_backlog.py)
 
 Every write goes through one Lua script (compare-and-set, counts, live set, TTL, publish),
 so two routers racing can never let the older observation win, and the counts and the live
@@ -38,7 +41,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import EqualJitterBackoff, NoBackoff
 
 from ..aio import cancel_and_wait
-from .base import Entry, Source
+from .base import DrainListener, Entry, Source
 
 log = structlog.get_logger("wa_router.stores.redis")
 
@@ -235,6 +238,9 @@ class RedisStore:
     ) -> None:
         self.key_prefix = key_prefix
         self.channel = f"{key_prefix}changes"
+        self.pool_channel = f"{key_prefix}pool"
+        self._drained_key = f"{key_prefix}drained"
+        self._drain_listeners: list[DrainListener] = []
         self._counts_key = f"{key_prefix}counts"
         self._live_key = f"{key_prefix}live"
         self._tombstone_ttl_ms = max(1, round(tombstone_ttl_s * 1000))
@@ -390,7 +396,7 @@ class RedisStore:
     async def _subscribe(self) -> PubSub:
         pubsub = self._listener_redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(self.channel)
+            await pubsub.subscribe(self.channel, self.pool_channel)
         except BaseException:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
             raise
@@ -407,12 +413,16 @@ class RedisStore:
                     log.info("redis_listener_resumed", channel=self.channel)
                     delay_s = _RECONNECT_FIRST_S
                     self._notify("", None)
+                    self._notify_drain(None, False)
                 while True:
                     # A timeout, not a blocking read: redis-py sends its health-check PING
                     # only from inside this call.
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
-                        self._deliver(message["data"])
+                        if message.get("channel") == self.pool_channel:
+                            self._deliver_drain(message["data"])
+                        else:
+                            self._deliver(message["data"])
             except Exception as exc:  # the listener must outlive any failure
                 log.warning(
                     "redis_listener_reconnect",
@@ -443,6 +453,38 @@ class RedisStore:
             )
             return
         self._notify(session, entry if entry.instance is not None else None)
+
+    async def set_draining(self, instance: str, draining: bool) -> None:
+        payload = json.dumps({"instance": instance, "draining": draining})
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if draining:
+                pipe.sadd(self._drained_key, instance)
+            else:
+                pipe.srem(self._drained_key, instance)
+            pipe.publish(self.pool_channel, payload)
+            await pipe.execute()
+
+    async def drained(self) -> set[str]:
+        return {str(m) for m in await self._redis.smembers(self._drained_key)}
+
+    def on_draining(self, callback: DrainListener) -> None:
+        self._drain_listeners.append(callback)
+
+    def _deliver_drain(self, payload: Any) -> None:
+        try:
+            doc = json.loads(str(payload))
+            instance, draining = str(doc["instance"]), bool(doc["draining"])
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("redis_drain_malformed", error=f"{type(exc).__name__}: {exc}")
+            return
+        self._notify_drain(instance, draining)
+
+    def _notify_drain(self, instance: str | None, draining: bool) -> None:
+        for callback in list(self._drain_listeners):
+            try:
+                callback(instance, draining)
+            except Exception:
+                log.exception("redis_drain_subscriber_failed", instance=instance)
 
     def _notify(self, session: str, entry: Entry | None) -> None:
         for callback in list(self._subscribers):

@@ -451,3 +451,27 @@ async def test_status_after_webhooks_shows_them_by_event(
     doc = await admin(client, "GET", "/admin/status")
     assert doc["webhooks"]["events"] == {"session_ready": {"accepted": 1, "duplicate": 1}}
     assert doc["webhooks"]["learned"] == 1
+
+
+async def test_sync_cli_exits_4_when_an_instance_could_not_be_listed(
+    sims: list[SimInstance], start_router: StartRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sims[0].add_session("fine")
+    client, router = await started(sims, start_router)
+    target = ["--url", url_of(client), "--token", TOKEN]
+    assert await run_cli("sync", *target) == 0
+    capsys.readouterr()
+    await sims[2].stop()  # one instance refuses its listing: what it holds went unchecked
+    assert await run_cli("sync", *target) == 4
+    captured = capsys.readouterr()
+    assert any(line.startswith("Error: node-2: ") for line in captured.out.splitlines())
+    assert "sync incomplete: could not list node-2" in captured.err
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"wa-router {importlib.metadata.version('wa-router')}"

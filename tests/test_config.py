@@ -193,3 +193,29 @@ def test_several_workers_relay_webhooks_only_with_the_redis_backlog(tmp_path: Pa
     with pytest.raises(ConfigError) as info:
         serve_workers(cfg, workers=2)
     assert info.value.key == "--workers" and "store.kind: redis" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("change", "live", "restart"),
+    [
+        ("log: {level: debug}\n", ["log.level"], []),
+        ("webhooks: {secrets: [a, b]}\n", ["webhooks.secrets"], []),
+        ("discovery: {probe_timeout_s: 1.5}\n", [], ["discovery.probe_timeout_s"]),
+        (
+            "log: {level: error}\nserver: {port: 9999}\n",
+            ["log.level"],
+            ["server.port"],
+        ),
+        ("", [], []),
+    ],
+)
+def test_a_reload_says_what_it_applies_and_what_needs_a_restart(
+    tmp_path: Path, change: str, live: list[str], restart: list[str]
+) -> None:
+    from wa_router.reload import changed_keys, is_live
+
+    old = load_config(write(tmp_path, BASE))
+    new = load_config(write(tmp_path, BASE + change))
+    changed = list(changed_keys(old, new))
+    assert [k for k in changed if is_live(k)] == live
+    assert [k for k in changed if not is_live(k)] == restart

@@ -428,3 +428,99 @@ async def test_two_workers_share_the_port_and_stop_together(
         proc.send_signal(signal.SIGTERM)
         assert await wait_exit(proc, 10) == 0
     assert two_sims[1].count("POST", SEND) == 40
+
+
+async def test_sighup_reloads_the_config_under_load_and_keeps_serving(
+    tmp_path: Path, two_sims: list[SimInstance]
+) -> None:
+    """logrotate and `systemctl reload` send SIGHUP: no request fails, a valid change is
+    applied, a broken file is refused and the running config kept."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cfg = write_config(tmp_path, two_sims, port, grace_s=2)
+    raw = yaml.safe_load(cfg.read_text())
+    logs = tmp_path / "router"
+    two_sims[0].add_session("h")
+    statuses: list[int] = []
+    stop = asyncio.Event()
+    async with router_process(cfg, logs) as proc:
+        await wait_healthy(proc, base, logs)
+        async with aiohttp.ClientSession() as http:
+
+            async def load() -> None:
+                while not stop.is_set():
+                    async with http.post(f"{base}{SEND}", json=send_body("h")) as r:
+                        statuses.append(r.status)
+
+            runner = asyncio.create_task(load())
+            try:
+                await wait_for(lambda: len(statuses) >= 20, 10, "load before")
+                raw["log"] = {"level": "warning"}
+                raw["discovery"] = {"probe_timeout_s": 1.5}  # built in: needs a restart
+                cfg.write_text(yaml.safe_dump(raw))
+                proc.send_signal(signal.SIGHUP)
+                await wait_for(lambda: '"config_reloaded"' in output_of(logs), 10, "reload")
+                n = len(statuses)
+                await wait_for(lambda: len(statuses) >= n + 20, 10, "load after")
+                cfg.write_text("instances: [oops")  # broken: refused, the old one kept
+                proc.send_signal(signal.SIGHUP)
+                await wait_for(lambda: "config_reload_refused" in output_of(logs), 10, "refusal")
+                n = len(statuses)
+                await wait_for(lambda: len(statuses) >= n + 20, 10, "load after the refusal")
+            finally:
+                stop.set()
+                await runner
+        assert proc.returncode is None  # still serving
+    assert statuses and set(statuses) == {200}
+    out = output_of(logs)
+    reloaded = next(line for line in out.splitlines() if '"config_reloaded"' in line)
+    assert '"applied": ["log.level"]' in reloaded, reloaded
+    assert '"needs_restart": ["discovery.probe_timeout_s"]' in reloaded, reloaded
+    # The new level holds: no info lines after the reload (the refusal is an error).
+    after = out.splitlines()[out.splitlines().index(reloaded) + 1 :]
+    assert not any('"level": "info"' in line for line in after if line.startswith("{")), after
+
+
+async def test_workers_die_with_their_parent_however_it_dies(
+    tmp_path: Path, two_sims: list[SimInstance]
+) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cfg = write_config(tmp_path, two_sims, port, grace_s=1)
+    logs = tmp_path / "router"
+    async with router_process(cfg, logs, "--workers", "2", "--loop", "asyncio") as proc:
+        await wait_healthy(proc, base, logs)
+        proc.send_signal(signal.SIGHUP)  # forwarded to the workers, which reload
+        await wait_for(
+            lambda: output_of(logs).count('"config_reloaded"') == 2, 10, "both workers reloaded"
+        )
+        proc.send_signal(signal.SIGKILL)  # the parent only
+        await proc.wait()
+        await wait_refused(base, timeout_s=10)  # no worker left listening, orphaned
+
+
+async def test_a_port_in_use_is_one_line_and_exit_2(
+    tmp_path: Path, two_sims: list[SimInstance]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path, two_sims, port, grace_s=1)
+        for extra in ((), ("--workers", "2")):
+            proc = await spawn(
+                cli_command("serve", "-c", str(cfg), *extra),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), 20)
+            finally:
+                await reap(proc)
+            assert proc.returncode == 2
+            lines = err.decode().strip().splitlines()
+            assert lines == [
+                f"wa-router: cannot listen on 127.0.0.1:{port}: the port is in use "
+                "(change server.port, or WA_ROUTER_SERVER__PORT)"
+            ], err.decode()
+            assert b"router_started" not in out + err

@@ -201,7 +201,8 @@ class Admin:
             raise RequestRejected(
                 401, "unauthorized", "the admin API needs Authorization: Bearer <admin.token>"
             )
-        if not token_matches(presented, self._token):
+        # The running config's: a SIGHUP may have rotated it (reload.py).
+        if not token_matches(presented, self.router.config.admin.token or self._token):
             log.warning("admin_unauthorized", path=request.path, peer=request.remote)
             raise RequestRejected(
                 401, "unauthorized", "the admin token is wrong", reason="wrong_token"

@@ -1,18 +1,30 @@
-"""The `wa-router` command: serve, demo, check-config, status, sync."""
+"""The `wa-router` command: serve, demo, check-config, status, sync.
+
+exit codes: 0 ok; 1 sync found lost or duplicated sessions; 2 config error or port in
+use; 3 the router could not be reached; 4 sync could not list every instance.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from collections.abc import Sequence
 
 from . import statuscli
 from .config import Config, load_config
-from .errors import ConfigError
+from .errors import ConfigError, PortInUse
 from .logging import setup_logging
 
 EXIT_CONFIG = 2
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("wa-router")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
+        return "unknown"
 
 
 def _load(path: str | None) -> Config:
@@ -20,7 +32,10 @@ def _load(path: str | None) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wa-router", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="wa-router", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"wa-router {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the router")
     p_serve.add_argument("-c", "--config", help="YAML config file (default: $WA_ROUTER_CONFIG)")
@@ -51,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_sync = sub.add_parser(
         "sync",
         help="reconcile a running router's directory with the instances; "
-        "exit 1 when sessions are lost or duplicated",
+        "exit 1 when sessions are lost or duplicated, 4 when an instance could not be listed",
     )
     statuscli.add_client_arguments(p_sync)
     p_sync.add_argument("--dry-run", action="store_true", help="report, change nothing")
@@ -73,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(cfg.log)
             from .server import serve_workers
 
-            return serve_workers(cfg, workers=args.workers, loop_kind=args.loop)
+            return serve_workers(
+                cfg, workers=args.workers, loop_kind=args.loop, config_path=args.config
+            )
         if args.command in ("status", "sync"):
             return statuscli.status(args) if args.command == "status" else statuscli.sync(args)
         if args.command == "demo":
@@ -82,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(port=args.port, instance_port=args.instance_port)
     except ConfigError as exc:
         print(f"wa-router: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except PortInUse as exc:
+        print(f"wa-router: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return EXIT_CONFIG  # pragma: no cover

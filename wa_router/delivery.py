@@ -107,6 +107,9 @@ class Delivering(Protocol):
     @property
     def failures(self) -> int: ...
 
+    @property
+    def relay(self) -> Relay: ...
+
     def wake(self) -> None: ...
 
     def hold(self, session: str) -> None: ...
@@ -143,7 +146,7 @@ class Relay:
     ) -> None:
         self._forwarder = forwarder
         self._laravel = laravel
-        self._secret = secret
+        self.secret = secret
         self._resign_after_s = resign_after_s
         self.timeout_s = timeout_s
         self._base_s = retry_base_s
@@ -157,8 +160,8 @@ class Relay:
     async def attempt(self, item: Pending) -> Outcome:
         headers: Sequence[tuple[str, str]] = item.headers
         now = self._wall()
-        if now - item.timestamp > self._resign_after_s and self._secret:
-            headers = resign(headers, item.body, self._secret, int(now))
+        if now - item.timestamp > self._resign_after_s and self.secret:
+            headers = resign(headers, item.body, self.secret, int(now))
         result = await post_raw(
             self._forwarder, self._laravel, item.path, item.body, headers, self.timeout_s
         )

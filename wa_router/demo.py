@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
+import sys
 import tempfile
 
 from aiohttp import web
@@ -178,7 +180,15 @@ def run_demo(*, port: int = 8080, instance_port: int = 3001) -> int:
     try:
         loop.run_until_complete(_run(port, instance_port))
     except OSError as exc:
-        print(f"wa-router demo: {exc}")
+        if exc.errno == errno.EADDRINUSE:
+            print(
+                f"wa-router demo: a port is in use ({exc.strerror}): choose others with "
+                f"--port (router, now {port}) and --instance-port (first instance, now "
+                f"{instance_port})",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"wa-router demo: {exc}", file=sys.stderr)
         return 1
     finally:
         loop.close()

@@ -33,6 +33,13 @@ class ConfigError(WaRouterError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
+class PortInUse(WaRouterError):
+    """The listening port is taken: one line for the operator, naming what to change."""
+
+    def __init__(self, host: str, port: int, change: str) -> None:
+        super().__init__(f"cannot listen on {host}:{port}: the port is in use (change {change})")
+
+
 class RequestRejected(WaRouterError):
     """An answer the router gives itself: `{"error": code, "message": ..., **extra}`."""
 

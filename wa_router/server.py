@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import os
 import signal
+import socket
 import sys
 
 import structlog
 from aiohttp import web
 
-from .app import build_app
+from .app import ROUTER, build_app
 from .config import Config, backlog_kind
-from .errors import ConfigError
+from .errors import ConfigError, PortInUse
+from .reload import reload
 
 log = structlog.get_logger("wa_router.server")
 
 LOOPS = ("uvloop", "asyncio")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def new_event_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
@@ -40,11 +45,39 @@ def new_event_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """The listening socket, bound before anything starts: a port in use is one line on
+    stderr (PortInUse), not a traceback after `router_started`."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(host, port, "server.port, or WA_ROUTER_SERVER__PORT") from None
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
 def serve(
-    cfg: Config, *, loop_kind: str = "uvloop", reuse_port: bool = False, worker: int | None = None
+    cfg: Config,
+    *,
+    loop_kind: str = "uvloop",
+    reuse_port: bool = False,
+    worker: int | None = None,
+    config_path: str | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT: stop accepting, let requests in flight finish (bounded by
     server.shutdown_grace_s), then close upstream connections and the store."""
+    sock = listen_socket(cfg.server.host, cfg.server.port, reuse_port=reuse_port)
     loop = new_event_loop(loop_kind)
     asyncio.set_event_loop(loop)
     log.info(
@@ -54,39 +87,61 @@ def serve(
         loop=loop_kind,
         pid=os.getpid(),
     )
+    app = build_app(cfg, worker=worker)
+    # SIGHUP (logrotate, systemctl reload) re-reads the config instead of ending the process.
+    loop.add_signal_handler(signal.SIGHUP, reload, app[ROUTER], config_path)
     web.run_app(
-        build_app(cfg, worker=worker),
-        host=cfg.server.host,
-        port=cfg.server.port,
+        app,
+        sock=sock,
         # The grace is applied by the app's drain; this only bounds aiohttp's last wait.
         shutdown_timeout=1.0,
         access_log=None,
         print=None,
         loop=loop,
         handle_signals=True,
-        reuse_port=reuse_port or None,
     )
 
 
-def serve_workers(cfg: Config, *, workers: int, loop_kind: str = "uvloop") -> int:
+def die_with_parent(parent: int) -> None:
+    """Linux: the kernel sends this process SIGTERM when its parent dies, however it dies
+    (kill -9 included), so no worker is left serving orphaned."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request above was made
+        os._exit(1)
+
+
+def serve_workers(
+    cfg: Config, *, workers: int, loop_kind: str = "uvloop", config_path: str | None = None
+) -> int:
     """Fork `workers` serving processes; forward SIGTERM/SIGINT; exit when all have."""
     if workers < 1:
         raise ConfigError("--workers", "must be at least 1")
     if workers == 1:
-        serve(cfg, loop_kind=loop_kind)
+        serve(cfg, loop_kind=loop_kind, config_path=config_path)
         return 0
     if cfg.webhooks.laravel_url and cfg.webhooks.secrets and backlog_kind(cfg) != "redis":
         # Each worker would run its own delivery of one shared backlog file.
         raise ConfigError(
             "--workers", "relaying webhooks with several workers needs store.kind: redis"
         )
+    # Taken by another program: say so once, here, rather than from every worker.
+    listen_socket(cfg.server.host, cfg.server.port, reuse_port=True).close()
     children: list[int] = []
+    parent = os.getpid()
     for index in range(workers):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             code = 0
             try:
-                serve(cfg, loop_kind=loop_kind, reuse_port=True, worker=index)
+                die_with_parent(parent)
+                serve(
+                    cfg,
+                    loop_kind=loop_kind,
+                    reuse_port=True,
+                    worker=index,
+                    config_path=config_path,
+                )
             except BaseException as exc:
                 print(f"wa-router worker {os.getpid()}: {exc!r}", file=sys.stderr)
                 code = 1
@@ -100,6 +155,7 @@ def serve_workers(cfg: Config, *, workers: int, loop_kind: str = "uvloop") -> in
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)  # each worker reloads its config
     worst = 0
     for child in children:
         _, status = os.waitpid(child, 0)

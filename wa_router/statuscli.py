@@ -29,6 +29,7 @@ from .errors import ConfigError
 EXIT_OK = 0
 EXIT_SYNC_PROBLEMS = 1
 EXIT_UNREACHABLE = 3
+EXIT_SYNC_INCOMPLETE = 4
 STATUS_TIMEOUT_S = 10.0
 # A sync lists every instance (Node gives a listing up to 60 s) and may wait for a sync
 # already running.
@@ -180,8 +181,16 @@ def render_status(doc: Mapping[str, Any], now: float) -> str:
     return "\n".join(lines)
 
 
+def unlisted(doc: Mapping[str, Any]) -> dict[str, str]:
+    """Instances the sync could not list (refused, down, slow), with why."""
+    return {k: str(v) for k, v in (doc.get("instances") or {}).items() if v != "ok"}
+
+
 def sync_exit_code(doc: Mapping[str, Any]) -> int:
-    return EXIT_OK if not doc.get("lost") and not doc.get("duplicated") else EXIT_SYNC_PROBLEMS
+    if doc.get("lost") or doc.get("duplicated"):
+        return EXIT_SYNC_PROBLEMS
+    # What was not listed was not checked: a cron job must hear of it.
+    return EXIT_SYNC_INCOMPLETE if unlisted(doc) else EXIT_OK
 
 
 # -- the commands --------------------------------------------------------------------------
@@ -219,4 +228,8 @@ def sync(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
         return _fail(exc)
     for line in doc.get("lines", []):
         print(line)
+    missing = unlisted(doc)
+    if missing:
+        names = ", ".join(sorted(missing))
+        print(f"wa-router: sync incomplete: could not list {names}", file=sys.stderr)
     return sync_exit_code(doc)

@@ -172,9 +172,15 @@ class StreamRelay:
         b = self._backlog
         shard = _Shard(n)
         shard.lease_until = lease_until
-        await b.ensure_group(n)
-        for item in await b.claim(n, self.consumer):
-            shard.add(item)
+        try:
+            await b.ensure_group(n)
+            for item in await b.claim(n, self.consumer):
+                shard.add(item)
+        except BaseException:
+            # Give it back now rather than sit on a lease with nothing reading the shard.
+            with contextlib.suppress(Exception):
+                await b.release_lease(n, self.consumer)
+            raise
         with contextlib.suppress(Exception):
             await b.forget_idle_consumers(n, self.consumer)
         self._held[n] = shard

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,3 +221,36 @@ def test_a_reload_says_what_it_applies_and_what_needs_a_restart(
     changed = list(changed_keys(old, new))
     assert [k for k in changed if is_live(k)] == live
     assert [k for k in changed if not is_live(k)] == restart
+
+
+def test_the_shipped_example_documents_every_key(tmp_path: Path) -> None:
+    """`wa-router init-config` writes it; every section and key of Config is in it."""
+    import dataclasses
+
+    import yaml
+
+    from wa_router.config import Config
+
+    target = tmp_path / "router.yaml"
+    assert main(["init-config", str(target)]) == 0
+    assert main(["init-config", str(target)]) == 2  # never overwritten by accident
+    text = target.read_text()
+    doc = yaml.safe_load(text)
+    assert load_config(target).instances  # it loads as written
+
+    def missing(cls: Any, section: Any, prefix: str) -> list[str]:
+        out = []
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            if not isinstance(section, dict) or f.name not in section:
+                # An optional key is shown commented out: `# name: example`.
+                if not re.search(rf"^\s*#\s*{f.name}:", text, re.MULTILINE):
+                    out.append(key)
+                continue
+            sub = section[f.name]
+            if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+                out += missing(f.default_factory, sub, key + ".")
+        return out
+
+    undocumented = [k for k in missing(Config, doc, "") if k != "rules"]
+    assert undocumented == [], undocumented

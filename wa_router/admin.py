@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import hmac
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from .bearer import bearer_token, token_matches
 from .errors import RequestRejected
 from .httpio import json_error
 from .openapi import openapi_document
@@ -65,25 +65,6 @@ def readiness(warm: bool, states: Iterable[State]) -> str | None:
     if State.HEALTHY not in states:
         return "no healthy instance"
     return None
-
-
-def bearer_token(header: str | None) -> str | None:
-    """The credentials of `Authorization: Bearer <token>`; the scheme is case-insensitive
-    (RFC 7235 2.1)."""
-    if header is None:
-        return None
-    scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
-
-
-def token_matches(presented: str, expected: str) -> bool:
-    # Constant-time, on bytes: compare_digest refuses non-ASCII str, and a header may carry
-    # anything; surrogatepass encodes every str aiohttp can hand us.
-    return hmac.compare_digest(
-        presented.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
-    )
 
 
 def parse_limit(raw: str | None) -> int:

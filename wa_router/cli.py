@@ -1,4 +1,4 @@
-"""The `wa-router` command: serve, demo, check-config, status, sync.
+"""The `wa-router` command: serve, demo, check-config, init-config, status, sync.
 
 exit codes: 0 ok; 1 sync found lost or duplicated sessions; 2 config error or port in
 use; 3 the router could not be reached; 4 sync could not list every instance.
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.resources
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import statuscli
 from .config import Config, load_config
@@ -25,6 +27,18 @@ def version() -> str:
         return importlib.metadata.version("wa-router")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
         return "unknown"
+
+
+def init_config(path: str, *, force: bool = False) -> int:
+    """Write the example (every key, documented) shipped in the package."""
+    target = Path(path)
+    if target.exists() and not force:
+        print(f"wa-router: {path} exists; --force to overwrite it", file=sys.stderr)
+        return EXIT_CONFIG
+    example = importlib.resources.files("wa_router").joinpath("router.example.yaml")
+    target.write_text(example.read_text(encoding="utf-8"), encoding="utf-8")
+    print(f"{path}: written; edit instances, then: wa-router check-config {path}")
+    return 0
 
 
 def _load(path: str | None) -> Config:
@@ -53,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_check = sub.add_parser("check-config", help="validate a config file and exit")
     p_check.add_argument("file")
+    p_init = sub.add_parser("init-config", help="write the documented example config")
+    p_init.add_argument("path", nargs="?", default="router.yaml", help="default ./router.yaml")
+    p_init.add_argument("--force", action="store_true", help="overwrite an existing file")
     p_demo = sub.add_parser("demo", help="4 simulated instances and the router, in one process")
     p_demo.add_argument("--port", type=int, default=8080, help="router port (default 8080)")
     p_demo.add_argument(
@@ -81,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"profile {cfg.profile.name}; store {cfg.store.kind})"
             )
             return 0
+        if args.command == "init-config":
+            return init_config(args.path, force=args.force)
         if args.command == "serve":
             if args.config is None and "WA_ROUTER_CONFIG" not in os.environ:
                 raise ConfigError("", "no config: give -c FILE or set WA_ROUTER_CONFIG")

@@ -210,6 +210,12 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # Bearer token /metrics asks of scrapers (it shares the proxy's port); None: open.
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     session_id_max_length: int = 128
@@ -288,6 +294,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     parking: ParkingConfig = field(default_factory=ParkingConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     state: StateConfig = field(default_factory=StateConfig)
@@ -397,6 +404,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("upstream.client_keys", "needs upstream.api_key to inject")
     if cfg.admin.token is not None and len(cfg.admin.token) < 16:
         raise ConfigError("admin.token", "use at least 16 characters")
+    if cfg.metrics.token is not None and len(cfg.metrics.token) < 16:
+        raise ConfigError("metrics.token", "use at least 16 characters")
     try:
         re.compile(cfg.limits.session_id_pattern)
     except re.error as exc:

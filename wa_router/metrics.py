@@ -1,5 +1,9 @@
 """Prometheus metrics at `/metrics`, from a registry of the router's own.
 
+A Node instance is the label `upstream`: Prometheus adds `instance` (the scraped target,
+the router itself) to every series, and a label of that name would become
+`exported_instance`.
+
 The hot path only bumps plain counters in the parts' `stats` objects (a dict increment);
 they are turned into Prometheus families when scraped (a custom collector), so counting a
 request costs no label lookup. The one histogram (upstream latency) keeps one child per
@@ -8,8 +12,10 @@ instance, looked up once.
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -17,6 +23,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from .bearer import bearer_token, token_matches
+from .errors import RequestRejected
+from .httpio import json_error
 from .parking import FULL, SHUTDOWN, TIMEOUT, WOKEN
 from .pool import State
 from .stream_backlog import StreamBacklog
@@ -24,6 +33,11 @@ from .stream_relay import StreamRelay
 
 if TYPE_CHECKING:
     from .runtime import Router
+
+try:
+    _VERSION = importlib.metadata.version("wa-router")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
+    _VERSION = "unknown"
 
 # Loopback to Node answers in ~1 ms; sends through WhatsApp take seconds.
 LATENCY_BUCKETS_S = (
@@ -58,10 +72,20 @@ class RouterCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         r = self._router
+        build = GaugeMetricFamily(
+            "wa_router_build", "Always 1: the version running", labels=["version", "python"]
+        )
+        build.add_metric([_VERSION, platform.python_version()], 1.0)
+        yield build
+        inflight = GaugeMetricFamily(
+            "wa_router_requests_in_flight", "Requests being handled now (waiting ones included)"
+        )
+        inflight.add_metric([], float(len(r.inflight)))
+        yield inflight
         requests = CounterMetricFamily(
             "wa_router_requests",
             "Caller requests by route kind, instance and status class",
-            labels=["route_kind", "instance", "status_class"],
+            labels=["route_kind", "upstream", "status_class"],
         )
         for (kind, inst, cls), n in sorted(r.proxy.stats.outcomes.items()):
             requests.add_metric([kind, inst, cls], n)
@@ -109,22 +133,22 @@ class RouterCollector(Collector):
         yield placements
 
         up = GaugeMetricFamily(
-            "wa_router_instance_up", "1 when the instance is healthy, else 0", labels=["instance"]
+            "wa_router_instance_up", "1 when the instance is healthy, else 0", labels=["upstream"]
         )
         state = GaugeMetricFamily(
             "wa_router_instance_state",
             "The instance's state (1 for the current one)",
-            labels=["instance", "state"],
+            labels=["upstream", "state"],
         )
         draining = GaugeMetricFamily(
             "wa_router_instance_draining",
             "1 while the instance takes no new sessions",
-            labels=["instance"],
+            labels=["upstream"],
         )
         sessions = GaugeMetricFamily(
             "wa_router_instance_sessions",
             "Sessions the directory places on the instance",
-            labels=["instance"],
+            labels=["upstream"],
         )
         for member in r.pool.instances:
             name, current = member.name, member.state
@@ -218,7 +242,7 @@ class Metrics:
         self._latency = Histogram(
             "wa_router_upstream_latency_seconds",
             "Time from sending a request to an instance to its response head",
-            ["instance"],
+            ["upstream"],
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
@@ -232,6 +256,30 @@ class Metrics:
             registry=self.registry,
         )
         router.parking.observe_wait = lambda outcome, s: self._parked.labels(outcome).observe(s)
+        self._requests = Histogram(
+            "wa_router_request_duration_seconds",
+            "Caller's side: from a request's arrival to its answer's head, by route kind",
+            ["route_kind"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        kinds: dict[str, Any] = {}
+
+        def observe_request(kind: str, seconds: float) -> None:
+            child = kinds.get(kind)
+            if child is None:
+                child = kinds[kind] = self._requests.labels(kind)
+            child.observe(seconds)
+
+        router.proxy.observe_request = observe_request
+        self.token = router.config.metrics.token
+
+    def authorized(self, request: web.Request) -> bool:
+        """`metrics.token` set: scrapes must bring it (`Authorization: Bearer ...`)."""
+        if self.token is None:
+            return True
+        presented = bearer_token(request.headers.get("Authorization"))
+        return presented is not None and token_matches(presented, self.token)
 
     def observe(self, instance: str, seconds: float) -> None:
         child = self._children.get(instance)
@@ -244,6 +292,12 @@ class Metrics:
         self._collector.backlog = await backlog.size() if backlog is not None else None
 
     async def handle(self, request: web.Request) -> web.Response:
+        if not self.authorized(request):
+            return json_error(
+                RequestRejected(
+                    401, "unauthorized", "/metrics needs Authorization: Bearer <metrics.token>"
+                )
+            )
         await self.refresh()
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -133,9 +133,12 @@ class Proxy:
         )
         # Upstream latency (instance, seconds to the response head); metrics.py sets it.
         self.observe_latency: Callable[[str, float], None] | None = None
+        # The caller's side: (route kind, seconds from the request to its answer).
+        self.observe_request: Callable[[str, float], None] | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
+        started = time.perf_counter()
         call: Call | None = None
         resp: web.StreamResponse
         try:
@@ -154,12 +157,16 @@ class Proxy:
                 exc.extra["session"] = call.session
             resp = json_error(exc)
         stats = self.stats
+        kind = "rejected" if call is None else call.rule.kind
         if call is None:
             stats.outcomes[("rejected", "none", f"{resp.status // 100}xx")] += 1
         else:
-            stats.outcomes[(call.rule.kind, call.target, f"{resp.status // 100}xx")] += 1
+            stats.outcomes[(kind, call.target, f"{resp.status // 100}xx")] += 1
             if call.retried:
                 stats.retry_outcomes["answered" if call.answered else "failed"] += 1
+        if self.observe_request is not None:
+            # To the head: a streamed body's own duration is the caller's and Node's.
+            self.observe_request(kind, time.perf_counter() - started)
         return resp
 
     # -- extract ---------------------------------------------------------------------------

@@ -524,3 +524,50 @@ async def test_a_port_in_use_is_one_line_and_exit_2(
                 "(change server.port, or WA_ROUTER_SERVER__PORT)"
             ], err.decode()
             assert b"router_started" not in out + err
+
+
+MALFORMED = (
+    # A request line that is not HTTP, carrying a key in its query.
+    b"GET /api/sessions?api_key=KEY-IN-A-BROKEN-LINE HTTP/9.9 junk\r\n\r\n",
+    # A header line without a colon, another key in it.
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Api-Key KEY-IN-A-BROKEN-HEADER\r\n\r\n",
+    # Chunked framing that lies, the key in the body.
+    b"POST /api/messages/send HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b'zz\r\n{"api_key": "KEY-IN-A-BROKEN-BODY"}\r\n0\r\n\r\n',
+    # Both Content-Length and Transfer-Encoding (a smuggling attempt).
+    b"POST /api/messages/send?api_key=KEY-IN-A-SMUGGLE HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    # A header far over the limit.
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"KEY-IN-A-HUGE-HEADER" * 800 + b"\r\n\r\n",
+)
+
+
+async def test_every_log_line_is_json_and_none_quotes_a_malformed_request(
+    tmp_path: Path, two_sims: list[SimInstance]
+) -> None:
+    import json
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cfg = write_config(tmp_path, two_sims, port, grace_s=1)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["log"] = {"format": "json", "level": "debug"}
+    cfg.write_text(yaml.safe_dump(raw))
+    logs = tmp_path / "router"
+    async with router_process(cfg, logs) as proc:
+        await wait_healthy(proc, base, logs)
+        for payload in MALFORMED:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(payload)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(65536), 5)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.") and b" 4" in answer[:13], answer[:80]
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc, 10) == 0
+    text = output_of(logs)
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert any('"router_stopped"' in line for line in lines)  # the whole run is here
+    for line in lines:
+        json.loads(line)  # one JSON object per line, whoever logged it
+    assert "KEY-IN-A-" not in text

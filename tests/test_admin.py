@@ -18,6 +18,7 @@ from wa_router.app import Router
 from wa_router.pool import State
 from wa_router.sim import SimInstance
 from wa_router.statuscli import base_url, render_status
+from wa_router.statuspage import PAGE_FILES
 from wa_router.stores import Source
 
 from .conftest import (
@@ -391,6 +392,11 @@ def registered(app: web.Application) -> dict[str, set[str]]:
         path = route.resource.canonical if route.resource is not None else ""
         if path == ADMIN_FALLBACK.replace(":.*", ""):
             continue  # the 404/405 fallback, not an endpoint
+        if path in PAGE_FILES:
+            # The status page's static files (HTML, script, style): not API endpoints (no
+            # JSON, no token, nothing a client calls), so not in the document; they are
+            # tested in test_statuspage.py.
+            continue
         if path.startswith("/admin/") or path in ("/healthz", "/readyz"):
             out.setdefault(path, set()).add(route.method)
     return out

@@ -147,7 +147,7 @@ def test_config_file_from_env(tmp_path: Path) -> None:
             "relay_timeout_s",
         ),
         (
-            BASE + "webhooks: {claim_after_s: 10, relay_timeout_s: 10}\n",
+            BASE + "webhooks: {claim_after_s: 15, relay_timeout_s: 10}\n",
             {},
             "webhooks.claim_after_s",
             "relay_timeout_s",

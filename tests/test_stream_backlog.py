@@ -372,3 +372,158 @@ async def test_two_workers_relay_webhooks_through_the_streams(
     finally:
         await r.aclose()
     check_once_in_order(laravel, sent)
+
+
+# -- the relay's own rules ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mine", "owners", "live", "take", "give"),
+    [
+        (0, [None] * 16, ["me"], 16, 0),  # alone: all of them
+        (16, ["me"] * 16, ["me", "b"], 0, 8),  # b joined with none: half goes back
+        (8, ["me"] * 8 + ["b"] * 8, ["me", "b"], 0, 0),  # balanced
+        (6, ["me"] * 6 + ["b"] * 5 + ["c"] * 5, ["me", "b", "c"], 0, 0),  # 16 / 3
+        (0, ["b"] * 8 + [None] * 8, ["me", "b"], 8, 0),  # a dead holder's shards are free
+        # A stale heartbeat (a router just killed) counts until it lapses: what is handed
+        # to it stays free a round, and is taken as free (a claim_after_s of churn at most).
+        (16, ["me"] * 16, ["me", "b", "stale"], 0, 10),
+    ],
+)
+def test_the_shards_are_shared_out(
+    mine: int, owners: list[str | None], live: list[str], take: int, give: int
+) -> None:
+    from wa_router.stream_relay import rebalance
+
+    assert rebalance(mine, 16, owners, live, "me") == (take, give)
+
+
+async def relay_for(
+    laravel: Deliveries, backlog: StreamBacklog, **kw: Any
+) -> tuple[Any, Any, asyncio.Task[None]]:
+    from wa_router.delivery import Relay, laravel_instance
+    from wa_router.forward import AiohttpForwarder
+    from wa_router.stream_relay import StreamRelay
+
+    forwarder = AiohttpForwarder(connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=16)
+    await forwarder.start()
+    relay = Relay(
+        forwarder,
+        laravel_instance(laravel.url),
+        secret=SECRET,
+        resign_after_s=200,
+        timeout_s=kw.pop("timeout_s", 1.0),
+        retry_base_s=0.05,
+        retry_max_s=0.2,
+        inflight_s=kw.pop("inflight_s", 2.0),
+    )
+    streams = StreamRelay(backlog, relay, claim_after_s=kw.pop("claim_after_s", 2.0))
+    return streams, forwarder, asyncio.create_task(streams.run())
+
+
+async def stream_of(redis_server: RedisServer, tmp_path: Path, prefix: str) -> StreamBacklog:
+    b = StreamBacklog(
+        redis_server.url,
+        SqliteBacklog(tmp_path / f"{unique_prefix()}.sqlite3"),
+        key_prefix=prefix,
+        shards=2,
+    )
+    await b.open()
+    return b
+
+
+async def append(b: StreamBacklog, session: str, seq: int) -> None:
+    body, headers = signed(seq, 3001, session=session)
+    relayed = [(k, v) for k, v in headers.items()] + [("X-Webhook-Id", f"{session}-{seq}")]
+    assert await b.append(session=session, path=HOOK, body=body, headers=relayed, timestamp=1)
+
+
+async def test_a_read_whose_reply_was_lost_still_delivers_everything_in_order(
+    laravel: Deliveries, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    b = await stream_of(redis_server, tmp_path, unique_prefix())
+    real_read = b.read
+    lost = []
+
+    async def read_losing_one_reply(*args: Any) -> list[Any]:
+        items = await real_read(*args)
+        if items and not lost:  # Redis handed them to us; the reply never arrived
+            lost.append(items)
+            raise ConnectionError("reply lost")
+        return items
+
+    b.read = read_losing_one_reply  # type: ignore[method-assign]
+    streams, forwarder, task = await relay_for(laravel, b)
+    try:
+        for seq in range(5):
+            await append(b, "s1", seq)
+        await wait_for(lambda: len(laravel.done) >= 5, 10, "every entry delivered")
+        assert lost, "the reply was never lost: the test proves nothing"
+        check_once_in_order(laravel, {"s1": list(range(5))})
+        assert await b.size() == 0
+    finally:
+        streams.close()
+        await task
+        await forwarder.close()
+        await b.close()
+
+
+async def test_a_closed_relay_gives_its_shards_back_and_sends_nothing_after(
+    laravel: Deliveries, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    prefix = unique_prefix()
+    b = await stream_of(redis_server, tmp_path, prefix)
+    streams, forwarder, task = await relay_for(laravel, b)
+    await wait_for(lambda: len(streams.held) == 2, 5, "both shards taken")
+    laravel.plan = [0.5] * 4  # slow: deliveries are in flight when it closes
+    for seq in range(3):
+        for s in ("a", "b", "c"):
+            await append(b, s, seq)
+    await wait_for(lambda: len(laravel.arrivals) >= 2, 5, "deliveries in flight")
+    streams.close()
+    await asyncio.wait_for(task, 10)  # ends by itself: no cancel needed
+    arrived = len(laravel.arrivals)
+    assert arrived == len(laravel.finished)  # what was in flight ended first
+    r = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await r.mget([f"{prefix}wh:{n}:lease" for n in range(2)]) == [None, None]
+        assert await r.zcard(f"{prefix}wh:consumers") == 0
+    finally:
+        await r.aclose()
+    await forwarder.close()
+    # Another relay takes over what is left, and sends each once.
+    again, forwarder2, task2 = await relay_for(laravel, b)
+    try:
+        await wait_for(lambda: len(laravel.done) >= 9, 10, "the rest delivered by the next")
+        check_once_in_order(laravel, {s: list(range(3)) for s in ("a", "b", "c")})
+    finally:
+        again.close()
+        await task2
+        await forwarder2.close()
+        await b.close()
+
+
+async def test_a_timed_out_delivery_is_not_sent_again_by_the_next_holder_too_soon(
+    laravel: Deliveries, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    b = await stream_of(redis_server, tmp_path, unique_prefix())
+    laravel.plan = [2.0]  # longer than the relay timeout: the outcome is unknown
+    first, forwarder, task = await relay_for(laravel, b, timeout_s=0.5, inflight_s=3.0)
+    await append(b, "t", 0)
+    await wait_for(lambda: first.failures == 1, 5, "the delivery timed out")
+    timed_out = time.monotonic()
+    first.close()  # handed over while Laravel may still be working on it
+    await task
+    await forwarder.close()
+    second, forwarder2, task2 = await relay_for(laravel, b, timeout_s=0.5, inflight_s=3.0)
+    try:
+        # (The first copy's own 200 came after the router had given up on it.)
+        await wait_for(lambda: len(laravel.arrivals) >= 2, 10, "sent again by the next holder")
+        (_, first_id, _), (_, again_id, sent_again) = laravel.arrivals
+        assert first_id == again_id  # the same event, as the receiver can tell
+        assert sent_again - timed_out >= 2.5  # the hold (3 s from the timeout) was kept
+    finally:
+        second.close()
+        await task2
+        await forwarder2.close()
+        await b.close()

@@ -17,6 +17,9 @@ The endpoints (documented, and tested against this table, in `openapi.py`):
     POST   /admin/instances/{name}/undrain
     GET    /admin/openapi.json
 
+and the status page, `GET /admin/` (statuspage/: static files, no data, served without the
+token; its script calls the endpoints above with it).
+
 Draining is shared through the store: every router sharing it drains the instance.
 """
 
@@ -26,6 +29,7 @@ import base64
 import binascii
 import dataclasses
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -38,6 +42,7 @@ from .httpio import json_error
 from .openapi import openapi_document
 from .pool import Instance, State
 from .runtime import Handler, Router, tracked
+from .statuspage import REDIRECT_FROM, page_handlers, redirect
 from .stores.base import Entry, Source
 from .webhooks import WebhookStats
 
@@ -225,6 +230,10 @@ class Admin:
         return _json(
             {
                 "ready": readiness(r.warm, states) is None,
+                # The router's clock (the status page's ages), and its requests in flight
+                # but this one (as wa_router_requests_in_flight, which counts no scrape).
+                "now": time.time(),
+                "inflight": len(r.inflight) - (request.task in r.inflight),
                 "instances": [instance_json(i, counts.get(i.name, 0)) for i in r.pool.instances],
                 "directory": {
                     "size": sum(counts.values()),
@@ -387,6 +396,10 @@ def add_admin_routes(app: web.Application, router: Router) -> None:
     # add_route, not add_get: no implicit HEAD, so the routes are exactly the document's.
     for method, path, handler in admin.routes:
         app.router.add_route(method, path, tracked(router, admin.guarded(handler)))
+    # The status page: no data in it, so no token (every call it makes brings one).
+    for path, page in page_handlers().items():
+        app.router.add_get(path, tracked(router, page))
+    app.router.add_get(REDIRECT_FROM, tracked(router, redirect))
     app.router.add_route("*", ADMIN_FALLBACK, tracked(router, admin.guarded(admin.fallback)))
 
 

@@ -274,15 +274,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     except Exception as exc:
         # Route without the shared store (cache + discovery) until it can be reached.
         log.error("store_unavailable", op="start", error=repr(exc))
-        tasks.append(asyncio.create_task(_start_store_later(router.store)))
+        tasks.append(asyncio.create_task(_start_store_later(router)))
     await router.drain.load()  # drained by an operator on another router, before our start
     await router.forwarder.start()
     backlog = router.webhooks.backlog
+    deliverer = router.webhooks.deliverer
+    delivering: asyncio.Task[None] | None = None
     try:
         if backlog is not None:
             await backlog.open()
-            if router.webhooks.deliverer is not None:
-                tasks.append(asyncio.create_task(router.webhooks.deliverer.run()))
+            if deliverer is not None:
+                delivering = asyncio.create_task(deliverer.run(), name="webhook-delivery")
+                tasks.append(delivering)
         tasks.append(asyncio.create_task(router.health.run()))
         tasks.append(asyncio.create_task(_sync_loop(router)))
         log.info(
@@ -295,6 +298,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         )
         yield
     finally:
+        if deliverer is not None and delivering is not None:
+            # Let it hand its shards back itself (deliveries in flight end first).
+            deliverer.close()
+            await asyncio.wait({delivering}, timeout=router.config.webhooks.relay_timeout_s + 5)
         for task in reversed(tasks):
             await cancel_and_wait(task)
         await router.health.stop()
@@ -306,17 +313,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.info("router_stopped")
 
 
-async def _start_store_later(store: Store) -> None:
+async def _start_store_later(router: Router) -> None:
     delay_s = 0.5
     while True:
         await asyncio.sleep(delay_s)
         try:
-            await store.start()
+            await router.store.start()
         except Exception as exc:
             log.warning("store_unavailable", op="start", error=type(exc).__name__)
             delay_s = min(delay_s * 2, 10.0)
         else:
             log.info("store_connected")
+            await router.drain.load()  # drained by an operator while we could not hear
             return
 
 

@@ -470,11 +470,14 @@ def _validate_webhooks(wh: WebhookConfig) -> None:
     if wh.retry_base_s > wh.retry_max_s:
         raise ConfigError("webhooks.retry_base_s", "must not exceed webhooks.retry_max_s")
     _validate_choice("webhooks.backlog", wh.backlog, BACKLOG_KINDS)
-    if wh.claim_after_s <= wh.relay_timeout_s:
+    if wh.claim_after_s < 2 * wh.relay_timeout_s:
         raise ConfigError(
             "webhooks.claim_after_s",
-            "must be above webhooks.relay_timeout_s: a holder's last delivery ends first",
+            "must be at least twice webhooks.relay_timeout_s: a delivery starts only with "
+            "more than the relay timeout left on its shard's lease",
         )
+    if wh.shards > 64:
+        raise ConfigError("webhooks.shards", "at most 64 (one blocking read per shard held)")
 
 
 def _validate_numbers(obj: Any, key: str) -> None:

@@ -116,6 +116,10 @@ class Delivering(Protocol):
 
     async def run(self) -> None: ...
 
+    def close(self) -> None:
+        """Ask `run()` to end by itself (it may still be cancelled after)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -226,6 +230,9 @@ class Deliverer:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def close(self) -> None:
+        """Nothing to hand over: a cancel stops it (the SQLite file keeps the rest)."""
 
     def hold(self, session: str) -> None:
         """A delivery of `session`'s oldest event timed out: it may still be running at

@@ -89,6 +89,11 @@ def _schemas() -> dict[str, Any]:
     status = _obj(
         {
             "ready": _BOOL,
+            "now": {**_NUM, "description": "the router's clock, Unix seconds"},
+            "inflight": {
+                **_INT,
+                "description": "requests being handled now, this one not counted",
+            },
             "instances": {"type": "array", "items": _ref("Instance")},
             "directory": _obj(
                 {

@@ -9,6 +9,9 @@ Keys (under the store's `key_prefix`):
     {prefix}wh:pending       hash: session -> entries waiting
     {prefix}wh:size          entries waiting in all shards (the max_items bound)
     {prefix}wh:consumers     sorted set: routers delivering, scored by when they lapse
+    {prefix}wh:id:{webhook}  an event appended in the last 10 minutes (no second copy)
+    {prefix}wh:hold:{id}     an entry whose delivery timed out: not sent again before it
+                             expires (webhooks.inflight_s), by whichever router holds it next
 
 Every router takes intake into the streams; each shard is delivered by one router at a time
 (its lease), so a session's events reach Laravel in the order they were accepted, whichever
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -43,11 +47,18 @@ log = structlog.get_logger("wa_router.stream_backlog")
 
 GROUP = "relay"
 
-# KEYS: 1 stream, 2 pending hash, 3 size. ARGV: 1 max items, 2 session, 3.. field/value.
+# KEYS: 1 stream, 2 pending hash, 3 size, 4 the event's id key.
+# ARGV: 1 max items, 2 session, 3 id key TTL (ms), 4.. field/value.
+# The id key makes a second append of one event (an XADD that timed out at the client but
+# ran once Redis answered, then the same event moved from the spool) a no-op.
 _APPEND_LUA = """
+if not redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[3]) then return 'duplicate' end
 local size = tonumber(redis.call('GET', KEYS[3]) or '0')
-if size >= tonumber(ARGV[1]) then return false end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+if size >= tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[4])
+  return false
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 redis.call('INCR', KEYS[3])
 return id
@@ -84,8 +95,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return redis.call('ZCARD', KEYS[1])
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
+
+# How long an appended event's id is remembered: well past a spool's move after Redis
+# answers again (seconds), small enough to cost little (one short key per event).
+_ID_TTL_MS = 600_000
 
 # Consumers of the group that left nothing pending and were idle this long are removed
 # (each router process is a new consumer; without this the group's list only grows).
@@ -169,6 +184,9 @@ class StreamBacklog:
         self._clock = clock
         self._monotonic = monotonic
         self.redis, self._unused = connect(url, sentinels, sentinel_master, decode=False)
+        # Blocking reads (one per held shard) get their own pool: they never take the
+        # connections an append or an ack needs.
+        self._reader, self._unused_too = connect(url, sentinels, sentinel_master, decode=False)
         self._append = self.redis.register_script(_APPEND_LUA)
         self._ack = self.redis.register_script(_ACK_LUA)
         self._renew = self.redis.register_script(_RENEW_LUA)
@@ -198,14 +216,10 @@ class StreamBacklog:
         try:
             await self.spool.close()
         finally:
-            await self._unused.aclose()
-            await self.redis.aclose()
+            for client in (self._unused, self._unused_too, self._reader, self.redis):
+                await client.aclose()
 
     # -- intake ----------------------------------------------------------------------------
-
-    @property
-    def available(self) -> bool:
-        return not self._breaker.open
 
     def failed(self, op: str, exc: BaseException) -> None:
         """Redis did not answer in time: the spool takes intake for a moment."""
@@ -227,13 +241,16 @@ class StreamBacklog:
         empty. One session's appends must come one at a time (the intake's per-session
         lock): an append that sees the spool non-empty joins it behind the earlier ones."""
         at = self._clock() if enqueued_at is None else enqueued_at
-        if not self._spooled and self.available:
+        # Its own attempt decides, not the shared breaker: a slow directory call elsewhere
+        # must not send this event to the spool while other routers append to the stream
+        # (their events of its session would then go first).
+        if not self._spooled:
             try:
                 async with asyncio.timeout(self._deadline_s):
                     return await self.add(session, path, body, headers, timestamp, at)
             except (TimeoutError, aioredis.RedisError, OSError) as exc:
-                # It may have been written before the deadline passed: then the move from
-                # the spool adds a second copy, with the same X-Webhook-Id.
+                # It may still run once Redis answers: the spool's move of the same event
+                # then finds its id and adds no second copy.
                 self.failed("append", exc)
         self._spooled += 1  # before the await: a later append of this session spools too
         try:
@@ -266,9 +283,11 @@ class StreamBacklog:
         """XADD to the session's shard (None: full). Raises what Redis raises."""
         stream = self.stream(shard_of(session, self.shards))
         fields = encode_fields(session, path, body, headers, timestamp, enqueued_at)
+        event_id = next((v for k, v in headers if k.lower() == "x-webhook-id"), "")
+        id_key = f"{self._prefix}id:{event_id or uuid.uuid4().hex}"
         entry = await self._append(
-            keys=[stream, self._pending_key, self._size_key],
-            args=[self._max_items, session, *fields],
+            keys=[stream, self._pending_key, self._size_key, id_key],
+            args=[self._max_items, session, _ID_TTL_MS, *fields],
         )
         return None if entry is None else cast("bytes", entry).decode()
 
@@ -304,6 +323,8 @@ class StreamBacklog:
 
     async def pending(self, session: str) -> int:
         local = await self.spool.pending(session)
+        if self._breaker.open:
+            return local
         try:
             async with asyncio.timeout(self._deadline_s):
                 raw = await self.redis.hget(self._pending_key, session)
@@ -313,6 +334,8 @@ class StreamBacklog:
         return local + int(raw or 0)
 
     async def size(self) -> int:
+        if self._breaker.open:
+            return self._spooled  # what is in Redis is not known this moment
         try:
             async with asyncio.timeout(self._deadline_s):
                 raw = await self.redis.get(self._size_key)
@@ -351,16 +374,49 @@ class StreamBacklog:
             start = cursor
 
     async def read(self, shard: int, consumer: str, count: int, block_ms: int) -> list[Pending]:
+        """New entries (never read by anyone), waiting up to `block_ms` for one."""
+        return await self._read(shard, consumer, ">", count, block_ms)
+
+    async def read_mine(self, shard: int, consumer: str, after: str, count: int) -> list[Pending]:
+        """Entries already read by `consumer` and not acknowledged, with ids above `after`:
+        what a read whose reply was lost (timeout, reset, a retried command) handed us."""
+        return await self._read(shard, consumer, after, count, None)
+
+    async def _read(
+        self, shard: int, consumer: str, start: str, count: int, block_ms: int | None
+    ) -> list[Pending]:
+        stream = self.stream(shard)
         reply = cast(
-            "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None",
-            await self.redis.xreadgroup(
-                GROUP, consumer, {self.stream(shard): ">"}, count=count, block=block_ms
+            "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes] | None]]]] | None",
+            await self._reader.xreadgroup(
+                GROUP, consumer, {stream: start}, count=count, block=block_ms
             ),
         )
         out: list[Pending] = []
         for _stream, entries in reply or []:
-            out += [decode_entry(entry_id, fields) for entry_id, fields in entries]
+            for entry_id, fields in entries:
+                if fields:
+                    out.append(decode_entry(entry_id, fields))
+                else:  # deleted while pending: nothing to deliver
+                    await self.redis.xack(stream, GROUP, entry_id)
         return out
+
+    async def hold(self, item_id: str, ttl_s: float) -> None:
+        """A delivery of it timed out: Laravel may still be processing it."""
+        await self.redis.set(self._hold_key(item_id), b"1", px=max(1, round(ttl_s * 1000)))
+
+    async def held_for(self, item_id: str) -> float:
+        """Seconds before it may be sent again (0: now)."""
+        ms = int(await self.redis.pttl(self._hold_key(item_id)))
+        return max(ms, 0) / 1000
+
+    def _hold_key(self, item_id: str) -> bytes:
+        return f"{self._prefix}hold:{item_id}".encode()
+
+    async def lease_owners(self) -> list[str | None]:
+        """Who holds each shard now (None: nobody)."""
+        raw = await self.redis.mget([self.lease_key(n) for n in range(self.shards)])
+        return [None if v is None else cast("bytes", v).decode() for v in raw]
 
     async def ack(self, shard: int, item: Pending) -> bool:
         done = await self._ack(
@@ -378,9 +434,10 @@ class StreamBacklog:
     async def release_lease(self, shard: int, consumer: str) -> None:
         await self._release(keys=[self.lease_key(shard)], args=[consumer])
 
-    async def heartbeat(self, consumer: str, ttl_ms: int) -> int:
-        """Say this router delivers; returns how many routers do now."""
-        return int(await self._heartbeat(keys=[self.consumers_key], args=[consumer, ttl_ms]))
+    async def heartbeat(self, consumer: str, ttl_ms: int) -> list[str]:
+        """Say this router delivers; returns the routers that do now (this one included)."""
+        live = await self._heartbeat(keys=[self.consumers_key], args=[consumer, ttl_ms])
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in live]
 
     async def leave(self, consumer: str) -> None:
         await self.redis.zrem(self.consumers_key, consumer)

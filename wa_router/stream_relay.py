@@ -1,29 +1,37 @@
 """Delivering the Redis Stream backlog: each shard by one router at a time, in order.
 
-A router takes a share of the shards (their count divided by the routers delivering, who
-say so with a heartbeat), holds each by a lease it renews, and for each shard it holds:
-claims what a previous holder left unacknowledged, reads new entries as they come (a
-blocking XREADGROUP wakes at once on an XADD from any router), and delivers each session's
-entries one after another, sessions side by side. An entry is acknowledged right after
-Laravel's answer, so a router killed mid-delivery leaves at most the one entry per
-session that was in flight for the next holder to send again.
+Each round (a quarter of `claim_after_s`) a router says it is alive, renews the leases of
+the shards it holds, takes free ones up to its share (shards divided by the routers
+alive) and any that stayed free a whole round (their holder died, or nobody counted
+them), and hands one back when another router is below its share. For each shard it
+holds it claims what a previous holder left unacknowledged (`XAUTOCLAIM`), reads new
+entries as they come (a blocking XREADGROUP wakes at once on an XADD from any router),
+and delivers each session's entries one after another, sessions side by side. An entry
+is acknowledged right after Laravel's answer, so a router killed mid-delivery leaves at
+most the one entry per session that was in flight for the next holder to send again.
 
 A delivery starts only while the lease has more than the relay timeout left: whatever a
-holder that lost its lease (hung, cut off from Redis) still has in flight has ended before
-the next holder can take the shard.
+holder that lost its lease (hung, cut off from Redis) has in flight has ended before the
+next holder can take the shard. A delivery whose outcome is unknown (timed out) leaves a
+hold in Redis, so the next holder too waits `inflight_s` before sending it again.
+
+A read whose reply was lost (a timeout, a reset, a command retried by the client) may
+still have handed entries to this router in Redis: after any failed read, this router's
+own unacknowledged entries above the last one it has are read back before new ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import socket
 import time
 import uuid
 import zlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 import structlog
@@ -37,11 +45,12 @@ log = structlog.get_logger("wa_router.stream_relay")
 
 _READ_COUNT = 256
 _READ_BLOCK_MS = 1000
-# Entries read ahead per shard while their sessions wait (Laravel down): beyond this the
-# rest stays in the stream, unread.
+# Read ahead per shard while its sessions wait (Laravel down): beyond this the rest stays
+# in the stream, unread. Bounded in entries and in bytes (bodies are up to 1 MiB).
 _WINDOW_MAX = 4096
+_WINDOW_MAX_BYTES = 32 * 1024 * 1024
 _CONCURRENCY = 16  # deliveries in flight per router
-_SPOOL_RETRY_S = 0.5
+_RETRY_S = 0.5
 
 
 def consumer_name() -> str:
@@ -50,28 +59,58 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def stream_id(entry: str) -> tuple[int, int]:
+    ms, _, seq = entry.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def rebalance(
+    mine: int, shards: int, owners: list[str | None], live: list[str], me: str
+) -> tuple[int, int]:
+    """(free shards to take, shards to hand back). The share is ceil(shards / routers
+    alive); shards go back only beyond it, and only as many as the other live routers
+    lack of floor(shards / routers) (never to nobody)."""
+    routers = max(1, len(live))
+    share = math.ceil(shards / routers)
+    held = Counter(o for o in owners if o is not None)
+    lacking = sum(max(0, shards // routers - held[r]) for r in live if r != me)
+    return max(0, share - mine), min(max(0, mine - share), lacking)
+
+
 class _Shard:
     """One held shard: what was read of it and not yet acknowledged, per session."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, lease_until: float) -> None:
         self.n = n
         self.sessions: dict[str, deque[Pending]] = {}
         self.size = 0
+        self.bytes = 0
+        self.last_id = "0-0"  # the newest entry added: reads resume after it
+        self.lost_read = False  # a read failed: read back our own entries first
         self.busy: set[str] = set()  # sessions with a delivery task running
         self.tasks: set[asyncio.Task[None]] = set()
         self.reader: asyncio.Task[None] | None = None
-        self.lease_until = 0.0  # monotonic, counted from when the renewal was sent
+        self.lease_until = lease_until  # monotonic, from when the renewal was sent
         self.stopped = asyncio.Event()
+
+    def add(self, item: Pending) -> bool:
+        if stream_id(str(item.id)) <= stream_id(self.last_id):
+            return False  # already here (read back after a lost reply)
+        self.sessions.setdefault(item.session, deque()).append(item)
+        self.size += 1
+        self.bytes += len(item.body)
+        self.last_id = str(item.id)
+        return True
+
+    @property
+    def full(self) -> bool:
+        return self.size >= _WINDOW_MAX or self.bytes >= _WINDOW_MAX_BYTES
 
     async def pause(self, delay_s: float) -> None:
         """Wait `delay_s`, or less when the shard is given up."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay_s):
                 await self.stopped.wait()
-
-    def add(self, item: Pending) -> None:
-        self.sessions.setdefault(item.session, deque()).append(item)
-        self.size += 1
 
 
 class StreamRelay:
@@ -93,8 +132,10 @@ class StreamRelay:
         self._renew_every_s = claim_after_s / 4
         self._monotonic = monotonic
         self._held: dict[int, _Shard] = {}
+        self._leaving: set[asyncio.Task[None]] = set()
+        self._free_before: set[int] = set()
         self._sem = asyncio.Semaphore(_CONCURRENCY)
-        self._first = zlib.crc32(self.consumer.encode()) % backlog.shards
+        self._closing = asyncio.Event()
         self.routers = 1  # delivering routers, as the last heartbeat counted them
         self.acks_failed = 0
 
@@ -121,57 +162,67 @@ class StreamRelay:
     def hold(self, session: str) -> None:
         """Nothing is relayed directly here: every attempt is the stream's own."""
 
+    def close(self) -> None:
+        """Stop: `run()` gives its shards back (deliveries in flight end first) and returns.
+        An event rather than a cancel: cleanup that a cancel interrupted would leave
+        leases held and deliveries running."""
+        self._closing.set()
+
     # -- the leases ------------------------------------------------------------------------
 
     async def run(self) -> None:
         spool = asyncio.create_task(self._move_spool(), name="webhook-spool-move")
-        me = asyncio.current_task()
         try:
-            while True:
+            while not self._closing.is_set():
                 try:
                     await self._round()
                 except Exception as exc:
                     log.warning("webhook_stream_round_failed", error=type(exc).__name__)
-                    self._backlog.failed("leases", exc)
-                if me is not None and me.cancelling():
-                    raise asyncio.CancelledError  # swallowed inside redis-py (aio.py)
-                await asyncio.sleep(self._renew_every_s)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._renew_every_s):
+                        await self._closing.wait()
         finally:
             await cancel_and_wait(spool)
             await self._stop_all()
 
     async def _round(self) -> None:
         b = self._backlog
-        self.routers = max(1, await b.heartbeat(self.consumer, self._lease_ms))
+        live = await b.heartbeat(self.consumer, self._lease_ms)
+        self.routers = max(1, len(live))
         for n, shard in list(self._held.items()):
             sent = self._monotonic()
             if await b.renew_lease(n, self.consumer, self._lease_ms):
                 shard.lease_until = sent + self._lease_ms / 1000
             else:
                 log.warning("webhook_shard_lost", shard=n, consumer=self.consumer)
-                await self._stop(n)
-        share = math.ceil(b.shards / self.routers)
-        for i in range(b.shards):
-            if len(self._held) >= share:
-                break
-            n = (self._first + i) % b.shards
-            if n in self._held:
-                continue
+                self._give_up(n, release=False)
+        owners = await b.lease_owners()
+        take, give_back = rebalance(len(self._held), b.shards, owners, live, self.consumer)
+        free = {n for n, owner in enumerate(owners) if owner is None}
+        # Free ones first from this router's own place in the ring (routers spread out),
+        # then any that stayed free since the last round: nobody else is taking them.
+        order = [(self._first() + i) % b.shards for i in range(b.shards)]
+        wanted = [n for n in order if n in free][:take]
+        wanted += [n for n in order if n in free & self._free_before and n not in wanted]
+        self._free_before = free
+        for n in wanted:
+            if self._closing.is_set():
+                return
             sent = self._monotonic()
             if await b.take_lease(n, self.consumer, self._lease_ms):
                 await self._start(n, sent + self._lease_ms / 1000)
-        # More than our share (another router joined): give the rest back.
-        for n in sorted(self._held, reverse=True)[: max(0, len(self._held) - share)]:
-            await self._stop(n)
-            await b.release_lease(n, self.consumer)
+        for n in sorted(self._held, reverse=True)[:give_back]:
+            self._give_up(n, release=True)
+
+    def _first(self) -> int:
+        return zlib.crc32(self.consumer.encode()) % self._backlog.shards
 
     def _leased(self, shard: _Shard) -> bool:
         return shard.lease_until - self._monotonic() > self.relay.timeout_s
 
     async def _start(self, n: int, lease_until: float) -> None:
         b = self._backlog
-        shard = _Shard(n)
-        shard.lease_until = lease_until
+        shard = _Shard(n, lease_until)
         try:
             await b.ensure_group(n)
             for item in await b.claim(n, self.consumer):
@@ -188,25 +239,33 @@ class StreamRelay:
         shard.reader = asyncio.create_task(self._read(shard), name=f"webhook-shard-{n}")
         self._kick(shard)
 
-    async def _stop(self, n: int) -> None:
-        """Stop reading and let deliveries in flight end: nothing of it is acknowledged
-        after this, the next holder claims what is left."""
+    def _give_up(self, n: int, *, release: bool) -> None:
+        """No new attempt from now on; in the background, let the one in flight per session
+        end, then hand the lease back (the next holder claims what is left). The round
+        does not wait for it."""
         shard = self._held.pop(n, None)
         if shard is None:
             return
         shard.stopped.set()
+        task = asyncio.create_task(self._wind_down(shard, release), name=f"webhook-leave-{n}")
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
+
+    async def _wind_down(self, shard: _Shard, release: bool) -> None:
         if shard.reader is not None:
             await cancel_and_wait(shard.reader)
-        # Deliveries see `stopped` (between attempts) and end; one in flight is awaited.
         await asyncio.gather(*shard.tasks, return_exceptions=True)
+        if release:
+            with contextlib.suppress(Exception):
+                await self._backlog.release_lease(shard.n, self.consumer)
+            log.info("webhook_shard_released", shard=shard.n, consumer=self.consumer)
 
     async def _stop_all(self) -> None:
-        held = list(self._held)
-        for n in held:
-            await self._stop(n)
+        for n in list(self._held):
+            self._give_up(n, release=True)
+        if self._leaving:
+            await asyncio.gather(*self._leaving, return_exceptions=True)
         with contextlib.suppress(Exception):
-            for n in held:
-                await self._backlog.release_lease(n, self.consumer)
             await self._backlog.leave(self.consumer)
 
     # -- one shard -------------------------------------------------------------------------
@@ -214,24 +273,25 @@ class StreamRelay:
     async def _read(self, shard: _Shard) -> None:
         b = self._backlog
         while not shard.stopped.is_set():
-            if shard.size >= _WINDOW_MAX or not self._leased(shard):
+            if shard.full or not self._leased(shard):
                 await shard.pause(0.1)
                 continue
             try:
-                items = await b.read(shard.n, self.consumer, _READ_COUNT, _READ_BLOCK_MS)
-            except asyncio.CancelledError:
-                raise
+                if shard.lost_read:
+                    items = await b.read_mine(shard.n, self.consumer, shard.last_id, _READ_COUNT)
+                    shard.lost_read = bool(items)  # until nothing of ours is left unseen
+                else:
+                    items = await b.read(shard.n, self.consumer, _READ_COUNT, _READ_BLOCK_MS)
             except Exception as exc:
+                # Redis may have handed us entries whose reply we never saw.
+                shard.lost_read = True
+                log.warning("webhook_stream_read_failed", shard=shard.n, error=type(exc).__name__)
                 if "NOGROUP" in str(exc):  # the stream was deleted under us
                     with contextlib.suppress(Exception):
                         await b.ensure_group(shard.n)
-                else:
-                    b.failed("read", exc)
-                await shard.pause(_SPOOL_RETRY_S)
+                await shard.pause(_RETRY_S)
                 continue
-            for item in items:
-                shard.add(item)
-            if items:
+            if any([shard.add(item) for item in items]):
                 self._kick(shard)
 
     def _kick(self, shard: _Shard) -> None:
@@ -248,25 +308,42 @@ class StreamRelay:
         queue = shard.sessions[session]
         try:
             while queue and not shard.stopped.is_set():
-                if not self._leased(shard):
-                    await shard.pause(0.1)
-                    continue
-                item = queue[0]
-                async with self._sem:
-                    if not self._leased(shard):
-                        continue
-                    outcome = await self.relay.attempt(item)
-                if not outcome.done:
-                    queue[0] = _again(item)
-                    await shard.pause(outcome.delay_s)
-                    continue
-                await self._ack(shard, item)
-                queue.popleft()
-                shard.size -= 1
+                try:
+                    await self._deliver_head(shard, queue)
+                except Exception:
+                    log.exception("webhook_delivery_error", shard=shard.n, session=session)
+                    await shard.pause(_RETRY_S)
         finally:
             shard.busy.discard(session)
             if not queue:
                 shard.sessions.pop(session, None)
+
+    async def _deliver_head(self, shard: _Shard, queue: deque[Pending]) -> None:
+        if not self._leased(shard):
+            await shard.pause(0.1)
+            return
+        item = queue[0]
+        if item.attempts:
+            # Tried before, here or by an earlier holder: a timed-out try may still run.
+            wait_s = await self._backlog.held_for(str(item.id))
+            if wait_s > 0:
+                await shard.pause(wait_s)
+                return
+        async with self._sem:
+            if shard.stopped.is_set() or not self._leased(shard):
+                return
+            outcome = await self.relay.attempt(item)
+        if not outcome.done:
+            queue[0] = dataclasses.replace(item, attempts=item.attempts + 1)
+            if outcome.result.unknown:
+                with contextlib.suppress(Exception):
+                    await self._backlog.hold(str(item.id), self.relay.inflight_s)
+            await shard.pause(outcome.delay_s)
+            return
+        await self._ack(shard, item)
+        queue.popleft()
+        shard.size -= 1
+        shard.bytes -= len(item.body)
 
     async def _ack(self, shard: _Shard, item: Pending) -> None:
         """Laravel answered: the entry must leave the stream, or the next holder sends it
@@ -276,11 +353,9 @@ class StreamRelay:
             try:
                 await self._backlog.ack(shard.n, item)
                 return
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 self.acks_failed += 1
-                self._backlog.failed("ack", exc)
+                log.warning("webhook_ack_failed", id=item.id, error=type(exc).__name__)
                 if shard.stopped.is_set():
                     # Given up (shutdown, lease lost) with Redis away: the next holder will
                     # send it again, with the same X-Webhook-Id.
@@ -300,26 +375,11 @@ class StreamRelay:
             while b.spooled:
                 try:
                     moved = await b.move_spool()
-                except asyncio.CancelledError:
-                    raise
                 except Exception as exc:
                     b.failed("spool_move", exc)
-                    await asyncio.sleep(_SPOOL_RETRY_S)
+                    await asyncio.sleep(_RETRY_S)
                     continue
                 if moved:
                     log.info("webhook_spool_moved", items=moved, left=b.spooled)
                 elif b.spooled:
-                    await asyncio.sleep(_SPOOL_RETRY_S)  # the streams are full
-
-
-def _again(item: Pending) -> Pending:
-    return Pending(
-        id=item.id,
-        session=item.session,
-        path=item.path,
-        body=item.body,
-        headers=item.headers,
-        timestamp=item.timestamp,
-        attempts=item.attempts + 1,
-        enqueued_at=item.enqueued_at,
-    )
+                    await asyncio.sleep(_RETRY_S)  # the streams are full

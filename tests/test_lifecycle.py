@@ -280,12 +280,10 @@ async def test_sigterm_grace_is_bounded_when_instance_hangs(
         # Waited for the grace, then cancelled what was left: not twice the grace (aiohttp's
         # own shutdown_timeout would apply it twice; the router's drain applies it once).
         assert 0.9 < exited_after < 1.9 + 1.0, exited_after
-        # Either an error answer or a closed connection, never the client's timeout.
-        assert not isinstance(outcome, TimeoutError), "the hung caller was left hanging"
-        if isinstance(outcome, tuple):
-            assert outcome[0] >= 500, outcome
-        else:
-            assert isinstance(outcome, aiohttp.ClientError), repr(outcome)
+        # An answer that says what happened, not a connection closed without a word.
+        assert isinstance(outcome, tuple), repr(outcome)
+        status, body = outcome
+        assert status == 503 and b'"error":"shutting_down"' in body, outcome
         assert sim.count("POST", SEND) == 1
 
     out = output_of(logs)

@@ -379,6 +379,42 @@ async def test_in_a_browser_sign_in_see_the_pool_drain_sync_and_search(
     assert browser.problems() == []
 
 
+async def test_in_a_browser_sessions_page_on_and_a_prefix_is_found_past_the_first_page(
+    sims: list[SimInstance], start_router: StartRouter, browser: Browser
+) -> None:
+    from playwright.async_api import expect
+
+    client, router = await started(sims, start_router)
+    # 1200 entries: a prefix scan reads the listing 1000 at a time (page.js's SCAN_LIMIT).
+    for i in range(1200):
+        await router.directory.observe(f"q{i:04d}", f"node-{i % 4}", Source.ADMIN)
+    page = browser.page
+    await page.goto(base(client) + "admin/")
+    await sign_in(page, TOKEN)
+    sessions = page.locator("#sessions tbody tr")
+    more = page.locator("#more")
+    await expect(sessions).to_have_count(50)  # page.js's PAGE
+    await expect(page.locator("#sessions tbody tr td.name").first).to_have_text("q0000")
+    await more.click()
+    await expect(sessions).to_have_count(100)
+    await expect(page.locator("#sessions tbody tr td.name").last).to_have_text("q0099")
+    await page.locator("#search").fill("q11")
+    await page.locator("#search").press("Enter")
+    await expect(sessions).to_have_count(100)  # q1100..q1199: all in the second 1000
+    names = page.locator("#sessions tbody tr td.name")
+    await expect(names.first).to_have_text("q1100")
+    await expect(names.last).to_have_text("q1199")
+    await expect(more).to_be_hidden()
+    await page.locator("#search").fill("q0")
+    await page.locator("#search").press("Enter")
+    await expect(sessions).to_have_count(1000)  # the first 1000 read match: the rest is More
+    await expect(more).to_be_visible()
+    await more.click()
+    await expect(sessions).to_have_count(1000)  # no q0... beyond q0999: the scan stops there
+    await expect(more).to_be_hidden()
+    assert browser.problems() == []
+
+
 async def test_in_a_browser_a_wrong_token_shows_the_login_again(
     sims: list[SimInstance], start_router: StartRouter, browser: Browser
 ) -> None:

@@ -527,3 +527,39 @@ async def test_a_timed_out_delivery_is_not_sent_again_by_the_next_holder_too_soo
         await task2
         await forwarder2.close()
         await b.close()
+
+
+async def test_a_spool_left_by_a_worker_that_is_gone_is_adopted(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Four workers become two: what worker 3 spooled while Redis was away is not lost."""
+    orphan = SqliteBacklog(tmp_path / "webhooks-spool-3.sqlite3")
+    await orphan.open()
+    for seq in range(3):
+        body, headers = signed(seq, 3001, session="o")
+        hdrs = [*headers.items(), ("X-Webhook-Id", f"o-{seq}")]
+        await orphan.append(session="o", path=HOOK, body=body, headers=hdrs, timestamp=1)
+    await orphan.close()
+    live = _held_spool(tmp_path / "webhooks-spool-1.sqlite3")  # a running worker's: not taken
+    b = StreamBacklog(
+        redis_server.url,
+        SqliteBacklog(tmp_path / "webhooks-spool-0.sqlite3"),
+        key_prefix=unique_prefix(),
+        shards=2,
+    )
+    await b.open()
+    try:
+        assert b.spooled == 3
+        assert await b.move_spool() == 3
+        assert await b.size() == 3 and await b.pending("o") == 3
+        assert (tmp_path / "webhooks-spool-1.sqlite3").exists() and live is not None
+    finally:
+        await b.close()
+        live.close()
+
+
+def _held_spool(path: Path) -> Any:
+    from wa_router.stream_backlog import _lock
+
+    path.touch()
+    return _lock(path)

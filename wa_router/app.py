@@ -339,6 +339,7 @@ async def _drain(app: web.Application) -> None:
     if pending:
         log.info("router_draining", inflight=len(pending), grace_s=grace_s)
         _, late = await asyncio.wait(pending, timeout=grace_s) if grace_s > 0 else ((), pending)
+        router.stopping = True  # what is cancelled now is answered 503 (runtime.tracked)
         for task in late:
             task.cancel()
         if late:

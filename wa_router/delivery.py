@@ -214,6 +214,7 @@ class Deliverer:
         self.relay = relay
         self._monotonic = monotonic
         self._wake = asyncio.Event()
+        self._closing = False
         self._not_before: dict[str, float] = {}  # session -> monotonic time of next try
 
     @property
@@ -232,7 +233,9 @@ class Deliverer:
         self._wake.set()
 
     def close(self) -> None:
-        """Nothing to hand over: a cancel stops it (the SQLite file keeps the rest)."""
+        """`run()` returns after the round in flight (the SQLite file keeps the rest)."""
+        self._closing = True
+        self._wake.set()
 
     def hold(self, session: str) -> None:
         """A delivery of `session`'s oldest event timed out: it may still be running at
@@ -241,7 +244,7 @@ class Deliverer:
         self._not_before[session] = self._monotonic() + self.relay.inflight_s
 
     async def run(self) -> None:
-        while True:
+        while not self._closing:
             self._wake.clear()
             heads = await self._backlog.heads(_BATCH)
             now = self._monotonic()

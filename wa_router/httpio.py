@@ -20,6 +20,9 @@ log = structlog.get_logger("wa_router.httpio")
 # Answers up to this size are read whole and sent with a Content-Length in one write;
 # larger ones are streamed chunk by chunk.
 SMALL_BODY_BYTES = 256 * 1024
+# Set on a request once its answer's head is on the wire: after that, a shutdown can only
+# cut the connection (runtime.tracked answers the others).
+HEAD_SENT = "wa_router.head_sent"
 # Request headers the router sets itself.
 _DROP_REQUEST = HOP_BY_HOP | {
     "host",
@@ -101,6 +104,7 @@ async def relay(
                 raise retry.failure_answer(exc, session, retried=False) from None
             return buffered(up, body)
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=_response_headers(up))
+        request[HEAD_SENT] = True
         await resp.prepare(request)
         if not bodyless:
             try:

@@ -13,15 +13,18 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import structlog
 from aiohttp import web
 
 from .config import Config
 from .directory import Directory
 from .discovery import Discovery
 from .draining import SharedDrain
+from .errors import RequestRejected
 from .forward import AiohttpForwarder
 from .h1 import LeanForwarder
 from .health import HealthChecker
+from .httpio import HEAD_SENT, json_error
 from .logging import CURRENT_REQUEST
 from .parking import Parking
 from .pool import Pool
@@ -51,7 +54,11 @@ class Router:
     warm: bool = False
     # Handler tasks in flight, so shutdown can wait for them (and only for its grace).
     inflight: set[asyncio.Task[object]] = field(default_factory=set)
+    # Set when the grace is over and what is left is cancelled (tracked() answers it).
+    stopping: bool = False
 
+
+log = structlog.get_logger("wa_router.runtime")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -92,6 +99,24 @@ def tracked(router: Router, handler: Handler) -> Handler:
         token = CURRENT_REQUEST.set(RequestId(request))
         try:
             return await handler(request)
+        except asyncio.CancelledError:
+            if not router.stopping or request.get(HEAD_SENT):
+                raise
+            # Cut by the end of the shutdown grace: the caller hears so, rather than a
+            # connection closed without a word.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            log.warning("request_cut_by_shutdown", method=request.method, path=request.path)
+            cut = RequestRejected(
+                503,
+                "shutting_down",
+                "the router stopped before this request finished (shutdown grace over); it "
+                "may have reached the instance: check before sending it again",
+            )
+            cut.headers["Retry-After"] = "1"
+            cut.headers["Connection"] = "close"
+            return json_error(cut)
         finally:
             CURRENT_REQUEST.reset(token)
             router.inflight.discard(task)

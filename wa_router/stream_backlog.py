@@ -29,12 +29,14 @@ webhooks join it behind, so this router's order per session is kept across the o
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import time
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from pathlib import Path
+from typing import IO, Any, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -105,6 +107,19 @@ _ID_TTL_MS = 600_000
 # Consumers of the group that left nothing pending and were idle this long are removed
 # (each router process is a new consumer; without this the group's list only grows).
 _FORGET_CONSUMER_MS = 3_600_000
+
+
+def _lock(spool: Path) -> IO[bytes] | None:
+    """This process's claim on a spool file (released when the process ends, however);
+    None when another process holds it."""
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(spool.with_suffix(".lock"), "ab")  # noqa: SIM115 - kept open: the lock
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
 
 
 def shard_of(session: str, shards: int) -> int:
@@ -192,6 +207,7 @@ class StreamBacklog:
         self._renew = self.redis.register_script(_RENEW_LUA)
         self._release = self.redis.register_script(_RELEASE_LUA)
         self._heartbeat = self.redis.register_script(_HEARTBEAT_LUA)
+        self._lock: IO[bytes] | None = None
         self._spooled = 0  # items in the spool (known here: only this process writes it)
         self.spool_wake = asyncio.Event()
         self.store_errors = 0
@@ -206,15 +222,54 @@ class StreamBacklog:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
+        self._lock = _lock(self.spool.path)
+        if self._lock is None:
+            log.error("webhook_spool_in_use", path=str(self.spool.path))
         await self.spool.open()
+        await self._adopt_orphans()
         self._spooled = await self.spool.size()
         if self._spooled:
             log.info("webhook_spool_found", items=self._spooled)
             self.spool_wake.set()
 
+    async def _adopt_orphans(self) -> None:
+        """Spools that no running process holds (a worker that is gone: fewer workers
+        now, or one router's old files): their webhooks join this spool, oldest first."""
+        for path in sorted(self.spool.path.parent.glob("webhooks-spool*.sqlite3")):
+            if path == self.spool.path:
+                continue
+            lock = _lock(path)
+            if lock is None:
+                continue  # a live process has it
+            try:
+                orphan = SqliteBacklog(path)
+                await orphan.open()
+                try:
+                    adopted = 0
+                    while items := await orphan.oldest(100):
+                        for item in items:
+                            await self.spool.append(
+                                session=item.session,
+                                path=item.path,
+                                body=item.body,
+                                headers=item.headers,
+                                timestamp=item.timestamp,
+                                enqueued_at=item.enqueued_at,
+                            )
+                            await orphan.ack(item.id)
+                            adopted += 1
+                finally:
+                    await orphan.close()
+                if adopted:
+                    log.info("webhook_spool_adopted", path=str(path), items=adopted)
+            finally:
+                lock.close()
+
     async def close(self) -> None:
         try:
             await self.spool.close()
+            if self._lock is not None:
+                self._lock.close()
         finally:
             for client in (self._unused, self._unused_too, self._reader, self.redis):
                 await client.aclose()

@@ -261,7 +261,7 @@
     const ok = await guard(async () => {
       const report = await api("POST", "sync?dry_run=" + (dryRun ? "1" : "0"));
       setText(out, (report.lines || []).join("\n"));
-      out.className = report.ok ? "ok" : "bad";
+      out.className = report.ok ? "" : "bad";
     });
     if (!ok) out.hidden = true;
     buttons.forEach((b) => (b.disabled = false));

@@ -339,6 +339,18 @@ async def test_demo_serves_the_documented_requests_and_stops_on_sigint(tmp_path:
                     health = await r.json()
                 assert health["healthy_instances"] == 4, health
                 assert all(i["healthy"] for i in health["instances"].values()), health
+                # The admin API is on with the token it printed; its sync lists every
+                # instance (it has their key), so a cron job would see exit 0.
+                token = re.search(r"admin token: (\S+)\)", text)
+                assert token is not None, text
+                auth = {"Authorization": f"Bearer {token.group(1)}"}
+                async with http.post(f"{base}/admin/sync", headers=auth) as r:
+                    assert r.status == 200
+                    report = await r.json()
+                assert set(report["instances"].values()) == {"ok"}, report
+                async with http.get(f"{base}/admin/") as r:
+                    assert r.status == 200 and r.content_type == "text/html"
+                assert f"{base}/metrics" in text
 
                 body = {
                     "session_id": "demo-3",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import secrets
 import signal
 import sys
 import tempfile
@@ -23,11 +24,13 @@ from aiohttp import web
 
 from .app import build_app
 from .config import (
+    AdminConfig,
     Config,
     InstanceConfig,
     LogConfig,
     ServerConfig,
     StateConfig,
+    UpstreamConfig,
     WebhookConfig,
 )
 from .logging import setup_logging
@@ -47,12 +50,16 @@ def demo_config(
     webhooks: bool = True,
     laravel_url: str | None = None,
     state_dir: str | None = None,
+    admin_token: str | None = None,
 ) -> Config:
     """conf/router.yaml, plus webhook intake, relayed to `laravel_url` when given (the
-    webhook backlog then lives in `state_dir`)."""
+    webhook backlog then lives in `state_dir`), the instances' api key (sync lists them
+    with it) and, with `admin_token`, the admin API and the status page."""
     wh = WebhookConfig(secrets=(DEMO_SECRET,), laravel_url=laravel_url)
     return Config(
         webhooks=wh if webhooks else WebhookConfig(),
+        upstream=UpstreamConfig(api_key=DEMO_KEY),
+        admin=AdminConfig(token=admin_token),
         server=ServerConfig(host="127.0.0.1", port=port),
         instances=tuple(
             InstanceConfig(f"node-{instance_port + i}", f"http://127.0.0.1:{instance_port + i}")
@@ -62,13 +69,18 @@ def demo_config(
     )
 
 
-def instructions(port: int, instance_port: int, laravel_url: str) -> str:
+def instructions(port: int, instance_port: int, laravel_url: str, admin_token: str) -> str:
     base = f"http://127.0.0.1:{port}"
     j = "-H 'Content-Type: application/json'"
     return f"""
 wa-router demo: router on {base}, simulated instances on ports {instance_port}-{instance_port + 3}
 simulated Laravel on {laravel_url} (webhooks reach it through the router)
 api key of the simulated instances: {DEMO_KEY}; connected sessions: {", ".join(DEMO_SESSIONS)}
+
+  status page:  {base}/admin/   (admin token: {admin_token})
+  admin status: curl -s -H 'Authorization: Bearer {admin_token}' {base}/admin/status
+                or: wa-router status --url {base} --token {admin_token}
+  metrics:      curl -s {base}/metrics
 
   # the pool's health, and every session on every instance
   curl -s {base}/health
@@ -100,7 +112,11 @@ async def _run(port: int, instance_port: int) -> None:
 
 
 async def _run_with(port: int, instance_port: int, laravel: SimLaravel, state_dir: str) -> None:
-    cfg = demo_config(port, instance_port, laravel_url=laravel.url, state_dir=state_dir)
+    # A new admin token each run: the demo listens on loopback only, but says so anyway.
+    token = secrets.token_urlsafe(18)
+    cfg = demo_config(
+        port, instance_port, laravel_url=laravel.url, state_dir=state_dir, admin_token=token
+    )
     folder = SessionFolder()
     for n, session in enumerate(DEMO_SESSIONS):
         laravel.add_account(session, phone_number=f"62812000{n:04d}")
@@ -144,7 +160,7 @@ async def _run_with(port: int, instance_port: int, laravel: SimLaravel, state_di
         if stopping not in done:
             if settling not in done:
                 print("wa-router demo: the restore has not settled yet; going on", flush=True)
-            print(instructions(port, instance_port, laravel.url), flush=True)
+            print(instructions(port, instance_port, laravel.url, token), flush=True)
             await stopping
     finally:
         await runner.cleanup()

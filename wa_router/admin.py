@@ -41,7 +41,7 @@ from .errors import RequestRejected
 from .httpio import json_error
 from .openapi import openapi_document
 from .pool import Instance, State
-from .runtime import Handler, Router, tracked
+from .runtime import Handler, Router
 from .statuspage import REDIRECT_FROM, page_handlers, redirect
 from .stores.base import Entry, Source
 from .webhooks import WebhookStats
@@ -164,35 +164,35 @@ class Admin:
 
     def guarded(self, handler: JsonHandler) -> Handler:
         async def run(request: web.Request) -> web.StreamResponse:
+            self._authorize(request)
             try:
-                self._authorize(request)
                 return await handler(request)
             except RequestRejected as exc:
-                resp = json_error(exc)
-                if exc.status == 401:
-                    # RFC 6750 3: a bearer challenge; error= only when a token was presented.
-                    challenge = 'Bearer realm="wa-router admin"'
-                    if exc.extra.get("reason") == "wrong_token":
-                        challenge += ', error="invalid_token"'
-                    resp.headers["WWW-Authenticate"] = challenge
-                elif exc.status == 405:
-                    resp.headers["Allow"] = ", ".join(exc.extra.get("allowed", []))
-                return resp
+                if exc.status == 405:
+                    exc.headers["Allow"] = ", ".join(exc.extra.get("allowed", []))
+                raise
 
         return run
 
     def _authorize(self, request: web.Request) -> None:
         presented = bearer_token(request.headers.get("Authorization"))
         if presented is None:
-            raise RequestRejected(
+            refused = RequestRejected(
                 401, "unauthorized", "the admin API needs Authorization: Bearer <admin.token>"
             )
+            # RFC 6750 3: a bearer challenge; error= only when a token was presented.
+            refused.headers["WWW-Authenticate"] = 'Bearer realm="wa-router admin"'
+            raise refused
         # The running config's: a SIGHUP may have rotated it (reload.py).
         if not token_matches(presented, self.router.config.admin.token or self._token):
             log.warning("admin_unauthorized", path=request.path, peer=request.remote)
-            raise RequestRejected(
+            refused = RequestRejected(
                 401, "unauthorized", "the admin token is wrong", reason="wrong_token"
             )
+            refused.headers["WWW-Authenticate"] = (
+                'Bearer realm="wa-router admin", error="invalid_token"'
+            )
+            raise refused
 
     def _session_id(self, request: web.Request) -> str:
         return self.router.proxy.ids.check(request.match_info["session"], "the path")
@@ -386,21 +386,21 @@ async def _admin_off(request: web.Request) -> web.Response:
 def add_admin_routes(app: web.Application, router: Router) -> None:
     """Register /healthz, /readyz and /admin/*; before the proxy's catch-all."""
     # add_get: HEAD too, which some load balancers probe with.
-    app.router.add_get("/healthz", tracked(router, healthz))
-    app.router.add_get("/readyz", tracked(router, _readyz(router)))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", _readyz(router))
     token = router.config.admin.token
     if token is None:
-        app.router.add_route("*", ADMIN_FALLBACK, tracked(router, _admin_off))
+        app.router.add_route("*", ADMIN_FALLBACK, _admin_off)
         return
     admin = Admin(router, token)
     # add_route, not add_get: no implicit HEAD, so the routes are exactly the document's.
     for method, path, handler in admin.routes:
-        app.router.add_route(method, path, tracked(router, admin.guarded(handler)))
+        app.router.add_route(method, path, admin.guarded(handler))
     # The status page: no data in it, so no token (every call it makes brings one).
     for path, page in page_handlers().items():
-        app.router.add_get(path, tracked(router, page))
-    app.router.add_get(REDIRECT_FROM, tracked(router, redirect))
-    app.router.add_route("*", ADMIN_FALLBACK, tracked(router, admin.guarded(admin.fallback)))
+        app.router.add_get(path, page)
+    app.router.add_get(REDIRECT_FROM, redirect)
+    app.router.add_route("*", ADMIN_FALLBACK, admin.guarded(admin.fallback))
 
 
 def webhook_stats(stats: WebhookStats) -> dict[str, Any]:

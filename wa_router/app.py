@@ -30,7 +30,7 @@ from .profiles import Profile, build_profile
 from .proxy import Proxy
 from .replay import SharedKV
 from .rules import RuleTable, SessionIdPolicy
-from .runtime import Router, tracked
+from .runtime import Router, answering
 from .stores import MemoryStore, RedisStore, Store
 from .stream_backlog import StreamBacklog
 from .stream_relay import StreamRelay
@@ -339,7 +339,7 @@ async def _drain(app: web.Application) -> None:
     if pending:
         log.info("router_draining", inflight=len(pending), grace_s=grace_s)
         _, late = await asyncio.wait(pending, timeout=grace_s) if grace_s > 0 else ((), pending)
-        router.stopping = True  # what is cancelled now is answered 503 (runtime.tracked)
+        router.stopping = True  # what is cancelled now is answered 503 (runtime.answering)
         for task in late:
             task.cancel()
         if late:
@@ -357,6 +357,7 @@ def build_app(
     app = web.Application(
         client_max_size=cfg.limits.max_body_bytes + 1,
         handler_args={"auto_decompress": False},
+        middlewares=[answering(router)],
     )
     app[CONFIG] = cfg
     app[ROUTER] = router
@@ -366,12 +367,12 @@ def build_app(
     metrics = Metrics(router)
     app[METRICS] = metrics
     app.router.add_get("/metrics", metrics.handle)
-    app.router.add_post(wh.path, tracked(router, router.webhooks.intake))
+    app.router.add_post(wh.path, router.webhooks.intake)
     app.router.add_route(
         "*",
         wh.passthrough_prefix.rstrip("/") + "/{tail:.*}",
-        tracked(router, router.webhooks.passthrough),
+        router.webhooks.passthrough,
     )
     add_admin_routes(app, router)
-    app.router.add_route("*", "/{tail:.*}", tracked(router, router.proxy.handle))
+    app.router.add_route("*", "/{tail:.*}", router.proxy.handle)
     return app

@@ -21,7 +21,7 @@ log = structlog.get_logger("wa_router.httpio")
 # larger ones are streamed chunk by chunk.
 SMALL_BODY_BYTES = 256 * 1024
 # Set on a request once its answer's head is on the wire: after that, a shutdown can only
-# cut the connection (runtime.tracked answers the others).
+# cut the connection (runtime.answering answers the others).
 HEAD_SENT = "wa_router.head_sent"
 # Request headers the router sets itself.
 _DROP_REQUEST = HOP_BY_HOP | {

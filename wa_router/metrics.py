@@ -69,6 +69,7 @@ class RouterCollector(Collector):
         # Filled by Metrics.refresh() before each scrape: these need the (async) store.
         self.sessions: dict[str, int] = {}
         self.backlog: int | None = None
+        self.scrape: object = None  # the request being answered (it is in flight too)
 
     def collect(self) -> Iterator[Metric]:
         r = self._router
@@ -80,7 +81,9 @@ class RouterCollector(Collector):
         inflight = GaugeMetricFamily(
             "wa_router_requests_in_flight", "Requests being handled now (waiting ones included)"
         )
-        inflight.add_metric([], float(len(r.inflight)))
+        # Not counting the scrape itself.
+        me = 1 if self.scrape in r.inflight else 0
+        inflight.add_metric([], float(len(r.inflight) - me))
         yield inflight
         requests = CounterMetricFamily(
             "wa_router_requests",
@@ -299,5 +302,6 @@ class Metrics:
                 )
             )
         await self.refresh()
+        self._collector.scrape = request.task
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

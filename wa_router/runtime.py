@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .config import Config
 from .directory import Directory
@@ -54,7 +55,7 @@ class Router:
     warm: bool = False
     # Handler tasks in flight, so shutdown can wait for them (and only for its grace).
     inflight: set[asyncio.Task[object]] = field(default_factory=set)
-    # Set when the grace is over and what is left is cancelled (tracked() answers it).
+    # Set when the grace is over and what is left is cancelled (answering() answers it).
     stopping: bool = False
 
 
@@ -87,11 +88,13 @@ class RequestId:
         return self._rid
 
 
-def tracked(router: Router, handler: Handler) -> Handler:
-    """Run `handler` counted as in flight (for the drain), with its request id on every log
-    line it writes."""
+def answering(router: Router) -> Middleware:
+    """The one wrapper every request runs in: counted as in flight (for the drain), its
+    request id on every log line it writes, a `RequestRejected` raised anywhere below
+    answered as JSON, and a request the shutdown grace cut off answered 503."""
 
-    async def run(request: web.Request) -> web.StreamResponse:
+    @web.middleware
+    async def run(request: web.Request, handler: Handler) -> web.StreamResponse:
         task = request.task
         router.inflight.add(task)
         # Reset on exit: aiohttp serves a keep-alive connection's requests in one task,
@@ -99,6 +102,8 @@ def tracked(router: Router, handler: Handler) -> Handler:
         token = CURRENT_REQUEST.set(RequestId(request))
         try:
             return await handler(request)
+        except RequestRejected as exc:
+            return json_error(exc)
         except asyncio.CancelledError:
             if not router.stopping or request.get(HEAD_SENT):
                 raise

@@ -32,6 +32,9 @@ log = structlog.get_logger("wa_router.delivery")
 _BATCH = 256
 _CONCURRENCY = 16
 _IDLE_WAIT_S = 30.0
+# Backing-off sessions are woken by a success at most this often: one event Laravel keeps
+# refusing (5xx) while it takes the others is then tried once a second, not on every one.
+_WAKE_EVERY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +219,10 @@ class Deliverer:
         self._wake = asyncio.Event()
         self._closing = False
         self._not_before: dict[str, float] = {}  # session -> monotonic time of next try
+        # Sessions whose wait is an in-flight hold (a timeout), not a backoff: kept even
+        # when Laravel answers again.
+        self._inflight: set[str] = set()
+        self._woken_at = float("-inf")
 
     @property
     def delivered(self) -> int:
@@ -242,6 +249,7 @@ class Deliverer:
         Laravel, so nothing of that session is sent before `inflight_s` have passed (a
         second copy racing the first would also overtake the order)."""
         self._not_before[session] = self._monotonic() + self.relay.inflight_s
+        self._inflight.add(session)
 
     async def run(self) -> None:
         while not self._closing:
@@ -269,6 +277,20 @@ class Deliverer:
             if not outcome.done:
                 await self._backlog.attempted(item.id)
                 self._not_before[item.session] = self._monotonic() + outcome.delay_s
+                if outcome.result.unknown:
+                    self._inflight.add(item.session)
                 return
             await self._backlog.ack(item.id)
             self._not_before.pop(item.session, None)
+            self._inflight.discard(item.session)
+            now = self._monotonic()
+            if self._not_before and now - self._woken_at >= _WAKE_EVERY_S:
+                self._woken_at = now
+                self._laravel_answers()
+
+    def _laravel_answers(self) -> None:
+        """Laravel took one: the sessions backing off from its outage go now, rather than
+        each at the end of its own backoff (up to retry_max_s after Laravel is back)."""
+        for session in [s for s in self._not_before if s not in self._inflight]:
+            del self._not_before[session]
+        self._wake.set()

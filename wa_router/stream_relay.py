@@ -51,6 +51,9 @@ _WINDOW_MAX = 4096
 _WINDOW_MAX_BYTES = 32 * 1024 * 1024
 _CONCURRENCY = 16  # deliveries in flight per router
 _RETRY_S = 0.5
+# Backing-off sessions are woken by a success at most this often: one event Laravel keeps
+# refusing (5xx) while it takes the others is then tried once a second, not on every one.
+_WAKE_EVERY_S = 1.0
 
 
 def consumer_name() -> str:
@@ -106,11 +109,16 @@ class _Shard:
     def full(self) -> bool:
         return self.size >= _WINDOW_MAX or self.bytes >= _WINDOW_MAX_BYTES
 
-    async def pause(self, delay_s: float) -> None:
-        """Wait `delay_s`, or less when the shard is given up."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay_s):
-                await self.stopped.wait()
+    async def pause(self, delay_s: float, also: asyncio.Event | None = None) -> None:
+        """Wait `delay_s`, or less when the shard is given up (or `also` is set)."""
+        waits = [asyncio.ensure_future(self.stopped.wait())]
+        if also is not None:
+            waits.append(asyncio.ensure_future(also.wait()))
+        try:
+            await asyncio.wait(waits, timeout=delay_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
 
 class StreamRelay:
@@ -136,6 +144,11 @@ class StreamRelay:
         self._free_before: set[int] = set()
         self._sem = asyncio.Semaphore(_CONCURRENCY)
         self._closing = asyncio.Event()
+        # Set (and replaced) when Laravel takes an event while sessions back off from its
+        # outage: they go now rather than each at the end of its own backoff.
+        self._answering = asyncio.Event()
+        self._backing_off = 0
+        self._woken_at = float("-inf")
         self.routers = 1  # delivering routers, as the last heartbeat counted them
         self.acks_failed = 0
 
@@ -338,8 +351,19 @@ class StreamRelay:
             if outcome.result.unknown:
                 with contextlib.suppress(Exception):
                     await self._backlog.hold(str(item.id), self.relay.inflight_s)
-            await shard.pause(outcome.delay_s)
+                await shard.pause(outcome.delay_s)  # may still run at Laravel: no early wake
+                return
+            self._backing_off += 1
+            try:
+                await shard.pause(outcome.delay_s, also=self._answering)
+            finally:
+                self._backing_off -= 1
             return
+        now = self._monotonic()
+        if self._backing_off and now - self._woken_at >= _WAKE_EVERY_S:
+            self._woken_at = now
+            self._answering.set()
+            self._answering = asyncio.Event()
         await self._ack(shard, item)
         queue.popleft()
         shard.size -= 1

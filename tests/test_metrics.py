@@ -81,7 +81,7 @@ async def test_metrics_count_the_traffic_sent(
     dur = "wa_router_request_duration_seconds_count"
     assert value(m, dur, route_kind="session") == 12 and value(m, dur, route_kind="rejected") == 1
     assert value(m, "wa_router_requests_in_flight") == 0
-    (build,) = [k for k in m if k[0] == "wa_router_build"]
+    (build,) = [k for k in m if k[0] == "wa_router_build_info"]
     assert dict(build[1])["version"] and m[build] == 1
     # No label a scrape would rename: Prometheus adds `instance` to every series itself.
     assert not any(dict(labels).get("instance") for _, labels in m)
@@ -102,7 +102,7 @@ async def test_metrics_can_ask_for_a_token(
     resp = await client.get("/metrics", headers={"Authorization": "Bearer wrong-token-16-chars"})
     assert resp.status == 401 and (await resp.json())["error"] == "unauthorized"
     resp = await client.get("/metrics", headers={"Authorization": "Bearer a-scrape-token-16+"})
-    assert resp.status == 200 and "wa_router_build" in await resp.text()
+    assert resp.status == 200 and "wa_router_build_info" in await resp.text()
 
 
 async def test_metrics_show_an_instance_down_and_the_backlog(

@@ -74,7 +74,7 @@ class RouterCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         r = self._router
         build = GaugeMetricFamily(
-            "wa_router_build", "Always 1: the version running", labels=["version", "python"]
+            "wa_router_build_info", "Always 1: the version running", labels=["version", "python"]
         )
         build.add_metric([_VERSION, platform.python_version()], 1.0)
         yield build

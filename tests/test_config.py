@@ -203,6 +203,7 @@ def test_several_workers_relay_webhooks_only_with_the_redis_backlog(tmp_path: Pa
         ("log: {level: debug}\n", ["log.level"], []),
         ("webhooks: {secrets: [a, b]}\n", ["webhooks.secrets"], []),
         ("discovery: {probe_timeout_s: 1.5}\n", [], ["discovery.probe_timeout_s"]),
+        ('  - {name: c, url: "http://127.0.0.1:3003"}\n', ["instances"], []),
         (
             "log: {level: error}\nserver: {port: 9999}\n",
             ["log.level"],

@@ -472,6 +472,24 @@ async def test_sighup_reloads_the_config_under_load_and_keeps_serving(
                 await wait_for(lambda: '"config_reloaded"' in output_of(logs), 10, "reload")
                 n = len(statuses)
                 await wait_for(lambda: len(statuses) >= n + 20, 10, "load after")
+                # An instance added to the file is used: health-checked, its sessions found.
+                extra = SimInstance(name="node-new", api_key=API_KEY, ready_delay_s=0.05)
+                await extra.start()
+                try:
+                    extra.add_session("on-the-new-one")
+                    raw["log"] = {"level": "info"}
+                    raw["instances"].append({"name": extra.name, "url": extra.url})
+                    cfg.write_text(yaml.safe_dump(raw))
+                    proc.send_signal(signal.SIGHUP)
+                    await wait_for(
+                        lambda: '"instances_changed"' in output_of(logs), 10, "the new member"
+                    )
+                    send = f"{base}{SEND}"
+                    async with http.post(send, json=send_body("on-the-new-one")) as r:
+                        assert r.status == 200, await r.text()
+                    assert extra.count("POST", SEND) == 1 and extra.count("GET", "/health") >= 1
+                finally:
+                    await extra.stop()
                 cfg.write_text("instances: [oops")  # broken: refused, the old one kept
                 proc.send_signal(signal.SIGHUP)
                 await wait_for(lambda: "config_reload_refused" in output_of(logs), 10, "refusal")
@@ -483,12 +501,19 @@ async def test_sighup_reloads_the_config_under_load_and_keeps_serving(
         assert proc.returncode is None  # still serving
     assert statuses and set(statuses) == {200}
     out = output_of(logs)
-    reloaded = next(line for line in out.splitlines() if '"config_reloaded"' in line)
+    lines = out.splitlines()
+    reloaded = next(line for line in lines if '"config_reloaded"' in line)
     assert '"applied": ["log.level"]' in reloaded, reloaded
     assert '"needs_restart": ["discovery.probe_timeout_s"]' in reloaded, reloaded
-    # The new level holds: no info lines after the reload (the refusal is an error).
-    after = out.splitlines()[out.splitlines().index(reloaded) + 1 :]
-    assert not any('"level": "info"' in line for line in after if line.startswith("{")), after
+    # The new level held until the next reload: no info lines in between.
+    between = lines[
+        lines.index(reloaded) + 1 : lines.index(
+            next(x for x in lines if '"instances_changed"' in x)
+        )
+    ]
+    assert not any('"level": "info"' in line for line in between if line.startswith("{")), between
+    added = next(line for line in lines if '"instances_changed"' in line)
+    assert '"added": ["node-new"]' in added, added
 
 
 async def test_workers_die_with_their_parent_however_it_dies(

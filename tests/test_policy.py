@@ -158,3 +158,28 @@ async def test_single_flight_runs_once_for_a_herd() -> None:
     results = await asyncio.gather(*waiters[1:])
     assert results == [42] * 99 and runs == 1 and flight.started == 1
     assert len(flight) == 0
+
+
+def test_a_reloaded_pool_keeps_its_members_state_and_names_what_changed() -> None:
+    from wa_router.config import InstanceConfig
+    from wa_router.pool import Pool
+
+    pool = Pool(
+        [InstanceConfig("a", "http://127.0.0.1:3001"), InstanceConfig("b", "http://127.0.0.1:3002")]
+    )
+    kept = pool.get("a")
+    assert kept is not None
+    kept.draining = True
+    added, removed = pool.set_instances(
+        [
+            InstanceConfig("a", "http://127.0.0.1:3001"),
+            InstanceConfig("c", "http://127.0.0.1:3003", aliases=("http://localhost:3003",)),
+        ]
+    )
+    assert (added, removed) == (["c"], ["b"])
+    assert pool.get("a") is kept and kept.draining  # same member: its state stays
+    assert pool.get("b") is None and [i.name for i in pool.instances] == ["a", "c"]
+    assert pool.by_url("http://localhost:3003") is pool.get("c")
+    # A member whose URL changed is a new member (nothing known of it yet).
+    added, removed = pool.set_instances([InstanceConfig("a", "http://127.0.0.1:4001")])
+    assert (added, removed) == (["a"], ["a", "c"]) and pool.get("a") is not kept

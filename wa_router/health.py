@@ -51,6 +51,7 @@ class HealthChecker:
         self.on_recovered = on_recovered
         self._checks: dict[str, int] = {i.name: 0 for i in pool.instances}
         self._followups: set[asyncio.Task[object]] = set()
+        self._changed = asyncio.Event()
         pool.on_back = self.follow_up
 
     @property
@@ -59,7 +60,28 @@ class HealthChecker:
         return min(self._checks.values(), default=0)
 
     async def run(self) -> None:
-        await asyncio.gather(*(self._watch(i) for i in self._pool.instances))
+        """One watch per member, kept in step with the pool (a reload adds or removes
+        members: `members_changed`)."""
+        watches: dict[Instance, asyncio.Task[None]] = {}
+        try:
+            while True:
+                members = set(self._pool.instances)
+                for inst in [i for i in watches if i not in members]:
+                    watches.pop(inst).cancel()
+                    self._checks.pop(inst.name, None)
+                for inst in self._pool.instances:
+                    if inst not in watches:
+                        self._checks.setdefault(inst.name, 0)
+                        watches[inst] = asyncio.create_task(self._watch(inst))
+                await self._changed.wait()
+                self._changed.clear()
+        finally:
+            for task in watches.values():
+                task.cancel()
+            await asyncio.gather(*watches.values(), return_exceptions=True)
+
+    def members_changed(self) -> None:
+        self._changed.set()
 
     async def _watch(self, inst: Instance) -> None:
         # One loop per instance: a down one is asked more often without asking the

@@ -286,8 +286,9 @@ class Metrics:
 
     def observe(self, instance: str, seconds: float) -> None:
         child = self._children.get(instance)
-        if child is not None:
-            child.observe(seconds)
+        if child is None:  # a member added by a reload
+            child = self._children[instance] = self._latency.labels(instance)
+        child.observe(seconds)
 
     async def refresh(self) -> None:
         self._collector.sessions = await self._router.directory.counts()

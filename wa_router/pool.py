@@ -71,19 +71,37 @@ class Pool:
         self._cooldown_s = suspect_cooldown_s
         self._fall = fall
         self._rise = rise
-        self.instances: tuple[Instance, ...] = tuple(
-            Instance(c.name, URL(c.url), str(URL(c.url).origin()).rstrip("/")) for c in instances
-        )
-        self._by_name = {i.name: i for i in self.instances}
+        self.instances: tuple[Instance, ...] = ()
+        self._by_name: dict[str, Instance] = {}
         self._by_url: dict[str, Instance] = {}
-        for cfg, inst in zip(instances, self.instances, strict=True):
-            for u in (cfg.url, *cfg.aliases):
-                for spelling in _spellings(normalize_url(u, "")):
-                    self._by_url.setdefault(spelling, inst)
-        self._rr = itertools.cycle(self.instances)
+        self.set_instances(instances)
         # Called when an instance comes back from down (any path: a check, live traffic, a
         # signed webhook); health.py sets it to sync the instance at once.
         self.on_back: Callable[[Instance], None] | None = None
+
+    def set_instances(self, configs: Sequence[InstanceConfig]) -> tuple[list[str], list[str]]:
+        """The members `configs` name, in their order; returns (added, removed) names. A
+        member whose name and URL stay is kept as it is (state, load, drain)."""
+        members: list[Instance] = []
+        for c in configs:
+            inst = self._by_name.get(c.name)
+            if inst is None or inst.url != URL(c.url):
+                inst = Instance(c.name, URL(c.url), str(URL(c.url).origin()).rstrip("/"))
+            members.append(inst)
+        before = set(self._by_name.items())
+        by_url: dict[str, Instance] = {}
+        for cfg, inst in zip(configs, members, strict=True):
+            for u in (cfg.url, *cfg.aliases):
+                for spelling in _spellings(normalize_url(u, "")):
+                    by_url.setdefault(spelling, inst)
+        self.instances = tuple(members)
+        self._by_name = {i.name: i for i in members}
+        self._by_url = by_url
+        self._rr = itertools.cycle(self.instances)
+        after = set(self._by_name.items())
+        added = [name for name, _ in sorted(after - before)]
+        removed = [name for name, _ in sorted(before - after)]
+        return added, removed
 
     def get(self, name: str) -> Instance | None:
         return self._by_name.get(name)

@@ -2,16 +2,19 @@
 
 logrotate and `systemctl reload` send SIGHUP; its default action ends the process with
 requests in flight. Here it re-reads the file the router was started with (and the
-environment), validates it, and applies the keys in `LIVE` to the running parts. A config
+environment), validates it, and applies the keys in `LIVE` to the running parts: an
+instance added is health-checked and synced at once, one removed is no longer used (its
+sessions are found again where they are). A config
 that does not validate is logged and the running one kept. Every other change is named in
 the log as needing a restart (the parts built from it are not rebuilt under traffic).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import structlog
@@ -26,6 +29,7 @@ log = structlog.get_logger("wa_router.reload")
 
 # Dotted keys applied to the running router (a prefix covers what is under it).
 LIVE = (
+    "instances",
     "log.level",
     "webhooks.secrets",
     "webhooks.relay_timeout_s",
@@ -74,14 +78,33 @@ def apply(router: Router, new: Config) -> tuple[list[str], list[str]]:
         relay.secret = new.webhooks.secrets[0] if new.webhooks.secrets else ""
         relay.timeout_s = new.webhooks.relay_timeout_s
     router.proxy.keys = KeyPolicy(router.profile, old.upstream.api_key, new.upstream.client_keys)
+    instances = old.instances
+    if "instances" in applied:
+        instances = new.instances
+        added, removed = router.pool.set_instances(new.instances)
+        router.health.members_changed()  # watches for the new, none for the gone
+        for name in added:
+            inst = router.pool.get(name)
+            if inst is not None:  # learn its sessions now, not at the next sync
+                _later(router.syncer.run(only=inst))
+        log.warning("instances_changed", added=added, removed=removed)
     upstream = dataclasses.replace(old.upstream, client_keys=new.upstream.client_keys)
     admin = old.admin if switched else dataclasses.replace(old.admin, token=new.admin.token)
     webhooks = wh.cfg
     log_cfg = dataclasses.replace(old.log, level=new.log.level)
     router.config = dataclasses.replace(
-        old, upstream=upstream, admin=admin, webhooks=webhooks, log=log_cfg
+        old, instances=instances, upstream=upstream, admin=admin, webhooks=webhooks, log=log_cfg
     )
     return applied, later
+
+
+_background: set[asyncio.Future[Any]] = set()
+
+
+def _later(work: Coroutine[Any, Any, Any]) -> None:
+    task = asyncio.ensure_future(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def reload(router: Router, path: str | None) -> bool:

@@ -6,6 +6,7 @@ byte for byte, and the router's own JSON errors.
 from __future__ import annotations
 
 import json
+from contextvars import ContextVar
 
 import structlog
 from aiohttp import web
@@ -20,9 +21,10 @@ log = structlog.get_logger("wa_router.httpio")
 # Answers up to this size are read whole and sent with a Content-Length in one write;
 # larger ones are streamed chunk by chunk.
 SMALL_BODY_BYTES = 256 * 1024
-# Set on a request once its answer's head is on the wire: after that, a shutdown can only
-# cut the connection (runtime.answering answers the others).
-HEAD_SENT = "wa_router.head_sent"
+# True once the request being handled has its answer's head on the wire: after that, a
+# shutdown can only cut the connection (runtime.answering answers the others; it sets this
+# to False for each request).
+HEAD_SENT: ContextVar[bool] = ContextVar("wa_router_head_sent", default=False)
 # Request headers the router sets itself.
 _DROP_REQUEST = HOP_BY_HOP | {
     "host",
@@ -104,7 +106,7 @@ async def relay(
                 raise retry.failure_answer(exc, session, retried=False) from None
             return buffered(up, body)
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=_response_headers(up))
-        request[HEAD_SENT] = True
+        HEAD_SENT.set(True)
         await resp.prepare(request)
         if not bodyless:
             try:

@@ -100,12 +100,13 @@ def answering(router: Router) -> Middleware:
         # Reset on exit: aiohttp serves a keep-alive connection's requests in one task,
         # so the request must not outlive its own handling in the context.
         token = CURRENT_REQUEST.set(RequestId(request))
+        sent = HEAD_SENT.set(False)
         try:
             return await handler(request)
         except RequestRejected as exc:
             return json_error(exc)
         except asyncio.CancelledError:
-            if not router.stopping or request.get(HEAD_SENT):
+            if not router.stopping or HEAD_SENT.get():
                 raise
             # Cut by the end of the shutdown grace: the caller hears so, rather than a
             # connection closed without a word.
@@ -123,6 +124,7 @@ def answering(router: Router) -> Middleware:
             cut.headers["Connection"] = "close"
             return json_error(cut)
         finally:
+            HEAD_SENT.reset(sent)
             CURRENT_REQUEST.reset(token)
             router.inflight.discard(task)
 

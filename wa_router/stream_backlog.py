@@ -388,6 +388,10 @@ class StreamBacklog:
             return local
         return local + int(raw or 0)
 
+    async def stream_size(self) -> int:
+        """Entries waiting in the streams (raises what Redis raises)."""
+        return int(await self.redis.get(self._size_key) or 0)
+
     async def size(self) -> int:
         if self._breaker.open:
             return self._spooled  # what is in Redis is not known this moment

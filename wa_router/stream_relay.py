@@ -149,6 +149,7 @@ class StreamRelay:
         self._answering = asyncio.Event()
         self._backing_off = 0
         self._woken_at = float("-inf")
+        self._last_size = 0  # the streams' size at the last round
         self.routers = 1  # delivering routers, as the last heartbeat counted them
         self.acks_failed = 0
 
@@ -226,9 +227,22 @@ class StreamRelay:
                 await self._start(n, sent + self._lease_ms / 1000)
         for n in sorted(self._held, reverse=True)[:give_back]:
             self._give_up(n, release=True)
+        # Another router's deliveries going through means Laravel answers again: the
+        # sessions here that back off from its outage need not wait out their backoff.
+        size = await b.stream_size()
+        if self._backing_off and size < self._last_size:
+            self._wake_backing_off()
+        self._last_size = size
 
     def _first(self) -> int:
         return zlib.crc32(self.consumer.encode()) % self._backlog.shards
+
+    def _wake_backing_off(self) -> None:
+        now = self._monotonic()
+        if now - self._woken_at >= _WAKE_EVERY_S:
+            self._woken_at = now
+            self._answering.set()
+            self._answering = asyncio.Event()
 
     def _leased(self, shard: _Shard) -> bool:
         return shard.lease_until - self._monotonic() > self.relay.timeout_s
@@ -359,11 +373,8 @@ class StreamRelay:
             finally:
                 self._backing_off -= 1
             return
-        now = self._monotonic()
-        if self._backing_off and now - self._woken_at >= _WAKE_EVERY_S:
-            self._woken_at = now
-            self._answering.set()
-            self._answering = asyncio.Event()
+        if self._backing_off:
+            self._wake_backing_off()
         await self._ack(shard, item)
         queue.popleft()
         shard.size -= 1

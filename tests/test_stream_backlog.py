@@ -563,3 +563,30 @@ def _held_spool(path: Path) -> Any:
 
     path.touch()
     return _lock(path)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_laravel_back_is_noticed_without_waiting_out_the_backoff(
+    kind: str,
+    sims: list[SimInstance],
+    laravel: Deliveries,
+    start_router: StartRouter,
+    tmp_path: Path,
+    redis_server: RedisServer,
+) -> None:
+    """One session backing off (10 s base, growing): while everything backs off, one
+    waiting session is tried every 2 s, so Laravel's return costs at most that, not the
+    15-30 s of the third backoff."""
+    wh = {"retry_base_s": 10.0, "retry_max_s": 60.0}
+    if kind == "sqlite":
+        cfg = config(sims, laravel, tmp_path, webhooks=wh)
+    else:
+        cfg = stream_config(sims, laravel, tmp_path, redis_server.url, unique_prefix(), **wh)
+    client, _ = await start_router(cfg)
+    laravel.plan = [503] * 1_000
+    body, headers = signed(0, sims[0].port, session="p")
+    assert (await client.post(HOOK, data=body, headers=headers)).status == 202
+    await asyncio.sleep(11.0)  # the outage's length (the scenario, not a wait for a state)
+    laravel.plan = []
+    await wait_for(lambda: len(laravel.done) == 1, 3.5, "delivered soon after Laravel's return")
+    assert len(laravel.arrivals) >= 3  # it was tried meanwhile (the probe), and refused

@@ -35,6 +35,8 @@ _IDLE_WAIT_S = 30.0
 # Backing-off sessions are woken by a success at most this often: one event Laravel keeps
 # refusing (5xx) while it takes the others is then tried once a second, not on every one.
 _WAKE_EVERY_S = 1.0
+# While every session backs off from a Laravel outage, one of them is tried this often.
+_PROBE_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +225,7 @@ class Deliverer:
         # when Laravel answers again.
         self._inflight: set[str] = set()
         self._woken_at = float("-inf")
+        self._last_attempt = float("-inf")
 
     @property
     def delivered(self) -> int:
@@ -264,15 +267,35 @@ class Deliverer:
             waits = [
                 self._not_before[h.session] - now for h in heads if h.session in self._not_before
             ]
+            probe = self._probe_candidate(heads, now)
+            if probe is not None:
+                self._not_before[probe] = now  # one session asks whether Laravel is back
+                continue
             timeout = min(waits) if waits else _IDLE_WAIT_S
+            if waits:
+                timeout = min(timeout, max(0.0, self._last_attempt + _PROBE_S - now))
             try:
                 async with asyncio.timeout(max(0.0, timeout)):
                     await self._wake.wait()
             except TimeoutError:
                 pass
 
+    def _probe_candidate(self, heads: list[Pending], now: float) -> str | None:
+        """While every waiting session backs off, one of them (the one due soonest) is
+        tried every `_PROBE_S`: Laravel's return is noticed within that, not at the end of
+        backoffs that grow to retry_max_s. In-flight holds are never probed."""
+        if now - self._last_attempt < _PROBE_S:
+            return None
+        waiting = [
+            h.session
+            for h in heads
+            if h.session in self._not_before and h.session not in self._inflight
+        ]
+        return min(waiting, key=self._not_before.__getitem__, default=None)
+
     async def _one(self, item: Pending, sem: asyncio.Semaphore) -> None:
         async with sem:
+            self._last_attempt = self._monotonic()
             outcome = await self.relay.attempt(item)
             if not outcome.done:
                 await self._backlog.attempted(item.id)

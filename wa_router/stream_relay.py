@@ -54,6 +54,8 @@ _RETRY_S = 0.5
 # Backing-off sessions are woken by a success at most this often: one event Laravel keeps
 # refusing (5xx) while it takes the others is then tried once a second, not on every one.
 _WAKE_EVERY_S = 1.0
+# While every session backs off from a Laravel outage, one of them is tried this often.
+_PROBE_S = 2.0
 
 
 def consumer_name() -> str:
@@ -144,10 +146,11 @@ class StreamRelay:
         self._free_before: set[int] = set()
         self._sem = asyncio.Semaphore(_CONCURRENCY)
         self._closing = asyncio.Event()
-        # Set (and replaced) when Laravel takes an event while sessions back off from its
-        # outage: they go now rather than each at the end of its own backoff.
-        self._answering = asyncio.Event()
-        self._backing_off = 0
+        # Sessions backing off from a Laravel outage, each with the event that wakes it:
+        # all of them when Laravel takes an event again (they go now, not each at the end
+        # of its own backoff), one at a time every _PROBE_S to notice that it does.
+        self._sleepers: dict[tuple[int, str], asyncio.Event] = {}
+        self._last_attempt = float("-inf")
         self._woken_at = float("-inf")
         self._last_size = 0  # the streams' size at the last round
         self.routers = 1  # delivering routers, as the last heartbeat counted them
@@ -186,6 +189,7 @@ class StreamRelay:
 
     async def run(self) -> None:
         spool = asyncio.create_task(self._move_spool(), name="webhook-spool-move")
+        probe = asyncio.create_task(self._probe(), name="webhook-probe")
         try:
             while not self._closing.is_set():
                 try:
@@ -196,6 +200,7 @@ class StreamRelay:
                     async with asyncio.timeout(self._renew_every_s):
                         await self._closing.wait()
         finally:
+            await cancel_and_wait(probe)
             await cancel_and_wait(spool)
             await self._stop_all()
 
@@ -230,7 +235,7 @@ class StreamRelay:
         # Another router's deliveries going through means Laravel answers again: the
         # sessions here that back off from its outage need not wait out their backoff.
         size = await b.stream_size()
-        if self._backing_off and size < self._last_size:
+        if self._sleepers and size < self._last_size:
             self._wake_backing_off()
         self._last_size = size
 
@@ -241,8 +246,17 @@ class StreamRelay:
         now = self._monotonic()
         if now - self._woken_at >= _WAKE_EVERY_S:
             self._woken_at = now
-            self._answering.set()
-            self._answering = asyncio.Event()
+            for wake in self._sleepers.values():
+                wake.set()
+
+    async def _probe(self) -> None:
+        """While every session here backs off, wake the one asleep longest every
+        `_PROBE_S`: Laravel's return is noticed within that, not at the end of backoffs
+        that grow to retry_max_s. (In-flight holds are not sleepers: never probed.)"""
+        while True:
+            await asyncio.sleep(_PROBE_S)
+            if self._sleepers and self._monotonic() - self._last_attempt >= _PROBE_S:
+                next(iter(self._sleepers.values())).set()
 
     def _leased(self, shard: _Shard) -> bool:
         return shard.lease_until - self._monotonic() > self.relay.timeout_s
@@ -359,6 +373,7 @@ class StreamRelay:
         async with self._sem:
             if shard.stopped.is_set() or not self._leased(shard):
                 return
+            self._last_attempt = self._monotonic()
             outcome = await self.relay.attempt(item)
         if not outcome.done:
             queue[0] = dataclasses.replace(item, attempts=item.attempts + 1)
@@ -367,13 +382,15 @@ class StreamRelay:
                     await self._backlog.hold(str(item.id), self.relay.inflight_s)
                 await shard.pause(outcome.delay_s)  # may still run at Laravel: no early wake
                 return
-            self._backing_off += 1
+            key, wake = (shard.n, item.session), asyncio.Event()
+            self._sleepers[key] = wake
             try:
-                await shard.pause(outcome.delay_s, also=self._answering)
+                await shard.pause(outcome.delay_s, also=wake)
             finally:
-                self._backing_off -= 1
+                if self._sleepers.get(key) is wake:
+                    del self._sleepers[key]
             return
-        if self._backing_off:
+        if self._sleepers:
             self._wake_backing_off()
         await self._ack(shard, item)
         queue.popleft()

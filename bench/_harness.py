@@ -316,7 +316,7 @@ class RouterProc:
             if key.startswith("wa_router_instance_state{") and value == 1.0:
                 pairs = key[key.index("{") + 1 : -1].split(",")
                 labels = dict(part.split("=", 1) for part in pairs)
-                out[labels["instance"].strip('"')] = labels["state"].strip('"')
+                out[labels["upstream"].strip('"')] = labels["state"].strip('"')
         return out
 
     @property

@@ -633,6 +633,7 @@ class OutageRun:
     backlog_at_return: int | None = None
     holders_at_return: list[int] = field(default_factory=list)  # shards per router
     drain_s: float | None = None  # Laravel back -> the last queued event arrived; None: never
+    first_s: float | None = None  # Laravel back -> the first queued event arrived
     waits_s: list[float] = field(default_factory=list)  # per event: Laravel back -> arrival
     lost: int = 0
     dup_ids: int = 0
@@ -664,6 +665,8 @@ async def outage_run(plan: Plan, setup: Setup, retry_max_s: float, ctx: Context)
         lv = ctx.laravel
         accepted = [lv.first.get((ev.session, ev.seq)) for ev in poster.sent if ev.accepted]
         arrived = [t for t in accepted if t is not None]
+        if arrived:
+            res.first_s = max(0.0, min(arrived) - t_back)
         if ok and arrived:
             res.drain_s = max(arrived) - t_back
         await asyncio.sleep(0.5 if plan.smoke else 2.0)  # a late duplicate, if any
@@ -722,8 +725,9 @@ def intake_line(r: IntakeRun) -> str:
 
 def outage_line(r: OutageRun) -> str:
     drain = "never" if r.drain_s is None else f"{r.drain_s:.2f} s"
+    first = "never" if r.first_s is None else f"{r.first_s:.2f} s"
     return (
-        f"{r.queued}/{r.sent} queued, all delivered {drain} after the return; "
+        f"{r.queued}/{r.sent} queued, first delivered {first}, all {drain} after the return; "
         f"dup ids {r.dup_ids}, order violations {r.order_violations}, lost {r.lost}"
     )
 

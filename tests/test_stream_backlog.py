@@ -112,12 +112,10 @@ async def test_two_routers_on_one_redis_deliver_every_event_once_in_order(
     redis_server: RedisServer,
 ) -> None:
     prefix = unique_prefix()
-    a, ra = await start_router(
-        stream_config(sims, laravel, tmp_path / "a", redis_server.url, prefix)
-    )
-    b, rb = await start_router(
-        stream_config(sims, laravel, tmp_path / "b", redis_server.url, prefix)
-    )
+    (a, ra), (b, rb) = [
+        await start_router(stream_config(sims, laravel, tmp_path / n, redis_server.url, prefix))
+        for n in ("a", "b")
+    ]
     sessions = [f"t{n}" for n in range(8)]
     sent: dict[str, list[int]] = {s: [] for s in sessions}
     for seq in range(6):
@@ -219,12 +217,10 @@ async def test_a_drain_on_one_router_drains_the_instance_on_every_router(
     redis_server: RedisServer,
 ) -> None:
     prefix = unique_prefix()
-    a, ra = await start_router(
-        stream_config(sims, laravel, tmp_path / "a", redis_server.url, prefix)
-    )
-    b, rb = await start_router(
-        stream_config(sims, laravel, tmp_path / "b", redis_server.url, prefix)
-    )
+    (a, ra), (b, rb) = [
+        await start_router(stream_config(sims, laravel, tmp_path / n, redis_server.url, prefix))
+        for n in ("a", "b")
+    ]
     resp = await a.post("/admin/instances/node-1/drain", headers=AUTH)
     assert (await resp.json()) == {"instance": "node-1", "draining": True, "shared": True}
     await wait_for(lambda: rb.pool.get("node-1").draining, 5, "B hearing of the drain")  # type: ignore[union-attr]
@@ -510,7 +506,7 @@ async def test_a_timed_out_delivery_is_not_sent_again_by_the_next_holder_too_soo
     laravel.plan = [2.0]  # longer than the relay timeout: the outcome is unknown
     first, forwarder, task = await relay_for(laravel, b, timeout_s=0.5, inflight_s=3.0)
     await append(b, "t", 0)
-    await wait_for(lambda: first.failures == 1, 5, "the delivery timed out")
+    await wait_for(lambda: first.relay.failures == 1, 5, "the delivery timed out")
     timed_out = time.monotonic()
     first.close()  # handed over while Laravel may still be working on it
     await task

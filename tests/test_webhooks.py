@@ -337,7 +337,7 @@ async def test_laravel_down_then_back_every_webhook_once_in_order(
             assert code == 202  # queued: Node is told we have it
     backlog = router.webhooks.backlog
     assert backlog is not None and await backlog.size() == 30
-    await wait_for(lambda: router.webhooks.deliverer.failures >= 3)  # type: ignore[union-attr]
+    await wait_for(lambda: router.webhooks.deliverer.relay.failures >= 3)  # type: ignore[union-attr]
     # An event for a session with a backlog queues behind it even once Laravel is back.
     await laravel.start()
     await wait_for(lambda: len(laravel.events) == 30, timeout_s=15, what="backlog delivered")
@@ -439,7 +439,7 @@ async def test_new_webhook_waits_behind_its_sessions_backlog(
     await laravel.stop()
     for seq in range(3):
         assert (await sims[0].emit("message_received", {"session_id": "a", "seq": seq})) == 202
-    await wait_for(lambda: router.webhooks.deliverer.failures >= 1)  # type: ignore[union-attr]
+    await wait_for(lambda: router.webhooks.deliverer.relay.failures >= 1)  # type: ignore[union-attr]
     await laravel.start()  # back, but the backlog's next try is up to a second away
     assert (await sims[0].emit("message_received", {"session_id": "a", "seq": 3})) == 202
     assert (await sims[1].emit("message_received", {"session_id": "z", "seq": 0})) == 200

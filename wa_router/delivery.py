@@ -104,16 +104,9 @@ class Delivering(Protocol):
     """What the intake and the metrics see of a backlog's delivery."""
 
     @property
-    def delivered(self) -> int: ...
-
-    @property
-    def dropped(self) -> int: ...
-
-    @property
-    def failures(self) -> int: ...
-
-    @property
-    def relay(self) -> Relay: ...
+    def relay(self) -> Relay:
+        """Its attempts, and their counts (what the metrics read)."""
+        ...
 
     def wake(self) -> None: ...
 
@@ -226,18 +219,6 @@ class Deliverer:
         self._inflight: set[str] = set()
         self._woken_at = float("-inf")
         self._last_attempt = float("-inf")
-
-    @property
-    def delivered(self) -> int:
-        return self.relay.delivered
-
-    @property
-    def dropped(self) -> int:
-        return self.relay.dropped
-
-    @property
-    def failures(self) -> int:
-        return self.relay.failures
 
     def wake(self) -> None:
         self._wake.set()

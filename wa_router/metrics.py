@@ -182,9 +182,10 @@ class RouterCollector(Collector):
                 "Backlog delivery attempts by outcome",
                 labels=["outcome"],
             )
-            later.add_metric(["delivered"], deliverer.delivered)
-            later.add_metric(["failed"], deliverer.failures)
-            later.add_metric(["refused"], deliverer.dropped)
+            counts = deliverer.relay
+            later.add_metric(["delivered"], counts.delivered)
+            later.add_metric(["failed"], counts.failures)
+            later.add_metric(["refused"], counts.dropped)
             yield later
         if isinstance(deliverer, StreamRelay):
             shards = GaugeMetricFamily(

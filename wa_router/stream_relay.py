@@ -156,19 +156,6 @@ class StreamRelay:
         self.routers = 1  # delivering routers, as the last heartbeat counted them
         self.acks_failed = 0
 
-    # Counters read by metrics.py, as Deliverer has them.
-    @property
-    def delivered(self) -> int:
-        return self.relay.delivered
-
-    @property
-    def dropped(self) -> int:
-        return self.relay.dropped
-
-    @property
-    def failures(self) -> int:
-        return self.relay.failures
-
     @property
     def held(self) -> list[int]:
         return sorted(self._held)

@@ -168,11 +168,13 @@ async def settle_and_check(pool: Pool, stop: asyncio.Event, runner: asyncio.Task
     assert pool.router.webhooks.stats.duplicates == 0
     # Laravel heard one consistent story: every account it gates sends on is `connected`,
     # and it sends through the router (Blazz sends to the last session_ready's URL).
-    await wait_for(
-        lambda: all(a.status == "connected" for a in pool.laravel.accounts.values()),
-        10,
-        "Laravel's accounts all connected",
-    )
+    not_connected = lambda: {  # noqa: E731
+        sid: a.status for sid, a in pool.laravel.accounts.items() if a.status != "connected"
+    }
+    try:
+        await wait_for(lambda: not not_connected(), 20, "Laravel's accounts all connected")
+    except AssertionError:
+        raise AssertionError(f"Laravel's view, not connected: {not_connected()}") from None
     assert {a.assigned_instance_url for a in pool.laravel.accounts.values()} == {ADVERTISED}
     # ...and never while a message was going out: Laravel refuses to send for an account
     # it holds as not connected, so each message_sent must find its account connected.

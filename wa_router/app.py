@@ -187,6 +187,7 @@ def build_router(cfg: Config, *, store: Store | None = None, worker: int | None 
         deliverer=deliverer,
     )
     webhooks.on_hint = parking.kick
+    webhooks.probe_key = cfg.upstream.api_key
     syncer = Syncer(
         pool=pool,
         profile=profile,

@@ -15,6 +15,9 @@ So, while the directory says a session is connected on its owner:
   within `webhooks.hold_login_events_s`;
 - a `session_disconnected` that is not a logout, from an instance that is not the owner, is
   *dropped*: it is about a copy that no longer serves;
+- a `session_disconnected` that is not a logout from the owner itself is relayed only if
+  no other instance has the session connected when the pool is asked (webhooks.py): after
+  a restore race, which copy's `session_ready` reached the router last is a race too;
 - everything else is relayed as it came, except that `X-Instance-Url` (not signed) names the
   router (`webhooks.advertise_url`); the instance it came from goes along in `ORIGIN_*`.
 """

@@ -40,7 +40,7 @@ from .events import (
 from .forward import Forwarder, UpstreamRequest
 from .gate import REFUSE, WEBHOOK, decide_path
 from .httpio import forward_headers, json_error, read_body, relay
-from .laravel_view import DROP, HOLD, Held, Holding, relayed_headers, verdict
+from .laravel_view import DROP, HOLD, RELAY, Held, Holding, relayed_headers, verdict
 from .pool import Pool, State
 from .replay import Memory, SharedKV
 from .retry import failure_answer
@@ -105,6 +105,8 @@ class Webhooks:
         # A `session_reconnected`: the app points it at the parking (ask about it now).
         self.on_hint: Callable[[str], None] = lambda session: None
         self.deliverer = deliverer
+        # Node's key, for the probes that check a disconnect against the pool (app.py).
+        self.probe_key: str | None = None
 
     async def intake(self, request: web.Request) -> web.Response:
         try:
@@ -215,6 +217,21 @@ class Webhooks:
             return None
         owner = await self._directory.lookup(event.session)
         what = verdict(event.name, sender, owner, logout=logout, hold=self.cfg.hold_login_events)
+        if (
+            what == RELAY
+            and event.name == "session_disconnected"
+            and not logout
+            and owner is not None
+            and owner.instance == sender
+        ):
+            # The owner lost it (CONFLICT: a restoring copy took it over). Whose ready
+            # reached us last is a race; ask the pool before Laravel hears "disconnected"
+            # for a session another instance has connected now.
+            found = await self._discovery.find(
+                event.session, api_key=self.probe_key, previous=sender, fresh=True
+            )
+            if found.connected and found.owner is not None and found.owner.name != sender:
+                what = DROP
         self._log_expired()
         if what == HOLD:
             item = Held(event.name, path, body, tuple(headers), ts, time.monotonic())

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -321,6 +322,27 @@ async def test_drained_instance_gets_no_new_sessions_but_serves_its_own(
     assert "new3" in sims[0].sessions  # 1 session each: the tie goes to node-0 again
     err = await admin(client, "POST", "/admin/instances/node-9/drain", 404)
     assert err["error"] == "instance_not_found"
+
+
+async def test_an_instance_drained_in_the_file_starts_drained(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """`drain: true` in the config: drained from the start (in the store, so for every
+    router sharing it); the admin API can still undrain it."""
+    sims[0].add_session("old")
+    cfg = pool_config(sims, upstream={"api_key": API_KEY}, admin={"token": TOKEN})
+    first = dataclasses.replace(cfg.instances[0], drain=True)
+    cfg = dataclasses.replace(cfg, instances=(first, *cfg.instances[1:]))
+    client, router = await start_router(cfg)
+    await wait_for(lambda: router.warm, what="the warm sync")
+    status = await admin(client, "GET", "/admin/status")
+    assert [i["draining"] for i in status["instances"]] == [True, False, False, False]
+    assert await router.store.drained() == {"node-0"}
+    body = {"session_id": "fresh", "workspace_id": 1, "api_key": API_KEY}
+    assert (await client.post("/api/sessions", json=body)).status == 200
+    assert "fresh" not in sims[0].sessions
+    assert (await client.post("/api/messages/send", json=send_body("old"))).status == 200
+    assert (await admin(client, "POST", "/admin/instances/node-0/undrain"))["draining"] is False
 
 
 # -- sync ----------------------------------------------------------------------------------

@@ -229,6 +229,36 @@ def test_a_reload_says_what_it_applies_and_what_needs_a_restart(
     assert [k for k in changed if not is_live(k)] == restart
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "added", "expected"),
+    [
+        ([("a", False)], [("a", False)], [], []),
+        ([("a", False)], [("a", True)], [], [("a", True)]),
+        ([("a", True)], [("a", False)], [], [("a", False)]),
+        ([("a", True)], [("a", True)], [], []),  # unchanged: an admin undrain stands
+        ([], [("b", True)], ["b"], [("b", True)]),  # a new member, drained from the start
+        ([], [("b", False)], ["b"], []),
+        ([("a", True)], [("a", True)], ["a"], [("a", True)]),  # its URL changed: a new member
+    ],
+)
+def test_a_reload_drains_what_the_file_changed(
+    old: list[tuple[str, bool]],
+    new: list[tuple[str, bool]],
+    added: list[str],
+    expected: list[tuple[str, bool]],
+) -> None:
+    from wa_router.config import InstanceConfig
+    from wa_router.reload import drain_changes
+
+    def configs(rows: list[tuple[str, bool]]) -> list[InstanceConfig]:
+        return [
+            InstanceConfig(n, f"http://127.0.0.1:{3000 + i}", drain=d)
+            for i, (n, d) in enumerate(rows)
+        ]
+
+    assert drain_changes(configs(old), configs(new), added) == expected
+
+
 def test_the_shipped_example_documents_every_key(tmp_path: Path) -> None:
     """`wa-router init-config` writes it; every section and key of Config is in it."""
     import dataclasses

@@ -23,7 +23,7 @@ from yarl import URL
 
 from wa_router.sim import SimInstance
 
-from .conftest import API_KEY, free_port, send_body, wait_for
+from .conftest import API_KEY, free_port, send_body, wait_for, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 # A message text that cannot appear in logs by chance: finding it there means a leak.
@@ -490,6 +490,16 @@ async def test_sighup_reloads_the_config_under_load_and_keeps_serving(
                     assert extra.count("POST", SEND) == 1 and extra.count("GET", "/health") >= 1
                 finally:
                     await extra.stop()
+                # A drain kept in the file: on with one reload, off with the next.
+                first = raw["instances"][0]["name"]
+                for draining in (True, False):
+                    raw["instances"][0]["drain"] = draining
+                    cfg.write_text(yaml.safe_dump(raw))
+                    proc.send_signal(signal.SIGHUP)
+                    line = f'wa_router_instance_draining{{upstream="{first}"}} {float(draining)}'
+                    await wait_until(
+                        lambda line=line: metrics_has(http, base, line), 10, f"drain {draining}"
+                    )
                 cfg.write_text("instances: [oops")  # broken: refused, the old one kept
                 proc.send_signal(signal.SIGHUP)
                 await wait_for(lambda: "config_reload_refused" in output_of(logs), 10, "refusal")
@@ -514,6 +524,11 @@ async def test_sighup_reloads_the_config_under_load_and_keeps_serving(
     assert not any('"level": "info"' in line for line in between if line.startswith("{")), between
     added = next(line for line in lines if '"instances_changed"' in line)
     assert '"added": ["node-new"]' in added, added
+
+
+async def metrics_has(http: aiohttp.ClientSession, base: str, line: str) -> bool:
+    async with http.get(f"{base}/metrics") as r:
+        return line in (await r.text()).splitlines()
 
 
 async def test_workers_die_with_their_parent_however_it_dies(

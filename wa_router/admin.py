@@ -35,15 +35,16 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .bearer import bearer_token, token_matches
 from .errors import RequestRejected
 from .httpio import json_error
 from .openapi import openapi_document
 from .pool import Instance, State
-from .runtime import Handler, Router
 from .statuspage import REDIRECT_FROM, page_handlers, redirect
-from .stores.base import Entry, Source
+from .stores.base import Entry
+from .views import Control, RouterView
 from .webhooks import WebhookStats
 
 log = structlog.get_logger("wa_router.admin")
@@ -147,8 +148,9 @@ def _json(doc: Any, status: int = 200) -> web.Response:
 
 
 class Admin:
-    def __init__(self, router: Router, token: str) -> None:
-        self.router = router
+    def __init__(self, view: RouterView, control: Control, token: str) -> None:
+        self.view = view
+        self.control = control
         self._token = token
         self.routes: list[tuple[str, str, JsonHandler]] = [
             ("GET", "/admin/status", self.status),
@@ -184,7 +186,7 @@ class Admin:
             refused.headers["WWW-Authenticate"] = 'Bearer realm="wa-router admin"'
             raise refused
         # The running config's: a SIGHUP may have rotated it (reload.py).
-        if not token_matches(presented, self.router.config.admin.token or self._token):
+        if not token_matches(presented, self.view.config().admin.token or self._token):
             log.warning("admin_unauthorized", path=request.path, peer=request.remote)
             refused = RequestRejected(
                 401, "unauthorized", "the admin token is wrong", reason="wrong_token"
@@ -195,10 +197,10 @@ class Admin:
             raise refused
 
     def _session_id(self, request: web.Request) -> str:
-        return self.router.proxy.ids.check(request.match_info["session"], "the path")
+        return self.control.session_id(request.match_info["session"], "the path")
 
     def _instance(self, name: str) -> Instance:
-        inst = self.router.pool.get(name)
+        inst = self.view.pool.get(name)
         if inst is None:
             raise RequestRejected(
                 404, "instance_not_found", f"no instance named {name!r} in the pool"
@@ -221,20 +223,19 @@ class Admin:
         )
 
     async def status(self, request: web.Request) -> web.Response:
-        r = self.router
-        counts = await r.directory.counts()
-        states = [i.state for i in r.pool.instances]
-        stats = r.directory.stats
-        last = r.syncer.last
-        backlog = r.webhooks.backlog
+        v = self.view
+        counts = await v.counts()
+        states = [i.state for i in v.pool.instances]
+        stats = v.directory
+        last = v.last_sync()
         return _json(
             {
-                "ready": readiness(r.warm, states) is None,
+                "ready": readiness(v.warm(), states) is None,
                 # The router's clock (the status page's ages), and its requests in flight
                 # but this one (as wa_router_requests_in_flight, which counts no scrape).
                 "now": time.time(),
-                "inflight": len(r.inflight) - (request.task in r.inflight),
-                "instances": [instance_json(i, counts.get(i.name, 0)) for i in r.pool.instances],
+                "inflight": len(v.inflight) - (request.task in v.inflight),
+                "instances": [instance_json(i, counts.get(i.name, 0)) for i in v.pool.instances],
                 "directory": {
                     "size": sum(counts.values()),
                     "cache_hit_ratio": round(stats.hit_ratio, 4),
@@ -244,11 +245,11 @@ class Admin:
                     "candidates": stats.candidates,
                     "demotions": stats.demotions,
                 },
-                "discovery": dataclasses.asdict(r.discovery.stats),
+                "discovery": dataclasses.asdict(v.discovery),
                 "parking": {
-                    "parked": r.parking.parked,
-                    "outcomes": dict(r.parking.stats.outcomes),
-                    "rechecks": r.parking.stats.rechecks,
+                    "parked": v.parked(),
+                    "outcomes": dict(v.parking.outcomes),
+                    "rechecks": v.parking.rechecks,
                 },
                 "sync": None
                 if last is None
@@ -259,8 +260,8 @@ class Admin:
                     "ok": last.ok,
                 },
                 "webhooks": {
-                    **webhook_stats(r.webhooks.stats),
-                    "backlog": None if backlog is None else await backlog.size(),
+                    **webhook_stats(v.webhooks),
+                    "backlog": None if v.backlog_size is None else await v.backlog_size(),
                 },
             }
         )
@@ -269,14 +270,12 @@ class Admin:
         q = request.query
         limit = parse_limit(q.get("limit"))
         instance = q.get("instance") or None
-        if instance is not None and self.router.pool.get(instance) is None:
+        if instance is not None and self.view.pool.get(instance) is None:
             raise RequestRejected(400, "bad_request", f"no instance named {instance!r}")
         cursor = q.get("cursor") or None
         after = None if cursor is None else decode_cursor(cursor)
         # One more than asked: whether a next page exists, without an empty last page.
-        rows = await self.router.directory.store.page(
-            after=after, limit=limit + 1, instance=instance
-        )
+        rows = await self.view.entries.page(after=after, limit=limit + 1, instance=instance)
         page = rows[:limit]
         more = len(rows) > limit
         return _json(
@@ -290,7 +289,7 @@ class Admin:
         session = self._session_id(request)
         # The store, not Directory.lookup: an operator's look must not count as a cache
         # hit or miss, and the store is the truth shared by every replica.
-        entry = await self.router.directory.store.get(session)
+        entry = await self.view.entries.get(session)
         if entry is None or entry.instance is None:
             raise RequestRejected(
                 404, "session_not_found", f"no entry for session {session}", session=session
@@ -299,10 +298,7 @@ class Admin:
 
     async def forget(self, request: web.Request) -> web.Response:
         session = self._session_id(request)
-        directory = self.router.directory
-        entry = await directory.store.get(session)
-        was = entry.instance if entry is not None else None
-        applied = await directory.forget(session, Source.ADMIN)
+        was, applied = await self.control.forget(session)
         log.info("admin_session_forgotten", session=session, instance=was, applied=applied)
         return _json(
             {"session": session, "forgotten": applied and was is not None, "instance": was}
@@ -310,15 +306,7 @@ class Admin:
 
     async def rediscover(self, request: web.Request) -> web.Response:
         session = self._session_id(request)
-        r = self.router
-        # A fresh scan: neither the negative cache nor a cached owner may answer for it.
-        r.discovery.forget_negative(session)
-        r.directory.invalidate(session)
-        entry = await r.directory.store.get(session)
-        previous = entry.instance if entry is not None else None
-        found = await r.discovery.find(
-            session, api_key=r.config.upstream.api_key, previous=previous
-        )
+        found, previous = await self.control.rediscover(session)
         if found.owner is None:
             raise RequestRejected(
                 404,
@@ -340,7 +328,7 @@ class Admin:
 
     async def sync(self, request: web.Request) -> web.Response:
         dry_run = parse_flag(request.query.get("dry_run"), "dry_run")
-        report = await self.router.syncer.run(dry_run=dry_run)
+        report = await self.control.sync(dry_run)
         return _json({**report.to_json(), "lines": report.lines()})
 
     async def drain(self, request: web.Request) -> web.Response:
@@ -353,7 +341,7 @@ class Admin:
         inst = self._instance(request.match_info["name"])
         # Shared: every router sharing the store drains it too (draining.py). "shared":
         # false when the store could not be told; this router has it all the same.
-        shared = await self.router.drain.set(inst.name, draining)
+        shared = await self.control.set_draining(inst.name, draining)
         return _json({"instance": inst.name, "draining": inst.draining, "shared": shared})
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -367,10 +355,10 @@ async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "alive"})
 
 
-def _readyz(router: Router) -> Handler:
+def _readyz(view: RouterView) -> Handler:
     async def run(request: web.Request) -> web.StreamResponse:
-        states = [i.state for i in router.pool.instances]
-        reason = readiness(router.warm, states)
+        states = [i.state for i in view.pool.instances]
+        reason = readiness(view.warm(), states)
         healthy = states.count(State.HEALTHY)
         if reason is not None:
             return _json({"status": "not ready", "reason": reason, "healthy": healthy}, 503)
@@ -383,16 +371,16 @@ async def _admin_off(request: web.Request) -> web.Response:
     return json_error(RequestRejected(404, "admin_off", "the admin API is off: set admin.token"))
 
 
-def add_admin_routes(app: web.Application, router: Router) -> None:
+def add_admin_routes(app: web.Application, view: RouterView, control: Control) -> None:
     """Register /healthz, /readyz and /admin/*; before the proxy's catch-all."""
     # add_get: HEAD too, which some load balancers probe with.
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", _readyz(router))
-    token = router.config.admin.token
+    app.router.add_get("/readyz", _readyz(view))
+    token = view.config().admin.token
     if token is None:
         app.router.add_route("*", ADMIN_FALLBACK, _admin_off)
         return
-    admin = Admin(router, token)
+    admin = Admin(view, control, token)
     # add_route, not add_get: no implicit HEAD, so the routes are exactly the document's.
     for method, path, handler in admin.routes:
         app.router.add_route(method, path, admin.guarded(handler))

@@ -30,7 +30,7 @@ from .profiles import Profile, build_profile
 from .proxy import Proxy
 from .replay import SharedKV
 from .rules import RuleTable, SessionIdPolicy
-from .runtime import Router, answering
+from .runtime import Router, RouterControl, answering, view_of
 from .stores import MemoryStore, RedisStore, Store
 from .stream_backlog import StreamBacklog
 from .stream_relay import StreamRelay
@@ -277,6 +277,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.error("store_unavailable", op="start", error=repr(exc))
         tasks.append(asyncio.create_task(_start_store_later(router)))
     await router.drain.load()  # drained by an operator on another router, before our start
+    for inst in router.config.instances:
+        if inst.drain:  # the file's drains; `drain: false` undoes no operator's drain
+            await router.drain.set(inst.name, True)
     await router.forwarder.start()
     backlog = router.webhooks.backlog
     deliverer = router.webhooks.deliverer
@@ -365,7 +368,11 @@ def build_app(
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_drain)
     wh = cfg.webhooks
-    metrics = Metrics(router)
+    view = view_of(router)
+    metrics = Metrics(view)
+    router.proxy.observe_latency = metrics.observe_upstream
+    router.proxy.observe_request = metrics.observe_request
+    router.parking.observe_wait = metrics.observe_park
     app[METRICS] = metrics
     app.router.add_get("/metrics", metrics.handle)
     app.router.add_post(wh.path, router.webhooks.intake)
@@ -374,6 +381,6 @@ def build_app(
         wh.passthrough_prefix.rstrip("/") + "/{tail:.*}",
         router.webhooks.passthrough,
     )
-    add_admin_routes(app, router)
+    add_admin_routes(app, view, RouterControl(router))
     app.router.add_route("*", "/{tail:.*}", router.proxy.handle)
     return app

@@ -52,6 +52,10 @@ class InstanceConfig:
     # Other spellings of this instance's URL, e.g. `http://localhost:3001` as Node names
     # itself in `X-Instance-Url`. Loopback spellings are added automatically.
     aliases: tuple[str, ...] = ()
+    # No new sessions placed here (a rolling restart, a machine to retire): set at start and
+    # when a reload turns it on, for every router sharing the store; turned off by a reload,
+    # it undrains. The admin API's drain is the same state (the last change wins).
+    drain: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -28,11 +28,7 @@ from .errors import RequestRejected
 from .httpio import json_error
 from .parking import FULL, SHUTDOWN, TIMEOUT, WOKEN
 from .pool import State
-from .stream_backlog import StreamBacklog
-from .stream_relay import StreamRelay
-
-if TYPE_CHECKING:
-    from .runtime import Router
+from .views import RouterView
 
 try:
     _VERSION = importlib.metadata.version("wa-router")
@@ -64,15 +60,15 @@ PARK_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
 
 
 class RouterCollector(Collector):
-    def __init__(self, router: Router) -> None:
-        self._router = router
+    def __init__(self, view: RouterView) -> None:
+        self._view = view
         # Filled by Metrics.refresh() before each scrape: these need the (async) store.
         self.sessions: dict[str, int] = {}
         self.backlog: int | None = None
         self.scrape: object = None  # the request being answered (it is in flight too)
 
     def collect(self) -> Iterator[Metric]:
-        r = self._router
+        v = self._view
         build = GaugeMetricFamily(
             "wa_router_build_info", "Always 1: the version running", labels=["version", "python"]
         )
@@ -82,19 +78,19 @@ class RouterCollector(Collector):
             "wa_router_requests_in_flight", "Requests being handled now (waiting ones included)"
         )
         # Not counting the scrape itself.
-        me = 1 if self.scrape in r.inflight else 0
-        inflight.add_metric([], float(len(r.inflight) - me))
+        me = 1 if self.scrape in v.inflight else 0
+        inflight.add_metric([], float(len(v.inflight) - me))
         yield inflight
         requests = CounterMetricFamily(
             "wa_router_requests",
             "Caller requests by route kind, instance and status class",
             labels=["route_kind", "upstream", "status_class"],
         )
-        for (kind, inst, cls), n in sorted(r.proxy.stats.outcomes.items()):
+        for (kind, inst, cls), n in sorted(v.proxy.outcomes.items()):
             requests.add_metric([kind, inst, cls], n)
         yield requests
 
-        d = r.directory.stats
+        d = v.directory
         lookups = CounterMetricFamily(
             "wa_router_directory_lookups",
             "Directory lookups by tier and result",
@@ -111,7 +107,7 @@ class RouterCollector(Collector):
         stale.add_metric([], d.stale_writes)
         yield stale
 
-        s = r.discovery.stats
+        s = v.discovery
         redisc = CounterMetricFamily(
             "wa_router_rediscoveries", "Rediscoveries by outcome", labels=["outcome"]
         )
@@ -127,12 +123,12 @@ class RouterCollector(Collector):
             "wa_router_retries", "Requests sent a second time, by outcome", labels=["outcome"]
         )
         for outcome in ("answered", "failed"):
-            retries.add_metric([outcome], r.proxy.stats.retry_outcomes.get(outcome, 0))
+            retries.add_metric([outcome], v.proxy.retry_outcomes.get(outcome, 0))
         yield retries
         placements = CounterMetricFamily(
             "wa_router_placements", "New sessions placed on an instance"
         )
-        placements.add_metric([], r.proxy.resolver.placements)
+        placements.add_metric([], v.placements())
         yield placements
 
         up = GaugeMetricFamily(
@@ -153,7 +149,7 @@ class RouterCollector(Collector):
             "Sessions the directory places on the instance",
             labels=["upstream"],
         )
-        for member in r.pool.instances:
+        for member in v.pool.instances:
             name, current = member.name, member.state
             up.add_metric([name], 1.0 if current is State.HEALTHY else 0.0)
             for st in State:
@@ -162,7 +158,7 @@ class RouterCollector(Collector):
             sessions.add_metric([name], float(self.sessions.get(name, 0)))
         yield from (up, state, draining, sessions)
 
-        w = r.webhooks.stats
+        w = v.webhooks
         hooks = CounterMetricFamily(
             "wa_router_webhooks", "Webhooks by event and result", labels=["event", "result"]
         )
@@ -175,39 +171,36 @@ class RouterCollector(Collector):
             )
             backlog.add_metric([], float(self.backlog))
             yield backlog
-        deliverer = r.webhooks.deliverer
-        if deliverer is not None:
+        delivery = v.delivery()
+        if delivery is not None:
             later = CounterMetricFamily(
                 "wa_router_webhook_deliveries",
                 "Backlog delivery attempts by outcome",
                 labels=["outcome"],
             )
-            counts = deliverer.relay
-            later.add_metric(["delivered"], counts.delivered)
-            later.add_metric(["failed"], counts.failures)
-            later.add_metric(["refused"], counts.dropped)
+            later.add_metric(["delivered"], delivery.delivered)
+            later.add_metric(["failed"], delivery.failed)
+            later.add_metric(["refused"], delivery.refused)
             yield later
-        if isinstance(deliverer, StreamRelay):
-            shards = GaugeMetricFamily(
-                "wa_router_webhook_shards_held",
-                "Webhook stream shards this router delivers now (Redis backlog)",
-            )
-            shards.add_metric([], float(len(deliverer.held)))
-            yield shards
-            streams = r.webhooks.backlog
-            if isinstance(streams, StreamBacklog):
+            if delivery.shards_held is not None:
+                shards = GaugeMetricFamily(
+                    "wa_router_webhook_shards_held",
+                    "Webhook stream shards this router delivers now (Redis backlog)",
+                )
+                shards.add_metric([], float(delivery.shards_held))
+                yield shards
+            if delivery.spooled is not None:
                 spooled = GaugeMetricFamily(
                     "wa_router_webhook_spooled",
                     "Webhooks kept in the local spool until Redis answers again",
                 )
-                spooled.add_metric([], float(streams.spooled))
+                spooled.add_metric([], float(delivery.spooled))
                 yield spooled
 
-        pk = r.parking
         parked = GaugeMetricFamily(
             "wa_router_parked_requests", "Requests waiting now for their session to be back"
         )
-        parked.add_metric([], float(pk.parked))
+        parked.add_metric([], float(v.parked()))
         yield parked
         left = CounterMetricFamily(
             "wa_router_parked",
@@ -215,14 +208,14 @@ class RouterCollector(Collector):
             labels=["outcome"],
         )
         for outcome in (WOKEN, TIMEOUT, FULL, SHUTDOWN):
-            left.add_metric([outcome], pk.stats.outcomes.get(outcome, 0))
+            left.add_metric([outcome], v.parking.outcomes.get(outcome, 0))
         yield left
         unavailable = CounterMetricFamily(
             "wa_router_session_unavailable",
             "503 session_unavailable answers, by reason",
             labels=["reason"],
         )
-        for reason, n in sorted(r.proxy.stats.unavailable.items()):
+        for reason, n in sorted(v.proxy.unavailable.items()):
             unavailable.add_metric([reason], n)
         yield unavailable
         cands = CounterMetricFamily(
@@ -233,15 +226,18 @@ class RouterCollector(Collector):
         yield cands
 
         syncs = CounterMetricFamily("wa_router_syncs", "Sync runs")
-        syncs.add_metric([], r.syncer.runs)
+        syncs.add_metric([], v.sync_runs())
         yield syncs
 
 
 class Metrics:
-    def __init__(self, router: Router) -> None:
-        self._router = router
+    """The registry and the three histograms. The parts report into the histograms through
+    `observe_upstream`, `observe_park` and `observe_request` (app.py hands them over)."""
+
+    def __init__(self, view: RouterView) -> None:
+        self._view = view
         self.registry = CollectorRegistry(auto_describe=False)
-        self._collector = RouterCollector(router)
+        self._collector = RouterCollector(view)
         self.registry.register(self._collector)
         self._latency = Histogram(
             "wa_router_upstream_latency_seconds",
@@ -250,8 +246,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
-        self._children = {i.name: self._latency.labels(i.name) for i in router.pool.instances}
-        router.proxy.observe_latency = self.observe
+        self._children = {i.name: self._latency.labels(i.name) for i in view.pool.instances}
         self._parked = Histogram(
             "wa_router_park_wait_seconds",
             "How long requests waited for their session, by how the wait ended",
@@ -259,7 +254,6 @@ class Metrics:
             buckets=PARK_BUCKETS_S,
             registry=self.registry,
         )
-        router.parking.observe_wait = lambda outcome, s: self._parked.labels(outcome).observe(s)
         self._requests = Histogram(
             "wa_router_request_duration_seconds",
             "Caller's side: from a request's arrival to its answer's head, by route kind",
@@ -267,16 +261,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
-        kinds: dict[str, Any] = {}
-
-        def observe_request(kind: str, seconds: float) -> None:
-            child = kinds.get(kind)
-            if child is None:
-                child = kinds[kind] = self._requests.labels(kind)
-            child.observe(seconds)
-
-        router.proxy.observe_request = observe_request
-        self.token = router.config.metrics.token
+        self._kinds: dict[str, Any] = {}
+        self.token = view.config().metrics.token
 
     def authorized(self, request: web.Request) -> bool:
         """`metrics.token` set: scrapes must bring it (`Authorization: Bearer ...`)."""
@@ -285,16 +271,25 @@ class Metrics:
         presented = bearer_token(request.headers.get("Authorization"))
         return presented is not None and token_matches(presented, self.token)
 
-    def observe(self, instance: str, seconds: float) -> None:
+    def observe_upstream(self, instance: str, seconds: float) -> None:
         child = self._children.get(instance)
         if child is None:  # a member added by a reload
             child = self._children[instance] = self._latency.labels(instance)
         child.observe(seconds)
 
+    def observe_park(self, outcome: str, seconds: float) -> None:
+        self._parked.labels(outcome).observe(seconds)
+
+    def observe_request(self, kind: str, seconds: float) -> None:
+        child = self._kinds.get(kind)
+        if child is None:
+            child = self._kinds[kind] = self._requests.labels(kind)
+        child.observe(seconds)
+
     async def refresh(self) -> None:
-        self._collector.sessions = await self._router.directory.counts()
-        backlog = self._router.webhooks.backlog
-        self._collector.backlog = await backlog.size() if backlog is not None else None
+        self._collector.sessions = await self._view.counts()
+        size = self._view.backlog_size
+        self._collector.backlog = await size() if size is not None else None
 
     async def handle(self, request: web.Request) -> web.Response:
         if not self.authorized(request):

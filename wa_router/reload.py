@@ -4,7 +4,8 @@ logrotate and `systemctl reload` send SIGHUP; its default action ends the proces
 requests in flight. Here it re-reads the file the router was started with (and the
 environment), validates it, and applies the keys in `LIVE` to the running parts: an
 instance added is health-checked and synced at once, one removed is no longer used (its
-sessions are found again where they are). A config
+sessions are found again where they are), one whose `drain` changed is drained or undrained
+for every router sharing the store. A config
 that does not validate is logged and the running one kept. Every other change is named in
 the log as needing a restart (the parts built from it are not rebuilt under traffic).
 """
@@ -14,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any
 
 import structlog
 
 from .apikeys import KeyPolicy
-from .config import Config, load_config
+from .config import Config, InstanceConfig, load_config
 from .errors import ConfigError
 from .logging import setup_logging
 from .runtime import Router
@@ -52,6 +53,20 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> Iterator[str]:
 
 def is_live(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in LIVE)
+
+
+def drain_changes(
+    old: Sequence[InstanceConfig], new: Sequence[InstanceConfig], added: Sequence[str]
+) -> list[tuple[str, bool]]:
+    """The drains a reload applies: where the file's `drain` changed, and members that
+    come (back) drained. An unchanged `drain: false` leaves an operator's drain alone."""
+    before = {c.name: c.drain for c in old}
+    changes = []
+    for c in new:
+        fresh = c.name in added  # new, or its URL changed: a new member, not drained
+        if (fresh and c.drain) or (not fresh and before.get(c.name, False) != c.drain):
+            changes.append((c.name, c.drain))
+    return changes
 
 
 def apply(router: Router, new: Config) -> tuple[list[str], list[str]]:
@@ -87,6 +102,8 @@ def apply(router: Router, new: Config) -> tuple[list[str], list[str]]:
             inst = router.pool.get(name)
             if inst is not None:  # learn its sessions now, not at the next sync
                 _later(router.syncer.run(only=inst))
+        for name, draining in drain_changes(old.instances, new.instances, added):
+            _later(router.drain.set(name, draining))
         log.warning("instances_changed", added=added, removed=removed)
     upstream = dataclasses.replace(old.upstream, client_keys=new.upstream.client_keys)
     admin = old.admin if switched else dataclasses.replace(old.admin, token=new.admin.token)

@@ -1,8 +1,8 @@
-"""The running router's parts, held together, and the wrapper every handler runs in.
+"""The running router's parts, held together, the wrapper every handler runs in, and the
+narrow views of it that the operator's side gets (`views.py`).
 
-Below the wiring (`app.py` builds a `Router` and its routes) and above the parts, so the
-admin API, the metrics and the status page read the parts through it without importing
-the wiring (no import loop).
+Below the wiring (`app.py` builds a `Router` and its routes) and above the parts; the
+admin API and the metrics see only a `RouterView` and a `Control`, made here.
 """
 
 from __future__ import annotations
@@ -10,16 +10,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 
 from .config import Config
 from .directory import Directory
-from .discovery import Discovery
+from .discovery import Discovery, Found
 from .draining import SharedDrain
 from .errors import RequestRejected
 from .forward import AiohttpForwarder
@@ -32,7 +31,11 @@ from .pool import Pool
 from .profiles import Profile
 from .proxy import Proxy
 from .stores import Store
-from .sync import Syncer
+from .stores.base import Source
+from .stream_backlog import StreamBacklog
+from .stream_relay import StreamRelay
+from .sync import Syncer, SyncReport
+from .views import DeliveryReading, RouterView
 from .webhooks import Webhooks
 
 
@@ -61,7 +64,81 @@ class Router:
 
 log = structlog.get_logger("wa_router.runtime")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+def view_of(router: Router) -> RouterView:
+    """The read-only view of `router` (what /admin/status and /metrics show)."""
+    backlog = router.webhooks.backlog
+
+    def delivery() -> DeliveryReading | None:
+        deliverer = router.webhooks.deliverer
+        if deliverer is None:
+            return None
+        counts = deliverer.relay
+        streams = isinstance(deliverer, StreamRelay)
+        return DeliveryReading(
+            delivered=counts.delivered,
+            failed=counts.failures,
+            refused=counts.dropped,
+            shards_held=len(deliverer.held) if isinstance(deliverer, StreamRelay) else None,
+            spooled=backlog.spooled if streams and isinstance(backlog, StreamBacklog) else None,
+        )
+
+    return RouterView(
+        pool=router.pool,
+        entries=router.directory.store,
+        counts=router.directory.counts,
+        directory=router.directory.stats,
+        discovery=router.discovery.stats,
+        proxy=router.proxy.stats,
+        placements=lambda: router.proxy.resolver.placements,
+        parking=router.parking.stats,
+        parked=lambda: router.parking.parked,
+        webhooks=router.webhooks.stats,
+        backlog_size=None if backlog is None else backlog.size,
+        delivery=delivery,
+        last_sync=lambda: router.syncer.last,
+        sync_runs=lambda: router.syncer.runs,
+        inflight=router.inflight,
+        warm=lambda: router.warm,
+        config=lambda: router.config,
+    )
+
+
+class RouterControl:
+    """The admin API's actions (`views.Control`), on the router's parts."""
+
+    __slots__ = ("_router",)
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def session_id(self, raw: str, where: str) -> str:
+        return self._router.proxy.ids.check(raw, where)
+
+    async def forget(self, session: str) -> tuple[str | None, bool]:
+        directory = self._router.directory
+        entry = await directory.store.get(session)
+        return (entry.instance if entry is not None else None), await directory.forget(
+            session, Source.ADMIN
+        )
+
+    async def rediscover(self, session: str) -> tuple[Found, str | None]:
+        r = self._router
+        # A fresh scan: neither the negative cache nor a cached owner may answer for it.
+        r.discovery.forget_negative(session)
+        r.directory.invalidate(session)
+        entry = await r.directory.store.get(session)
+        previous = entry.instance if entry is not None else None
+        found = await r.discovery.find(
+            session, api_key=r.config.upstream.api_key, previous=previous
+        )
+        return found, previous
+
+    async def sync(self, dry_run: bool) -> SyncReport:
+        return await self._router.syncer.run(dry_run=dry_run)
+
+    async def set_draining(self, name: str, draining: bool) -> bool:
+        return await self._router.drain.set(name, draining)
 
 
 _request_ids = itertools.count(1)

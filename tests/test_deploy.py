@@ -57,7 +57,7 @@ UNIT = DEPLOY / "systemd" / "wa-router.service"
 SUPERVISOR = DEPLOY / "supervisor" / "wa-router.conf"
 PM2 = DEPLOY / "pm2" / "ecosystem.config.js"
 NGINX_CONF = DEPLOY / "nginx" / "wa-router.conf"
-NGINX_README = DEPLOY / "nginx" / "README.md"
+NGINX_GUIDE = DEPLOY.parent / "docs" / "nginx.md"
 DEMO_POOL = DEPLOY / "compose" / "demo_pool.py"
 
 # What the router gives requests in flight on SIGTERM, when the config does not say.
@@ -963,7 +963,7 @@ def nginx_test(nginx: str, prefix: Path, include: Path) -> None:
 def test_nginx_accepts_the_snippet_and_the_guide_before_and_after(tmp_path: Path) -> None:
     nginx = nginx_binary()
     nginx_test(nginx, tmp_path, NGINX_CONF)
-    blocks = re.findall(r"```nginx\n(.*?)```", NGINX_README.read_text(encoding="utf-8"), re.S)
+    blocks = re.findall(r"```nginx\n(.*?)```", NGINX_GUIDE.read_text(encoding="utf-8"), re.S)
     assert len(blocks) == 2, "a before and an after"
     before, after = blocks
     assert all(f"server 127.0.0.1:{p};" in before for p in (3001, 3002, 3003, 3004))

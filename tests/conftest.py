@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
-from wa_router.app import ROUTER, Router, build_app
+from wa_router.app import ROUTER, Router, RouterRunner, build_app
 from wa_router.config import Config, config_from_dict
 from wa_router.sim import SimInstance, sign_webhook
 
@@ -89,11 +90,18 @@ async def sims() -> AsyncIterator[list[SimInstance]]:
 StartRouter = Callable[[Config], Awaitable[tuple[TestClient[web.Request, web.Application], Router]]]
 
 
+class RouterTestServer(TestServer):
+    """The router as `wa-router serve` runs it: the lean server in front of aiohttp."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return RouterRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 def start_router(aiohttp_client: Any) -> StartRouter:
     async def start(cfg: Config) -> tuple[TestClient[web.Request, web.Application], Router]:
         app = build_app(cfg)
-        client = await aiohttp_client(app)
+        client = await aiohttp_client(RouterTestServer(app, host="127.0.0.1"))
         return client, app[ROUTER]
 
     return start

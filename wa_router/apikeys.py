@@ -10,11 +10,11 @@ request would be an open relay for it.
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -90,5 +90,5 @@ class KeyPolicy:
             new_doc = dict(doc or {})
             new_doc[p.api_key_field] = key
             headers["Content-Type"] = "application/json"
-            return path_qs, json.dumps(new_doc, separators=(",", ":")).encode()
+            return path_qs, orjson.dumps(new_doc)
         return path_qs, body

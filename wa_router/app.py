@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import structlog
 from aiohttp import web
@@ -23,6 +24,7 @@ from .errors import ConfigError
 from .forward import AiohttpForwarder, Forwarder
 from .h1 import LeanForwarder
 from .health import HealthChecker
+from .lean import LeanServer
 from .metrics import Metrics
 from .parking import Parking
 from .pool import Instance, Pool
@@ -349,6 +351,19 @@ async def _drain(app: web.Application) -> None:
         if late:
             log.warning("router_drain_cancelled", requests=len(late))
             await asyncio.wait(late, timeout=1.0)
+
+
+class RouterRunner(web.AppRunner):
+    """aiohttp's runner with the lean server in front (`server.front: lean`): the sockets
+    it serves speak to `lean.LeanServer`, which hands aiohttp what is not a proxied route."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        router = self.app[ROUTER]
+        if router.config.server.front != "lean":
+            return server
+        # Duck-typed: the runner only calls it, pre_shutdown() and shutdown().
+        return cast(web.Server, LeanServer(server, router, router.config))
 
 
 def build_app(

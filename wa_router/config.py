@@ -35,6 +35,7 @@ PROFILES = ("blazz", "simple")
 STORE_KINDS = ("memory", "redis")
 BACKLOG_KINDS = ("auto", "sqlite", "redis")
 UPSTREAM_CLIENTS = ("aiohttp", "lean")  # forward.AiohttpForwarder | h1.LeanForwarder
+SERVER_FRONTS = ("lean", "aiohttp")  # lean.LeanServer in front of aiohttp | aiohttp alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,18 @@ class ServerConfig:
     port: int = 8080
     # On SIGTERM: stop accepting, let requests in flight finish for at most this long.
     shutdown_grace_s: float = 15.0
+    # A request's head must arrive within this, its body within this after the head; an
+    # idle keep-alive connection is closed after this (408 for the first two).
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 75.0
+    # Open caller connections; past it a new one is answered 503 and closed. Kept below the
+    # file limit, which the router raises to its hard limit at start (upstream connections
+    # and the state files need descriptors too).
+    max_connections: int = 10_000
+    # `lean`: proxied routes parsed by httptools on a bare Protocol (lean.py), the rest of
+    # the port by aiohttp; `aiohttp`: every request through aiohttp.
+    front: str = "lean"
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +235,8 @@ class MetricsConfig:
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_body_bytes: int = 16 * 1024 * 1024
+    # The request line and headers together (431 past it; 414 for the target alone).
+    max_header_bytes: int = 32 * 1024
     session_id_max_length: int = 128
     session_id_pattern: str = r"[A-Za-z0-9][A-Za-z0-9_.:@+=-]*"
 
@@ -396,6 +411,7 @@ def validate(cfg: Config) -> None:
     _validate_choice("profile.name", cfg.profile.name, PROFILES)
     _validate_choice("store.kind", cfg.store.kind, STORE_KINDS)
     _validate_choice("upstream.client", cfg.upstream.client, UPSTREAM_CLIENTS)
+    _validate_choice("server.front", cfg.server.front, SERVER_FRONTS)
     if URL(cfg.store.redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("store.redis_url", "must be redis://, rediss:// or unix://")
     for i, hostport in enumerate(cfg.store.sentinels):

@@ -22,7 +22,7 @@ import tempfile
 
 from aiohttp import web
 
-from .app import build_app
+from .app import RouterRunner, build_app
 from .config import (
     AdminConfig,
     Config,
@@ -134,7 +134,7 @@ async def _run_with(port: int, instance_port: int, laravel: SimLaravel, state_di
         )
         for n, i in enumerate(cfg.instances)
     ]
-    runner = web.AppRunner(build_app(cfg), access_log=None, shutdown_timeout=1.0)
+    runner = RouterRunner(build_app(cfg), access_log=None, shutdown_timeout=1.0)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -14,7 +14,8 @@ from multidict import CIMultiDict
 
 from . import retry
 from .errors import RequestRejected, UpstreamError
-from .forward import HOP_BY_HOP, UpstreamResponse, strip_hop_by_hop
+from .exchange import Answer, Inbound, Reply, answer_headers, buffered, upstream_headers
+from .forward import UpstreamResponse
 
 log = structlog.get_logger("wa_router.httpio")
 
@@ -25,15 +26,6 @@ SMALL_BODY_BYTES = 256 * 1024
 # shutdown can only cut the connection (runtime.answering answers the others; it sets this
 # to False for each request).
 HEAD_SENT: ContextVar[bool] = ContextVar("wa_router_head_sent", default=False)
-# Request headers the router sets itself.
-_DROP_REQUEST = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "expect",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-}
 _BODYLESS_STATUSES = frozenset({204, 304})
 
 
@@ -57,55 +49,48 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 def forward_headers(request: web.Request) -> CIMultiDict[str]:
     """The caller's headers less hop-by-hop ones and those the router sets, plus
-    X-Forwarded-*. One pass: this runs for every request."""
-    src = request.headers
-    connection = src.get("Connection")
-    drop = (
-        _DROP_REQUEST
-        if connection is None
-        else _DROP_REQUEST | {t.strip().lower() for t in connection.split(",")}
+    X-Forwarded-* (`exchange.upstream_headers`, from an aiohttp request)."""
+    inbound = Inbound(
+        request.method, "", "", request.headers, b"", request.remote or "", request.scheme
     )
-    headers: CIMultiDict[str] = CIMultiDict()
-    for k, v in src.items():
-        if k.lower() not in drop:
-            headers.add(k, v)
-    peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
-    return headers
+    return upstream_headers(inbound)
 
 
-def _response_headers(up: UpstreamResponse) -> CIMultiDict[str]:
-    return strip_hop_by_hop(up.headers.items(), up.headers.get("Connection"))
-
-
-def buffered(up: UpstreamResponse, body: bytes) -> web.Response:
-    headers = _response_headers(up)
-    headers.popall("Content-Length", None)
-    return web.Response(status=up.status, reason=up.reason, headers=headers, body=body)
+async def send_answer(request: web.Request, answer: Answer) -> web.StreamResponse:
+    """The proxy's answer, written by aiohttp."""
+    if isinstance(answer, Reply):
+        return web.Response(
+            status=answer.status,
+            reason=answer.reason or None,
+            headers=answer.headers,
+            body=answer.body,
+        )
+    return await _stream(request, answer.upstream, answer.session)
 
 
 async def relay(
     request: web.Request, up: UpstreamResponse, session: str | None
 ) -> web.StreamResponse:
     """Send the upstream answer back: status, headers (less hop-by-hop), bytes unchanged."""
+    length = up.headers.get("Content-Length")
+    bodyless = request.method == "HEAD" or up.status in _BODYLESS_STATUSES
+    if not bodyless and length is not None and length.isdigit() and int(length) <= SMALL_BODY_BYTES:
+        try:
+            body = await up.read()
+        except UpstreamError as exc:
+            raise retry.failure_answer(exc, session, retried=False) from None
+        finally:
+            up.release()
+        return await send_answer(request, buffered(up, body))
+    return await _stream(request, up, session)
+
+
+async def _stream(
+    request: web.Request, up: UpstreamResponse, session: str | None
+) -> web.StreamResponse:
     try:
-        length = up.headers.get("Content-Length")
         bodyless = request.method == "HEAD" or up.status in _BODYLESS_STATUSES
-        if (
-            not bodyless
-            and length is not None
-            and length.isdigit()
-            and int(length) <= SMALL_BODY_BYTES
-        ):
-            try:
-                body = await up.read()
-            except UpstreamError as exc:
-                raise retry.failure_answer(exc, session, retried=False) from None
-            return buffered(up, body)
-        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=_response_headers(up))
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=answer_headers(up))
         HEAD_SENT.set(True)
         await resp.prepare(request)
         if not bodyless:

@@ -13,13 +13,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+import orjson
 from multidict import CIMultiDict
 
 from .errors import NotReached, RequestRejected, UpstreamError
+from .exchange import Reply
 from .forward import Forwarder, UpstreamRequest, fetch
 from .pool import Instance, Pool
 from .profiles import Profile
+
+_JSON_TYPE: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
+
+
+def _json(doc: Any, status: int) -> Reply:
+    return Reply(status, _JSON_TYPE.copy(), orjson.dumps(doc))
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +47,7 @@ class PoolRoutes:
         self._forwarder = forwarder
         self._probe_timeout_s = probe_timeout_s
 
-    async def health(self, caller: UpstreamRequest) -> web.Response:
+    async def health(self, caller: UpstreamRequest) -> Reply:
         """Healthy while at least one instance is (503 when none is): what a load balancer in
         front of the router needs. Probes are short: a health check must not hang."""
         req = UpstreamRequest(
@@ -74,9 +81,9 @@ class PoolRoutes:
             "instances": instances,
             "sessions": totals,
         }
-        return web.json_response(body, status=200 if healthy else 503)
+        return _json(body, 200 if healthy else 503)
 
-    async def listing(self, caller: UpstreamRequest) -> web.Response:
+    async def listing(self, caller: UpstreamRequest) -> Reply:
         """`GET /api/sessions` of every instance, merged; each session names its instance.
         Every instance not listed is named in `errors`, those not asked (down) included;
         each is waited for at most the probe timeout, so a stopped one cannot hold the
@@ -96,9 +103,7 @@ class PoolRoutes:
         for a in answers:
             if a.http_status in (401, 403):
                 # The caller's key is wrong: Node's own answer says so best.
-                return web.Response(
-                    status=a.http_status, body=a.raw, content_type="application/json"
-                )
+                return Reply(a.http_status, _JSON_TYPE.copy(), a.raw)
         sessions: list[Any] = []
         errors: dict[str, str] = dict(skipped)
         for a in answers:
@@ -117,7 +122,7 @@ class PoolRoutes:
         body: dict[str, Any] = {"success": True, "sessions": sessions, "total": len(sessions)}
         if errors:
             body["errors"] = errors
-        return web.json_response(body)
+        return _json(body, 200)
 
     async def _ask(
         self, instances: Sequence[Instance], req: UpstreamRequest, timeout_s: float

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import structlog
 from aiohttp import web
@@ -29,8 +30,9 @@ from .config import ParkingConfig
 from .directory import Directory
 from .discovery import Discovery, Found
 from .errors import ConnectFailed, Disconnected, NotReached, RequestRejected, UpstreamError
+from .exchange import Answer, Inbound, Reply, Streamed, buffered, error_reply, upstream_headers
 from .forward import Forwarder, UpstreamRequest, UpstreamResponse
-from .httpio import buffered, forward_headers, json_error, read_body, relay
+from .httpio import SMALL_BODY_BYTES, read_body, send_answer
 from .parking import Parking, Unparked, prefer_wait_s
 from .pool import Instance, Pool, State
 from .pooled import PoolRoutes
@@ -66,7 +68,7 @@ class ProxyStats:
 class Call:
     """One caller request, as it will be sent upstream."""
 
-    request: web.Request
+    request: Inbound
     match: Match
     method: str
     path_qs: str
@@ -137,57 +139,91 @@ class Proxy:
         self.observe_request: Callable[[str, float], None] | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.stats.requests += 1
+        """The aiohttp side's entry (the lean server calls `route` and `answer` itself)."""
         started = time.perf_counter()
-        call: Call | None = None
-        resp: web.StreamResponse
+        url = request.rel_url
         try:
-            call = await self._prepare(request)
-            kind = call.rule.kind
-            if kind == "pool_health":
-                resp = await self.pooled.health(call.upstream())
-            elif kind == "pool_list":
-                resp = await self.pooled.listing(call.upstream())
-            elif kind == "any_instance":
-                resp = await self._forward_any(call)
-            else:
-                resp = await self._forward_session(call)
+            match = self.route(request.method, url.raw_path)
+            body = await read_body(request, self.max_body_bytes)
         except RequestRejected as exc:
-            if call is not None and call.session is not None and "session" not in exc.extra:
-                exc.extra["session"] = call.session
-            resp = json_error(exc)
-        stats = self.stats
-        kind = "rejected" if call is None else call.rule.kind
-        if call is None:
-            stats.outcomes[("rejected", "none", f"{resp.status // 100}xx")] += 1
-        else:
-            stats.outcomes[(kind, call.target, f"{resp.status // 100}xx")] += 1
-            if call.retried:
-                stats.retry_outcomes["answered" if call.answered else "failed"] += 1
-        if self.observe_request is not None:
-            # To the head: a streamed body's own duration is the caller's and Node's.
-            self.observe_request(kind, time.perf_counter() - started)
-        return resp
+            return await send_answer(request, self.refuse(exc, started))
+        inbound = Inbound(
+            request.method,
+            url.raw_path,
+            url.raw_query_string,
+            request.headers,
+            body,
+            request.remote or "",
+            request.scheme,
+        )
+        return await send_answer(request, await self.answer(inbound, match, started))
 
-    # -- extract ---------------------------------------------------------------------------
-
-    async def _prepare(self, request: web.Request) -> Call:
-        raw_path = request.rel_url.raw_path
+    def route(self, method: str, raw_path: str) -> Match:
+        """The rule for this request; RequestRejected (400) when the path is unsafe or no
+        rule says which session it is for. Before the body is read."""
         check_path(raw_path)
-        method = request.method
         match = self.rules.match(method, raw_path)
         if match is None:
             raise RequestRejected(
                 400,
                 "bad_request",
-                f"no route rule matches {method} {request.path}: the router cannot tell "
+                f"no route rule matches {method} {unquote(raw_path)}: the router cannot tell "
                 "which session this request is for",
             )
-        body = await read_body(request, self.max_body_bytes)
+        return match
+
+    def refuse(self, exc: RequestRejected, started: float) -> Reply:
+        """A request refused before it had a rule and a body: counted, answered."""
+        self.stats.requests += 1
+        self.stats.outcomes[("rejected", "none", f"{exc.status // 100}xx")] += 1
+        if self.observe_request is not None:
+            self.observe_request("rejected", time.perf_counter() - started)
+        return error_reply(exc)
+
+    async def answer(self, request: Inbound, match: Match, started: float) -> Answer:
+        """extract -> resolve -> forward for one request read whole; `started` is its
+        arrival (perf_counter), for the caller-side latency."""
+        self.stats.requests += 1
+        call: Call | None = None
+        answer: Answer
+        try:
+            call = self._prepare(request, match)
+            kind = call.rule.kind
+            if kind == "pool_health":
+                answer = await self.pooled.health(call.upstream())
+            elif kind == "pool_list":
+                answer = await self.pooled.listing(call.upstream())
+            elif kind == "any_instance":
+                answer = await self._forward_any(call)
+            else:
+                answer = await self._forward_session(call)
+        except RequestRejected as exc:
+            if call is not None and call.session is not None and "session" not in exc.extra:
+                exc.extra["session"] = call.session
+            answer = error_reply(exc)
+        status = answer.status if isinstance(answer, Reply) else answer.upstream.status
+        stats = self.stats
+        kind = "rejected" if call is None else call.rule.kind
+        if call is None:
+            stats.outcomes[("rejected", "none", f"{status // 100}xx")] += 1
+        else:
+            stats.outcomes[(kind, call.target, f"{status // 100}xx")] += 1
+            if call.retried:
+                stats.retry_outcomes["answered" if call.answered else "failed"] += 1
+        if self.observe_request is not None:
+            # To the head: a streamed body's own duration is the caller's and Node's.
+            self.observe_request(kind, time.perf_counter() - started)
+        return answer
+
+    # -- extract ---------------------------------------------------------------------------
+
+    def _prepare(self, request: Inbound, match: Match) -> Call:
+        method = request.method
+        body = request.body
         rule = match.rule
         doc = parse_json(body) if rule.session_in == "body" else None
-        headers = forward_headers(request)
-        call = Call(request, match, method, request.rel_url.raw_path_qs, headers, body, doc)
+        headers = upstream_headers(request)
+        call = Call(request, match, method, request.path_qs, headers, body, doc)
         if rule.kind in ("session", "create"):
             # The query string is parsed only when the rule reads it (it costs).
             query = request.query if rule.session_in == "query" else _NO_QUERY
@@ -227,7 +263,7 @@ class Proxy:
 
     # -- forward ---------------------------------------------------------------------------
 
-    async def _forward_session(self, call: Call) -> web.StreamResponse:
+    async def _forward_session(self, call: Call) -> Answer:
         """Send, then let `retry.decide` say what next, until an answer goes back."""
         session = call.session
         assert session is not None
@@ -288,7 +324,7 @@ class Proxy:
                         if rule.creates and up.status >= 300:
                             await self.resolver.undo_placement(session, target)
                         call.answered = True
-                        return await relay(call.request, up, session)
+                        return await self._relayed(call, up, session)
                     body = await self._read(up)
                     means = self.profile.not_here(up.status, body)
                     if means is None:
@@ -377,7 +413,7 @@ class Proxy:
             reason=reason,
         )
 
-    async def _forward_any(self, call: Call) -> web.StreamResponse:
+    async def _forward_any(self, call: Call) -> Answer:
         req = call.upstream()
         tried: set[str] = set()
         while True:
@@ -394,7 +430,7 @@ class Proxy:
             except UpstreamError as exc:
                 raise retry.failure_answer(exc, None, retried=len(tried) > 1) from None
             call.answered = True
-            return await relay(call.request, up, None)
+            return await self._relayed(call, up, None)
 
     async def _send(self, inst: Instance, req: UpstreamRequest) -> UpstreamResponse:
         inst.inflight += 1
@@ -408,6 +444,25 @@ class Proxy:
         if inst.state is not State.HEALTHY:
             self.pool.mark_healthy(inst)
         return up
+
+    async def _relayed(self, call: Call, up: UpstreamResponse, session: str | None) -> Answer:
+        """The instance's answer, as it goes back: read whole when it is small and its
+        length is known (one write, and a body broken mid-way is a clean 502), else
+        streamed (and HEAD / 204 / 304 answers, which have no body, as they are)."""
+        length = up.headers.get("Content-Length")
+        if (
+            call.method == "HEAD"
+            or up.status in (204, 304)
+            or length is None
+            or not length.isdigit()
+            or int(length) > SMALL_BODY_BYTES
+        ):
+            return Streamed(up, session)
+        try:
+            body = await self._read(up)
+        except UpstreamError as exc:
+            raise retry.failure_answer(exc, session, retried=False) from None
+        return buffered(up, body)
 
     async def _read(self, up: UpstreamResponse) -> bytes:
         try:

@@ -8,12 +8,13 @@ upstream path (`../health`, `a%2Fb`) or in an instance's session folder.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
+
+import orjson
 
 from .config import RouteRuleConfig
 from .errors import RequestRejected
@@ -101,7 +102,14 @@ def check_path(raw_path: str) -> None:
         return  # the common case: nothing to decode
     for seg in raw_path.split("/"):
         if seg and unquote(seg) in (".", ".."):
-            raise RequestRejected(400, "bad_request", f"path {raw_path!r} has dot segments")
+            raise RequestRejected(400, "bad_request", "the path has dot segments")
+    if "%" in raw_path and _CONTROL.search(unquote(raw_path)):
+        # %0d%0a and the like: harmless to llhttp, but a header injection in any component
+        # that decodes the path and writes it into a line (a log, a redirect, Node's own).
+        raise RequestRejected(400, "bad_request", "the path has encoded control characters")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class SessionIdPolicy:
@@ -128,13 +136,20 @@ class SessionIdPolicy:
 
 
 def parse_json_object(body: bytes) -> dict[str, Any] | None:
-    """The body as a JSON object, None when it is empty; 400 when it is something else."""
+    """The body as a JSON object, None when it is empty; 400 when it is something else (not
+    JSON, not an object, or nested deeper than orjson's limit of 1024 levels: refused,
+    where a recursive parser would overflow its stack)."""
     if not body.strip():
         return None
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise RequestRejected(400, "bad_request", "the request body is not valid JSON") from None
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        why = (
+            "is nested too deeply (over 1024 levels)"
+            if "depth limit" in str(exc)
+            else "is not valid JSON"
+        )
+        raise RequestRejected(400, "bad_request", f"the request body {why}") from None
     if not isinstance(doc, dict):
         raise RequestRejected(400, "bad_request", "the request body must be a JSON object")
     return doc

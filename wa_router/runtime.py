@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 from aiohttp import web
@@ -145,13 +147,18 @@ _request_ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
 
 
+class HasHeaders(Protocol):
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
 class RequestId:
     """Names one request in the logs: the caller's X-Request-Id when it is a sane token,
     else a cheap unique one; made on first use (most requests log nothing), then kept."""
 
     __slots__ = ("_request", "_rid")
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: HasHeaders) -> None:
         self._request = request
         self._rid: str | None = None
 
@@ -163,6 +170,18 @@ class RequestId:
             else:
                 self._rid = f"{_ID_PREFIX}{next(_request_ids):x}"
         return self._rid
+
+
+def shutdown_cut() -> RequestRejected:
+    """The answer to a request still running when the shutdown grace ended."""
+    cut = RequestRejected(
+        503,
+        "shutting_down",
+        "the router stopped before this request finished (shutdown grace over); it "
+        "may have reached the instance: check before sending it again",
+    )
+    cut.headers["Retry-After"] = "1"
+    return cut
 
 
 def answering(router: Router) -> Middleware:
@@ -191,13 +210,7 @@ def answering(router: Router) -> Middleware:
             if current is not None:
                 current.uncancel()
             log.warning("request_cut_by_shutdown", method=request.method, path=request.path)
-            cut = RequestRejected(
-                503,
-                "shutting_down",
-                "the router stopped before this request finished (shutdown grace over); it "
-                "may have reached the instance: check before sending it again",
-            )
-            cut.headers["Retry-After"] = "1"
+            cut = shutdown_cut()
             cut.headers["Connection"] = "close"
             return json_error(cut)
         finally:

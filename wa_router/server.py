@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import resource
 import signal
 import socket
 import sys
@@ -22,7 +23,7 @@ import sys
 import structlog
 from aiohttp import web
 
-from .app import ROUTER, build_app
+from .app import ROUTER, RouterRunner, build_app
 from .config import Config, backlog_kind
 from .errors import ConfigError, PortInUse
 from .reload import reload
@@ -87,19 +88,54 @@ def serve(
         loop=loop_kind,
         pid=os.getpid(),
     )
+    raise_file_limit()
     app = build_app(cfg, worker=worker)
     # SIGHUP (logrotate, systemctl reload) re-reads the config instead of ending the process.
     loop.add_signal_handler(signal.SIGHUP, reload, app[ROUTER], config_path)
-    web.run_app(
-        app,
-        sock=sock,
-        # The grace is applied by the app's drain; this only bounds aiohttp's last wait.
-        shutdown_timeout=1.0,
-        access_log=None,
-        print=None,
-        loop=loop,
-        handle_signals=True,
-    )
+    try:
+        loop.run_until_complete(_run(app, sock))
+    finally:
+        _cancel_rest(loop)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _run(app: web.Application, sock: socket.socket) -> None:
+    """Serve until SIGTERM/SIGINT, then stop as aiohttp's run_app does: the listener closed,
+    idle connections closed, the app's drain (the grace), what is left cut."""
+    # The grace is applied by the app's drain; shutdown_timeout only bounds aiohttp's last
+    # wait for its own connections.
+    runner = RouterRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await web.SockSite(runner, sock).start()
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
+
+
+def _cancel_rest(loop: asyncio.AbstractEventLoop) -> None:
+    rest = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in rest:
+        task.cancel()
+    if rest:
+        loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+
+
+def raise_file_limit() -> None:
+    """Open files up to the hard limit: each caller connection and each upstream one is a
+    descriptor, and the soft limit is often 1024 (`server.max_connections` is kept below
+    what this gives, lean.py)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def die_with_parent(parent: int) -> None:

@@ -1,0 +1,117 @@
+"""A caller's request and the router's answer to it, as the proxy sees them: plain values,
+so the same routing runs behind the lean server (`lean.py`, httptools on a Protocol) and
+behind aiohttp (`httpio.py`), and can be tested without either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import orjson
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+from yarl import URL
+
+from .errors import RequestRejected
+from .forward import HOP_BY_HOP, UpstreamResponse, strip_hop_by_hop
+
+# Request headers the router sets itself.
+_DROP_REQUEST = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+}
+_EMPTY_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+
+
+@dataclass(slots=True)
+class Inbound:
+    """One caller request, read whole (a request may have to be sent twice)."""
+
+    method: str
+    path: str  # raw (percent-encoded), no query
+    query_string: str  # raw, without the "?"
+    headers: CIMultiDictProxy[str] | CIMultiDict[str]
+    body: bytes
+    peer: str  # the caller's address ("" when unknown)
+    scheme: str = "http"
+    _query: MultiDictProxy[str] | None = field(default=None, repr=False)
+
+    @property
+    def path_qs(self) -> str:
+        return f"{self.path}?{self.query_string}" if self.query_string else self.path
+
+    @property
+    def host(self) -> str:
+        return self.headers.get("Host", "")
+
+    @property
+    def query(self) -> MultiDictProxy[str]:
+        """Parsed on first use (most routes never read it), as aiohttp does."""
+        if self._query is None:
+            qs = self.query_string
+            self._query = URL.build(query=qs, encoded=True).query if qs else _EMPTY_QUERY
+        return self._query
+
+
+@dataclass(slots=True)
+class Reply:
+    """An answer with its whole body: the router's own, or an instance's read whole."""
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class Streamed:
+    """An instance's answer relayed as it comes (large or of unknown length). Whoever
+    writes it releases `upstream`."""
+
+    upstream: UpstreamResponse
+    session: str | None
+
+
+Answer = Reply | Streamed
+
+
+def error_reply(exc: RequestRejected) -> Reply:
+    headers: CIMultiDict[str] = CIMultiDict(exc.headers)
+    headers["Content-Type"] = "application/json"
+    return Reply(exc.status, headers, orjson.dumps(exc.body()))
+
+
+def answer_headers(up: UpstreamResponse) -> CIMultiDict[str]:
+    """An instance's answer headers less hop-by-hop ones (and those Connection names)."""
+    return strip_hop_by_hop(up.headers.items(), up.headers.get("Connection"))
+
+
+def buffered(up: UpstreamResponse, body: bytes) -> Reply:
+    headers = answer_headers(up)
+    headers.popall("Content-Length", None)
+    return Reply(up.status, headers, body, up.reason)
+
+
+def upstream_headers(inbound: Inbound) -> CIMultiDict[str]:
+    """The caller's headers less hop-by-hop ones and those the router sets, plus
+    X-Forwarded-*. One pass: this runs for every request."""
+    src = inbound.headers
+    connection = src.get("Connection")
+    drop = (
+        _DROP_REQUEST
+        if connection is None
+        else _DROP_REQUEST | {t.strip().lower() for t in connection.split(",")}
+    )
+    headers: CIMultiDict[str] = CIMultiDict()
+    for k, v in src.items():
+        if k.lower() not in drop:
+            headers.add(k, v)
+    prior = src.get("X-Forwarded-For")
+    peer = inbound.peer
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = inbound.scheme
+    headers["X-Forwarded-Host"] = inbound.host
+    return headers

@@ -1,0 +1,641 @@
+"""The lean server: proxied routes parsed by httptools on a bare asyncio Protocol; the rest of
+the port (webhooks, admin, status page, metrics, pool-wide routes) served by aiohttp.
+
+A connection starts here. Its first request's head says whose it is: a proxied route is
+answered here (no aiohttp request or response object is built); anything else hands the
+connection, with the bytes already read, to aiohttp's own protocol, which keeps it. A later
+request on a lean connection that is not a proxied route hands over the same way, once the
+answers before it are written: what the parser already read of it is written out again as
+HTTP/1.1 for aiohttp to read (llhttp has checked its framing).
+
+Hardening is here, before the routing sees anything: llhttp is strict about framing
+(Content-Length with Transfer-Encoding, two Content-Lengths, obs-fold, bad chunk sizes, bare
+LF are 400); a head over `limits.max_header_bytes` is 431; a body over
+`limits.max_body_bytes` is 413 before it is read; slow heads, slow bodies and idle
+keep-alive connections are closed after their timeouts; past `server.max_connections` a
+connection is answered 503 and closed; `Upgrade` is refused. A refused request's line and
+header values are never logged: only why it was refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+from collections import deque
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .config import Config
+from .errors import RequestRejected, UpstreamError
+from .exchange import Answer, Inbound, Reply, Streamed, answer_headers, error_reply
+from .logging import CURRENT_REQUEST
+from .rules import Match
+from .runtime import RequestId, Router, shutdown_cut
+
+log = structlog.get_logger("wa_router.lean")
+
+_KEEP_READING_QUEUE = 8  # pipelined requests read ahead before reading pauses
+_BODYLESS_STATUSES = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNKED_END = b"0\r\n\r\n"
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback: the request is answered with this and the
+    connection closed."""
+
+    def __init__(self, rejected: RequestRejected) -> None:
+        self.rejected = rejected
+
+
+class _HandOver(Exception):
+    """Raised inside a parser callback: this connection's first request is aiohttp's."""
+
+
+@dataclass(slots=True)
+class _Request:
+    inbound: Inbound
+    match: Match
+    started: float
+    keep_alive: bool
+    http10: bool
+
+
+@dataclass(slots=True)
+class _Refusal:
+    rejected: RequestRejected
+    started: float
+
+
+def _rejected(status: int, code: str, message: str) -> _Refused:
+    return _Refused(RequestRejected(status, code, message))
+
+
+class LeanServer:
+    """The listening socket's protocol factory (and aiohttp's `Server` for the rest)."""
+
+    def __init__(self, web_server: web.Server, router: Router, cfg: Config) -> None:
+        self.web = web_server
+        self.router = router
+        self.proxy = router.proxy
+        self.server_cfg = cfg.server
+        self.max_body = cfg.limits.max_body_bytes
+        self.max_head = cfg.limits.max_header_bytes
+        self.max_connections = connection_cap(cfg.server.max_connections)
+        wh = cfg.webhooks
+        self._control_exact = frozenset({"/metrics", "/healthz", "/readyz", "/admin", wh.path})
+        self._control_prefixes = ("/admin/", wh.passthrough_prefix.rstrip("/") + "/")
+        self.connections: set[LeanConnection] = set()
+        self.closing = False
+
+    def __call__(self) -> asyncio.Protocol:
+        # aiohttp's count is a list built on each call: paid per connection, not request.
+        if len(self.connections) + len(self.web.connections) >= self.max_connections:
+            return _Full()
+        return LeanConnection(self)
+
+    def whose(self, method: str, path: str) -> Match | None:
+        """The rule when this request is the lean path's, None when it is aiohttp's; raises
+        RequestRejected for a path no part of the router may take."""
+        if path in self._control_exact or path.startswith(self._control_prefixes):
+            return None
+        match = self.proxy.route(method, path)
+        if match.rule.kind in ("pool_health", "pool_list"):
+            return None
+        return match
+
+    def pre_shutdown(self) -> None:
+        self.closing = True
+        self.web.pre_shutdown()
+        for conn in list(self.connections):
+            conn.close_if_idle()
+
+    # aiohttp's runner calls it so (web.Server.shutdown's signature).
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        await self.web.shutdown(timeout)
+        for conn in list(self.connections):
+            conn.abort()
+
+
+# Descriptors kept for what is not a caller connection: upstream pools, the store, files.
+_FD_RESERVE = 256
+
+
+def connection_cap(configured: int) -> int:
+    """`server.max_connections`, lowered to fit under the process's file limit (a connection
+    accepted past the limit would fail elsewhere, at an upstream connect or a file open)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = max(64, soft - _FD_RESERVE) if soft != resource.RLIM_INFINITY else configured
+    if configured > room:
+        log.warning("max_connections_lowered", configured=configured, file_limit=soft, cap=room)
+    return min(configured, room)
+
+
+class _Full(asyncio.Protocol):
+    """Past the connection cap: one 503 and the connection closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        transport = cast(asyncio.Transport, transport)
+        reply = error_reply(
+            RequestRejected(
+                503, "too_many_connections", "the router has as many connections as it takes"
+            )
+        )
+        reply.headers["Retry-After"] = "1"
+        transport.write(_head(reply.status, reply.reason, reply.headers, len(reply.body), True))
+        transport.write(reply.body)
+        transport.close()
+        log.warning("connection_refused", reason="max_connections")
+
+
+def _head(
+    status: int,
+    reason: str,
+    headers: CIMultiDict[str],
+    length: int | None,
+    close: bool,
+    *,
+    chunked: bool = False,
+    http10_keep_alive: bool = False,
+) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason or _reason(status)}"]
+    for k, v in headers.items():
+        lines.append(f"{k}: {v}")
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    elif chunked:
+        lines.append("Transfer-Encoding: chunked")
+    if close:
+        lines.append("Connection: close")
+    elif http10_keep_alive:
+        lines.append("Connection: keep-alive")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+class LeanConnection(asyncio.Protocol):
+    __slots__ = (
+        "_body",
+        "_body_bytes",
+        "_chunked",
+        "_closed",
+        "_first",
+        "_head_bytes",
+        "_headers",
+        "_loop",
+        "_mine",
+        "_parser",
+        "_paused",
+        "_peer",
+        "_pending",
+        "_queue",
+        "_raw",
+        "_refused",
+        "_replay",
+        "_replaying",
+        "_server",
+        "_started",
+        "_timer",
+        "_transport",
+        "_url",
+        "_worker",
+        "_writable",
+    )
+
+    def __init__(self, server: LeanServer) -> None:
+        self._server = server
+        self._loop = asyncio.get_event_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._peer = ""
+        self._first = True  # nothing decided yet: the raw bytes are kept for aiohttp
+        self._raw = bytearray()
+        self._url = bytearray()
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._body: list[bytes] = []
+        self._body_bytes = 0
+        self._mine: Match | None = None
+        self._replay = bytearray()  # requests for aiohttp read here after the first
+        self._replaying = False
+        self._chunked = False
+        self._queue: deque[_Request | _Refusal] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused = False
+        self._writable: asyncio.Future[None] | None = None
+        self._closed = False
+        self._started = 0.0
+        self._pending: Inbound | None = None
+        self._refused = False
+
+    # -- the transport -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport = cast(asyncio.Transport, transport)
+        self._server.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if isinstance(peer, tuple) and peer else ""
+        self._arm(self._server.server_cfg.header_timeout_s, "header_timeout")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._server.connections.discard(self)
+        self._disarm()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        # A request still being answered is left to finish (its upstream answer is
+        # released); nothing more is read or written.
+        self._queue.clear()
+
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered and closing: the rest is not read
+        if self._first:
+            self._raw += data
+        try:
+            self._parser.feed_data(data)
+        except _Refused as refused:  # never raised through feed_data, but kept for safety
+            self._refuse(refused.rejected)
+        except httptools.HttpParserUpgrade:
+            self._refuse(
+                RequestRejected(
+                    400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
+                )
+            )
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _HandOver):
+                self._hand_over(bytes(self._raw))
+            elif isinstance(cause, _Refused):
+                self._refuse(cause.rejected)
+            else:  # a bug of ours in a callback: answered, and logged without the bytes
+                log.error("lean_callback_failed", error=type(cause).__name__)
+                self._refuse(RequestRejected(500, "internal_error", "the router failed"))
+        except httptools.HttpParserError as exc:
+            self._refuse(_framing_error(exc))
+        else:
+            if self._replaying and not self._queue and self._worker is None:
+                self._hand_over_at_boundary()
+
+    def close_if_idle(self) -> None:
+        if self._worker is None and not self._queue and not self._head_bytes:
+            self._close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # -- parser callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url.clear()
+        self._headers = []
+        self._head_bytes = 1  # a request has begun (close_if_idle waits for it)
+        self._body = []
+        self._body_bytes = 0
+        self._mine = None
+        self._chunked = False
+        self._started = time.perf_counter()
+        self._arm(self._server.server_cfg.header_timeout_s, "header_timeout")
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self._server.max_head:
+            raise _rejected(414, "uri_too_long", "the request target is too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._server.max_head:
+            raise _rejected(
+                431,
+                "header_fields_too_large",
+                f"the request head is over {self._server.max_head} bytes",
+            )
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        method = self._parser.get_method().decode("ascii")
+        target = bytes(self._url)
+        if self._replaying:
+            self._replay_head(method, target)
+            return
+        try:
+            parsed = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError:
+            raise _rejected(400, "bad_request", "the request target is not a URL") from None
+        # Absolute-form (`GET http://host/path`): the path is routed; the host is never
+        # where the request goes.
+        path = (parsed.path or b"/").decode("latin-1")
+        query = (parsed.query or b"").decode("latin-1")
+        try:
+            match = self._server.whose(method, path)
+        except RequestRejected as exc:
+            raise _Refused(exc) from None
+        if match is None:
+            if self._first:
+                raise _HandOver
+            self._replaying = True
+            self._replay_head(method, target)
+            return
+        self._first = False
+        self._raw = bytearray()
+        if self._parser.should_upgrade() or any(n.lower() == b"upgrade" for n, _ in self._headers):
+            raise _rejected(
+                400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
+            )
+        headers: CIMultiDict[str] = CIMultiDict()
+        expect = False
+        for n, v in self._headers:
+            name = n.decode("latin-1")
+            value = v.decode("latin-1")
+            headers.add(name, value)
+            if name.lower() == "content-length" and value.isdigit():
+                if int(value) > self._server.max_body:
+                    raise _Refused(_too_large(self._server.max_body))
+            elif name.lower() == "expect" and value.lower() == "100-continue":
+                expect = True
+            elif name.lower() == "transfer-encoding":
+                self._chunked = True
+        self._mine = match
+        self._pending = Inbound(method, path, query, headers, b"", self._peer)
+        self._arm(self._server.server_cfg.body_timeout_s, "body_timeout")
+        if expect and self._transport is not None and self._parser.get_http_version() == "1.1":
+            self._transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        if self._replaying:
+            if self._chunked:
+                self._replay += b"%x\r\n%s\r\n" % (len(body), body)
+            else:
+                self._replay += body
+            return
+        self._body_bytes += len(body)
+        if self._body_bytes > self._server.max_body:
+            raise _Refused(_too_large(self._server.max_body))
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._head_bytes = 0
+        if self._replaying:
+            if self._chunked:
+                self._replay += _CHUNKED_END
+            self._disarm()
+            return
+        inbound = self._pending
+        assert inbound is not None
+        self._pending = None
+        inbound.body = b"".join(self._body) if self._body else b""
+        self._body = []
+        assert self._mine is not None
+        version = self._parser.get_http_version()
+        self._queue.append(
+            _Request(
+                inbound,
+                self._mine,
+                self._started,
+                self._parser.should_keep_alive() and not self._server.closing,
+                version == "1.0",
+            )
+        )
+        self._disarm()
+        if len(self._queue) >= _KEEP_READING_QUEUE and self._transport is not None:
+            self._transport.pause_reading()
+            self._paused = True
+        if self._worker is None:
+            self._worker = self._loop.create_task(self._work())
+
+    # -- the rest of the connection goes to aiohttp ------------------------------------------
+
+    def _replay_head(self, method: str, target: bytes) -> None:
+        """A request for aiohttp after lean ones: its head written out again as HTTP/1.1
+        (the body follows as read, chunked again when it came chunked)."""
+        self._disarm()
+        out = self._replay
+        out += method.encode("ascii") + b" " + target + b" HTTP/1.1\r\n"
+        for n, v in self._headers:
+            out += n + b": " + v + b"\r\n"
+        if not self._parser.should_keep_alive():
+            out += b"Connection: close\r\n"
+        out += b"\r\n"
+
+    def _hand_over_at_boundary(self) -> None:
+        """Hand the replayed requests over once no request is half read: a half-read one
+        is in neither the replay nor the bytes still to come."""
+        if not self._head_bytes:
+            self._hand_over(bytes(self._replay))
+
+    def _hand_over(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        self._disarm()
+        self._closed = True  # for this protocol: the connection is aiohttp's now
+        self._server.connections.discard(self)
+        handler = self._server.web()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._paused:
+            transport.resume_reading()
+        if data:
+            handler.data_received(data)
+
+    # -- answering, in order -------------------------------------------------------------
+
+    async def _work(self) -> None:
+        router = self._server.router
+        try:
+            while self._queue and not self._closed:
+                item = self._queue.popleft()
+                if self._paused and len(self._queue) < _KEEP_READING_QUEUE // 2:
+                    assert self._transport is not None
+                    self._transport.resume_reading()
+                    self._paused = False
+                if isinstance(item, _Refusal):
+                    self._write_refusal(item)
+                    return
+                task = asyncio.current_task()
+                assert task is not None
+                router.inflight.add(task)
+                token = CURRENT_REQUEST.set(RequestId(item.inbound))
+                try:
+                    keep = await self._answer(item)
+                finally:
+                    CURRENT_REQUEST.reset(token)
+                    router.inflight.discard(task)
+                if not keep:
+                    self._close()
+                    return
+        finally:
+            self._worker = None
+        if self._closed:
+            return
+        if self._replaying:
+            self._hand_over_at_boundary()
+        elif self._server.closing:
+            self._close()
+        elif not self._head_bytes:
+            self._arm(self._server.server_cfg.keepalive_timeout_s, "keepalive_timeout")
+
+    async def _answer(self, item: _Request) -> bool:
+        """Answer one request; whether the connection stays open."""
+        head_sent = False
+        try:
+            answer: Answer = await self._server.proxy.answer(item.inbound, item.match, item.started)
+            keep = item.keep_alive and not self._server.closing
+            if isinstance(answer, Reply):
+                self._write_reply(answer, item, keep)
+                return keep
+            head_sent = True
+            return await self._stream(answer, item, keep)
+        except asyncio.CancelledError:
+            if not self._server.router.stopping or head_sent:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            self._write_reply(error_reply(shutdown_cut()), item, False)
+            return False
+
+    def _write_reply(self, reply: Reply, item: _Request | None, keep: bool) -> None:
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        http10 = item is not None and item.http10
+        head_only = item is not None and item.inbound.method == "HEAD"
+        head = _head(
+            reply.status,
+            reply.reason,
+            reply.headers,
+            len(reply.body),
+            not keep,
+            http10_keep_alive=http10 and keep,
+        )
+        transport.write(head if head_only or not reply.body else head + reply.body)
+
+    def _write_refusal(self, refusal: _Refusal) -> None:
+        reply = self._server.proxy.refuse(refusal.rejected, refusal.started)
+        self._write_reply(reply, None, False)
+        self._close()
+
+    async def _stream(self, answer: Streamed, item: _Request, keep: bool) -> bool:
+        up = answer.upstream
+        transport = self._transport
+        try:
+            if transport is None or self._closed:
+                return False
+            bodyless = item.inbound.method == "HEAD" or up.status in _BODYLESS_STATUSES
+            headers = answer_headers(up)
+            if bodyless:
+                transport.write(_head(up.status, up.reason, headers, None, not keep))
+                return keep
+            length = headers.popone("Content-Length", None)
+            known = length is not None and length.isdigit()
+            # A body of unknown length to an HTTP/1.0 caller ends with the connection.
+            keep = keep and (known or not item.http10)
+            chunked = not known and not item.http10
+            transport.write(
+                _head(
+                    up.status,
+                    up.reason,
+                    headers,
+                    int(length) if known and length is not None else None,
+                    not keep,
+                    chunked=chunked,
+                    http10_keep_alive=item.http10 and keep,
+                )
+            )
+            try:
+                async for chunk in up.chunks():
+                    if self._closed:
+                        return False
+                    transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    if self._writable is not None and not self._writable.done():
+                        await self._writable  # the caller reads slower than Node answers
+            except UpstreamError as exc:
+                # The head is sent already: only cutting the connection tells the caller
+                # that the body is not whole.
+                log.warning("upstream_body_broken", instance=exc.instance, error=type(exc).__name__)
+                transport.abort()
+                return False
+            if chunked:
+                transport.write(_CHUNKED_END)
+            return keep
+        finally:
+            up.release()
+
+    # -- refusing and closing --------------------------------------------------------------
+
+    def _refuse(self, rejected: RequestRejected) -> None:
+        """Answer after what is already queued, then close; read nothing more."""
+        log.info("request_refused", reason=rejected.code, status=rejected.status)
+        self._refused = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+        self._first = False
+        self._replaying = False
+        self._queue.append(_Refusal(rejected, self._started or time.perf_counter()))
+        if self._worker is None:
+            self._worker = self._loop.create_task(self._work())
+
+    def _close(self) -> None:
+        self._disarm()
+        if self._transport is not None and not self._closed:
+            self._transport.close()
+
+    def _arm(self, delay_s: float, why: str) -> None:
+        self._disarm()
+        self._timer = self._loop.call_later(delay_s, self._expired, why)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self, why: str) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        if why == "keepalive_timeout" or not self._head_bytes:
+            self._close()  # nothing begun: nothing to answer
+            return
+        log.info("request_refused", reason=why)
+        self._refuse(RequestRejected(408, "request_timeout", "the request did not arrive in time"))
+
+
+def _too_large(limit: int) -> RequestRejected:
+    return RequestRejected(
+        413, "payload_too_large", f"the request body is over {limit} bytes", limit_bytes=limit
+    )
+
+
+def _framing_error(exc: Exception) -> RequestRejected:
+    # llhttp's reason names the rule broken, never the bytes.
+    return RequestRejected(400, "bad_request", f"malformed request: {exc}")
+
+
+__all__ = ["LeanConnection", "LeanServer"]

@@ -101,6 +101,8 @@ class LeanServer:
         self._control_prefixes = ("/admin/", wh.passthrough_prefix.rstrip("/") + "/")
         self.connections: set[LeanConnection] = set()
         self.closing = False
+        # Held: asyncio.get_running_loop() is a getpid() syscall per call on Python 3.11.
+        self.loop = asyncio.get_running_loop()
 
     def __call__(self) -> asyncio.Protocol:
         # aiohttp's count is a list built on each call: paid per connection, not request.
@@ -219,7 +221,7 @@ class LeanConnection(asyncio.Protocol):
 
     def __init__(self, server: LeanServer) -> None:
         self._server = server
-        self._loop = asyncio.get_event_loop()
+        self._loop = server.loop
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._peer = ""
@@ -369,21 +371,27 @@ class LeanConnection(asyncio.Protocol):
                 400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
             )
         headers: CIMultiDict[str] = CIMultiDict()
-        expect = False
+        expect = has_body = False
         for n, v in self._headers:
             name = n.decode("latin-1")
             value = v.decode("latin-1")
             headers.add(name, value)
-            if name.lower() == "content-length" and value.isdigit():
+            lower = name.lower()
+            if lower == "content-length":
+                # llhttp has checked it is one number; only its size is ours to refuse.
                 if int(value) > self._server.max_body:
                     raise _Refused(_too_large(self._server.max_body))
-            elif name.lower() == "expect" and value.lower() == "100-continue":
+                has_body = value != "0"
+            elif lower == "transfer-encoding":
+                self._chunked = has_body = True
+            elif lower == "expect" and value.lower() == "100-continue":
                 expect = True
-            elif name.lower() == "transfer-encoding":
-                self._chunked = True
         self._mine = match
         self._pending = Inbound(method, path, query, headers, b"", self._peer)
-        self._arm(self._server.server_cfg.body_timeout_s, "body_timeout")
+        if has_body:
+            self._arm(self._server.server_cfg.body_timeout_s, "body_timeout")
+        else:
+            self._disarm()
         if expect and self._transport is not None and self._parser.get_http_version() == "1.1":
             self._transport.write(_CONTINUE)
 
@@ -478,7 +486,7 @@ class LeanConnection(asyncio.Protocol):
                 if isinstance(item, _Refusal):
                     self._write_refusal(item)
                     return
-                task = asyncio.current_task()
+                task = asyncio.current_task(self._loop)
                 assert task is not None
                 router.inflight.add(task)
                 token = CURRENT_REQUEST.set(RequestId(item.inbound))
@@ -515,7 +523,7 @@ class LeanConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             if not self._server.router.stopping or head_sent:
                 raise
-            task = asyncio.current_task()
+            task = asyncio.current_task(self._loop)
             if task is not None:
                 task.uncancel()
             self._write_reply(error_reply(shutdown_cut()), item, False)

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+from bisect import bisect_left
 from collections.abc import Iterator
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -230,6 +235,47 @@ class RouterCollector(Collector):
         yield syncs
 
 
+class _Counts:
+    """One label value's buckets: observing is a bisect and two adds, no lock (one event
+    loop per process), where prometheus-client's Histogram takes a lock per bucket walk."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+
+class PlainHistogram(Collector):
+    """A histogram of the hot path (observed per request), exposed as prometheus-client's
+    would be: `_bucket{le=...}` cumulative, `_sum`, `_count`."""
+
+    def __init__(self, name: str, doc: str, label: str, bounds: tuple[float, ...]) -> None:
+        self._name, self._doc, self._label, self._bounds = name, doc, label, bounds
+        self._children: dict[str, _Counts] = {}
+
+    def labels(self, value: str) -> _Counts:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = _Counts(self._bounds)
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=[self._label])
+        for value, child in sorted(self._children.items()):
+            running, buckets = 0, []
+            for bound, n in zip((*self._bounds, float("inf")), child.counts, strict=True):
+                running += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+            family.add_metric([value], buckets, child.total)
+        yield family
+
+
 class Metrics:
     """The registry and the three histograms. The parts report into the histograms through
     `observe_upstream`, `observe_park` and `observe_request` (app.py hands them over)."""
@@ -239,13 +285,13 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._collector = RouterCollector(view)
         self.registry.register(self._collector)
-        self._latency = Histogram(
+        self._latency = PlainHistogram(
             "wa_router_upstream_latency_seconds",
             "Time from sending a request to an instance to its response head",
-            ["upstream"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=self.registry,
+            "upstream",
+            LATENCY_BUCKETS_S,
         )
+        self.registry.register(self._latency)
         self._children = {i.name: self._latency.labels(i.name) for i in view.pool.instances}
         self._parked = Histogram(
             "wa_router_park_wait_seconds",
@@ -254,14 +300,14 @@ class Metrics:
             buckets=PARK_BUCKETS_S,
             registry=self.registry,
         )
-        self._requests = Histogram(
+        self._requests = PlainHistogram(
             "wa_router_request_duration_seconds",
             "Caller's side: from a request's arrival to its answer's head, by route kind",
-            ["route_kind"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=self.registry,
+            "route_kind",
+            LATENCY_BUCKETS_S,
         )
-        self._kinds: dict[str, Any] = {}
+        self.registry.register(self._requests)
+        self._kinds: dict[str, _Counts] = {}
         self.token = view.config().metrics.token
 
     def authorized(self, request: web.Request) -> bool:

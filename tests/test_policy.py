@@ -84,6 +84,14 @@ def test_inject_get_query_and_post_body() -> None:
     assert json.loads(body) == {**doc, "api_key": "node-secret"}
     _, body = keys.inject("POST", "/api/sessions/s1/reconnect", CIMultiDict(), b"", None)
     assert json.loads(body) == {"api_key": "node-secret"}
+    # The client key sent in the query string goes no further than the router.
+    for sent, kept in [
+        ("/api/messages/send?api_key=c", "/api/messages/send"),
+        ("/api/messages/send?x=1&api_key=c&y=2", "/api/messages/send?x=1&y=2"),
+        ("/api/messages/send?x=1", "/api/messages/send?x=1"),
+    ]:
+        path, body = keys.inject("POST", sent, CIMultiDict(), b"{}", {})
+        assert (path, json.loads(body)) == (kept, {"api_key": "node-secret"})
     with pytest.raises(RequestRejected):
         keys.inject("POST", "/x", CIMultiDict(), b"not json", None)
 

@@ -90,5 +90,17 @@ class KeyPolicy:
             new_doc = dict(doc or {})
             new_doc[p.api_key_field] = key
             headers["Content-Type"] = "application/json"
-            return path_qs, orjson.dumps(new_doc)
+            return _without_query(path_qs, p.api_key_query), orjson.dumps(new_doc)
         return path_qs, body
+
+
+def _without_query(path_qs: str, name: str | None) -> str:
+    """`path_qs` less the query parameter `name`: a client key sent there must not travel
+    on to Node when the Node key goes in the body (Node would see both; logs keep URLs)."""
+    if name is None or "?" not in path_qs:
+        return path_qs
+    url = URL(path_qs, encoded=True)
+    if name not in url.query:
+        return path_qs
+    kept = [(k, v) for k, v in url.query.items() if k != name]
+    return str(url.with_query(kept) if kept else url.with_query(None))

@@ -109,6 +109,8 @@ def test_presented_key_where_blazz_callers_put_it() -> None:
     assert keys.presented("GET", {"api_key": "q"}, {}, None) == "q"
     assert keys.presented("POST", {}, {}, {"api_key": "b"}) == "b"
     assert keys.presented("POST", {}, {"X-Api-Key": "h"}, {"api_key": "b"}) == "h"
+    assert keys.presented("POST", {"api_key": "q"}, {}, {"message": "hi"}) == "q"
+    assert keys.presented("POST", {"api_key": "q"}, {}, {"api_key": "b"}) == "b"
 
 
 class Clock:

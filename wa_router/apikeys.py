@@ -48,7 +48,9 @@ class KeyPolicy:
             return query.get(p.api_key_query)
         if p.api_key_field and body is not None:
             value = body.get(p.api_key_field)
-            return value if isinstance(value, str) else None
+            if isinstance(value, str):
+                return value
+        # Not in the body: some callers put it in the query string on every method.
         if p.api_key_query:
             return query.get(p.api_key_query)
         return None

@@ -1,12 +1,10 @@
 """The lean server: proxied routes parsed by httptools on a bare asyncio Protocol; the rest of
 the port (webhooks, admin, status page, metrics, pool-wide routes) served by aiohttp.
 
-A connection starts here. Its first request's head says whose it is: a proxied route is
-answered here (no aiohttp request or response object is built); anything else hands the
-connection, with the bytes already read, to aiohttp's own protocol, which keeps it. A later
-request on a lean connection that is not a proxied route hands over the same way, once the
-answers before it are written: what the parser already read of it is written out again as
-HTTP/1.1 for aiohttp to read (llhttp has checked its framing).
+Every connection is this server's, and every request on it is read here, whole, under the
+limits below. A proxied route is answered here (no aiohttp request or response object is
+built); any other request is lent to aiohttp's own protocol (`delegate.py`), which answers
+it on the same connection; pipelined requests are answered in order, whoever answers them.
 
 Hardening is here, before the routing sees anything: llhttp is strict about framing
 (Content-Length with Transfer-Encoding, two Content-Lengths, obs-fold, bad chunk sizes, bare
@@ -33,6 +31,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .config import Config
+from .delegate import Lent, answer_by_aiohttp, request_bytes
 from .errors import RequestRejected, UpstreamError
 from .exchange import Answer, Inbound, Reply, Streamed, answer_headers, error_reply
 from .logging import CURRENT_REQUEST
@@ -62,10 +61,6 @@ class _Refused(Exception):
         self.rejected = rejected
 
 
-class _HandOver(Exception):
-    """Raised inside a parser callback: this connection's first request is aiohttp's."""
-
-
 @dataclass(slots=True)
 class _Request:
     inbound: Inbound
@@ -73,6 +68,15 @@ class _Request:
     started: float
     keep_alive: bool
     http10: bool
+
+
+@dataclass(slots=True)
+class _Lend:
+    """A request for aiohttp, written out again (`delegate.request_bytes`)."""
+
+    raw: bytes
+    keep_alive: bool
+    head_only: bool
 
 
 @dataclass(slots=True)
@@ -105,8 +109,7 @@ class LeanServer:
         self.loop = asyncio.get_running_loop()
 
     def __call__(self) -> asyncio.Protocol:
-        # aiohttp's count is a list built on each call: paid per connection, not request.
-        if len(self.connections) + len(self.web.connections) >= self.max_connections:
+        if len(self.connections) >= self.max_connections:
             return _Full()
         return LeanConnection(self)
 
@@ -148,7 +151,8 @@ def connection_cap(configured: int) -> int:
 
 
 class _Full(asyncio.Protocol):
-    """Past the connection cap: one 503 and the connection closed."""
+    """Past the connection cap: one 503 and the connection closed (lingering: see
+    `linger`)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
@@ -161,8 +165,27 @@ class _Full(asyncio.Protocol):
         reply.headers["Retry-After"] = "1"
         transport.write(_head(reply.status, reply.reason, reply.headers, len(reply.body), True))
         transport.write(reply.body)
-        transport.close()
+        linger(transport)
         log.warning("connection_refused", reason="max_connections")
+
+    def data_received(self, data: bytes) -> None:
+        pass  # what the caller sent before it read the 503: read, so no reset hides it
+
+
+_LINGER_S = 2.0
+
+
+def linger(transport: asyncio.Transport) -> None:
+    """Close after an answer the caller may still be sending to: our side shut first
+    (FIN), what still arrives read and dropped for a moment, then closed. Closing with
+    unread bytes would send a reset, which can make the caller lose the answer (RFC 9112
+    9.6)."""
+    if transport.is_closing():
+        return
+    if transport.can_write_eof():
+        transport.write_eof()
+    transport.resume_reading()
+    asyncio.get_event_loop().call_later(_LINGER_S, transport.close)
 
 
 def _head(
@@ -178,7 +201,7 @@ def _head(
     lines = [f"HTTP/1.1 {status} {reason or _reason(status)}"]
     for k, v in headers.items():
         lines.append(f"{k}: {v}")
-    if length is not None:
+    if length is not None and status not in _BODYLESS_STATUSES:
         lines.append(f"Content-Length: {length}")
     elif chunked:
         lines.append("Transfer-Encoding: chunked")
@@ -196,9 +219,11 @@ class LeanConnection(asyncio.Protocol):
         "_body_bytes",
         "_chunked",
         "_closed",
-        "_first",
+        "_continue",
         "_head_bytes",
         "_headers",
+        "_lent",
+        "_lingering",
         "_loop",
         "_mine",
         "_parser",
@@ -206,10 +231,6 @@ class LeanConnection(asyncio.Protocol):
         "_peer",
         "_pending",
         "_queue",
-        "_raw",
-        "_refused",
-        "_replay",
-        "_replaying",
         "_server",
         "_started",
         "_timer",
@@ -225,26 +246,24 @@ class LeanConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._peer = ""
-        self._first = True  # nothing decided yet: the raw bytes are kept for aiohttp
-        self._raw = bytearray()
         self._url = bytearray()
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._mine: Match | None = None
-        self._replay = bytearray()  # requests for aiohttp read here after the first
-        self._replaying = False
         self._chunked = False
-        self._queue: deque[_Request | _Refusal] = deque()
+        self._continue = False  # a 100 Continue owed once the answers before it are out
+        self._queue: deque[_Request | _Lend | _Refusal] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._writable: asyncio.Future[None] | None = None
         self._closed = False
+        self._lingering = False  # answered a refusal: what arrives now is dropped
+        self._lent: Lent | None = None
         self._started = 0.0
         self._pending: Inbound | None = None
-        self._refused = False
 
     # -- the transport -------------------------------------------------------------------
 
@@ -261,27 +280,29 @@ class LeanConnection(asyncio.Protocol):
         self._disarm()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
-        # A request still being answered is left to finish (its upstream answer is
-        # released); nothing more is read or written.
+        if self._lent is not None:
+            self._lent.release()
+        # A request being answered finishes (its upstream answer is released); nothing
+        # more is read or written.
         self._queue.clear()
 
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
             self._writable = self._loop.create_future()
+        if self._lent is not None and self._lent.handler is not None:
+            self._lent.handler.pause_writing()
 
     def resume_writing(self) -> None:
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
+        if self._lent is not None and self._lent.handler is not None:
+            self._lent.handler.resume_writing()
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
-            return  # answered and closing: the rest is not read
-        if self._first:
-            self._raw += data
+        if self._lingering:
+            return  # answered and closing: the rest is read and dropped
         try:
             self._parser.feed_data(data)
-        except _Refused as refused:  # never raised through feed_data, but kept for safety
-            self._refuse(refused.rejected)
         except httptools.HttpParserUpgrade:
             self._refuse(
                 RequestRejected(
@@ -290,18 +311,13 @@ class LeanConnection(asyncio.Protocol):
             )
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            if isinstance(cause, _HandOver):
-                self._hand_over(bytes(self._raw))
-            elif isinstance(cause, _Refused):
+            if isinstance(cause, _Refused):
                 self._refuse(cause.rejected)
             else:  # a bug of ours in a callback: answered, and logged without the bytes
                 log.error("lean_callback_failed", error=type(cause).__name__)
                 self._refuse(RequestRejected(500, "internal_error", "the router failed"))
         except httptools.HttpParserError as exc:
             self._refuse(_framing_error(exc))
-        else:
-            if self._replaying and not self._queue and self._worker is None:
-                self._hand_over_at_boundary()
 
     def close_if_idle(self) -> None:
         if self._worker is None and not self._queue and not self._head_bytes:
@@ -342,34 +358,22 @@ class LeanConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         method = self._parser.get_method().decode("ascii")
-        target = bytes(self._url)
-        if self._replaying:
-            self._replay_head(method, target)
-            return
         try:
-            parsed = httptools.parse_url(target)
+            parsed = httptools.parse_url(bytes(self._url))
         except httptools.HttpParserInvalidURLError:
             raise _rejected(400, "bad_request", "the request target is not a URL") from None
+        if self._parser.should_upgrade() or any(n.lower() == b"upgrade" for n, _ in self._headers):
+            raise _rejected(
+                400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
+            )
         # Absolute-form (`GET http://host/path`): the path is routed; the host is never
         # where the request goes.
         path = (parsed.path or b"/").decode("latin-1")
         query = (parsed.query or b"").decode("latin-1")
         try:
-            match = self._server.whose(method, path)
+            self._mine = self._server.whose(method, path)
         except RequestRejected as exc:
             raise _Refused(exc) from None
-        if match is None:
-            if self._first:
-                raise _HandOver
-            self._replaying = True
-            self._replay_head(method, target)
-            return
-        self._first = False
-        self._raw = bytearray()
-        if self._parser.should_upgrade() or any(n.lower() == b"upgrade" for n, _ in self._headers):
-            raise _rejected(
-                400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
-            )
         headers: CIMultiDict[str] = CIMultiDict()
         expect = has_body = False
         for n, v in self._headers:
@@ -381,27 +385,24 @@ class LeanConnection(asyncio.Protocol):
                 # llhttp has checked it is one number; only its size is ours to refuse.
                 if int(value) > self._server.max_body:
                     raise _Refused(_too_large(self._server.max_body))
-                has_body = value != "0"
+                has_body = value.strip() != "0"
             elif lower == "transfer-encoding":
                 self._chunked = has_body = True
             elif lower == "expect" and value.lower() == "100-continue":
                 expect = True
-        self._mine = match
         self._pending = Inbound(method, path, query, headers, b"", self._peer)
         if has_body:
             self._arm(self._server.server_cfg.body_timeout_s, "body_timeout")
         else:
             self._disarm()
-        if expect and self._transport is not None and self._parser.get_http_version() == "1.1":
-            self._transport.write(_CONTINUE)
+        if expect and has_body and self._parser.get_http_version() == "1.1":
+            # After the answers before it: a 100 ahead of them would read as theirs.
+            if self._queue or self._worker is not None:
+                self._continue = True
+            elif self._transport is not None:
+                self._transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
-        if self._replaying:
-            if self._chunked:
-                self._replay += b"%x\r\n%s\r\n" % (len(body), body)
-            else:
-                self._replay += body
-            return
         self._body_bytes += len(body)
         if self._body_bytes > self._server.max_body:
             raise _Refused(_too_large(self._server.max_body))
@@ -409,68 +410,26 @@ class LeanConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._head_bytes = 0
-        if self._replaying:
-            if self._chunked:
-                self._replay += _CHUNKED_END
-            self._disarm()
-            return
+        self._disarm()
         inbound = self._pending
         assert inbound is not None
         self._pending = None
-        inbound.body = b"".join(self._body) if self._body else b""
+        body = b"".join(self._body) if self._body else b""
         self._body = []
-        assert self._mine is not None
-        version = self._parser.get_http_version()
-        self._queue.append(
-            _Request(
-                inbound,
-                self._mine,
-                self._started,
-                self._parser.should_keep_alive() and not self._server.closing,
-                version == "1.0",
-            )
-        )
-        self._disarm()
+        parser = self._parser
+        keep = parser.should_keep_alive() and not self._server.closing
+        version = parser.get_http_version()
+        if self._mine is None:
+            raw = request_bytes(inbound.method, bytes(self._url), version, self._headers, body)
+            self._queue.append(_Lend(raw, keep, inbound.method == "HEAD"))
+        else:
+            inbound.body = body
+            self._queue.append(_Request(inbound, self._mine, self._started, keep, version == "1.0"))
         if len(self._queue) >= _KEEP_READING_QUEUE and self._transport is not None:
             self._transport.pause_reading()
             self._paused = True
         if self._worker is None:
             self._worker = self._loop.create_task(self._work())
-
-    # -- the rest of the connection goes to aiohttp ------------------------------------------
-
-    def _replay_head(self, method: str, target: bytes) -> None:
-        """A request for aiohttp after lean ones: its head written out again as HTTP/1.1
-        (the body follows as read, chunked again when it came chunked)."""
-        self._disarm()
-        out = self._replay
-        out += method.encode("ascii") + b" " + target + b" HTTP/1.1\r\n"
-        for n, v in self._headers:
-            out += n + b": " + v + b"\r\n"
-        if not self._parser.should_keep_alive():
-            out += b"Connection: close\r\n"
-        out += b"\r\n"
-
-    def _hand_over_at_boundary(self) -> None:
-        """Hand the replayed requests over once no request is half read: a half-read one
-        is in neither the replay nor the bytes still to come."""
-        if not self._head_bytes:
-            self._hand_over(bytes(self._replay))
-
-    def _hand_over(self, data: bytes) -> None:
-        transport = self._transport
-        if transport is None or self._closed:
-            return
-        self._disarm()
-        self._closed = True  # for this protocol: the connection is aiohttp's now
-        self._server.connections.discard(self)
-        handler = self._server.web()
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        if self._paused:
-            transport.resume_reading()
-        if data:
-            handler.data_received(data)
 
     # -- answering, in order -------------------------------------------------------------
 
@@ -486,28 +445,43 @@ class LeanConnection(asyncio.Protocol):
                 if isinstance(item, _Refusal):
                     self._write_refusal(item)
                     return
-                task = asyncio.current_task(self._loop)
-                assert task is not None
-                router.inflight.add(task)
-                token = CURRENT_REQUEST.set(RequestId(item.inbound))
-                try:
-                    keep = await self._answer(item)
-                finally:
-                    CURRENT_REQUEST.reset(token)
-                    router.inflight.discard(task)
+                if isinstance(item, _Lend):
+                    keep = await self._lend(item)
+                else:
+                    task = asyncio.current_task(self._loop)
+                    assert task is not None
+                    router.inflight.add(task)
+                    token = CURRENT_REQUEST.set(RequestId(item.inbound))
+                    try:
+                        keep = await self._answer(item)
+                    finally:
+                        CURRENT_REQUEST.reset(token)
+                        router.inflight.discard(task)
                 if not keep:
                     self._close()
                     return
+                if self._continue and not self._queue and self._transport is not None:
+                    self._continue = False
+                    self._transport.write(_CONTINUE)
         finally:
             self._worker = None
         if self._closed:
             return
-        if self._replaying:
-            self._hand_over_at_boundary()
-        elif self._server.closing:
+        if self._server.closing:
             self._close()
         elif not self._head_bytes:
             self._arm(self._server.server_cfg.keepalive_timeout_s, "keepalive_timeout")
+
+    async def _lend(self, item: _Lend) -> bool:
+        transport = self._transport
+        if transport is None:
+            return False
+        lent = self._lent = Lent(transport, self._loop, head_only=item.head_only)
+        try:
+            keep = await answer_by_aiohttp(self._server.web, lent, item.raw)
+        finally:
+            self._lent = None
+        return keep and item.keep_alive and not self._server.closing
 
     async def _answer(self, item: _Request) -> bool:
         """Answer one request; whether the connection stays open."""
@@ -527,6 +501,15 @@ class LeanConnection(asyncio.Protocol):
             if task is not None:
                 task.uncancel()
             self._write_reply(error_reply(shutdown_cut()), item, False)
+            return False
+        except Exception as exc:
+            # A bug of ours: the caller hears so rather than waiting on a silent socket.
+            log.error("request_failed", error=type(exc).__name__, exc_info=True)
+            if head_sent:
+                self.abort()
+            else:
+                failed = RequestRejected(500, "internal_error", "the router failed")
+                self._write_reply(error_reply(failed), item, False)
             return False
 
     def _write_reply(self, reply: Reply, item: _Request | None, keep: bool) -> None:
@@ -548,7 +531,9 @@ class LeanConnection(asyncio.Protocol):
     def _write_refusal(self, refusal: _Refusal) -> None:
         reply = self._server.proxy.refuse(refusal.rejected, refusal.started)
         self._write_reply(reply, None, False)
-        self._close()
+        self._disarm()
+        if self._transport is not None:
+            linger(self._transport)
 
     async def _stream(self, answer: Streamed, item: _Request, keep: bool) -> bool:
         up = answer.upstream
@@ -599,13 +584,11 @@ class LeanConnection(asyncio.Protocol):
     # -- refusing and closing --------------------------------------------------------------
 
     def _refuse(self, rejected: RequestRejected) -> None:
-        """Answer after what is already queued, then close; read nothing more."""
+        """Answer after what is already queued, then close; what arrives now is dropped."""
         log.info("request_refused", reason=rejected.code, status=rejected.status)
-        self._refused = True
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.pause_reading()
-        self._first = False
-        self._replaying = False
+        self._lingering = True
+        self._head_bytes = 0
+        self._disarm()
         self._queue.append(_Refusal(rejected, self._started or time.perf_counter()))
         if self._worker is None:
             self._worker = self._loop.create_task(self._work())
@@ -626,12 +609,11 @@ class LeanConnection(asyncio.Protocol):
 
     def _expired(self, why: str) -> None:
         self._timer = None
-        if self._closed:
+        if self._closed or self._lingering:
             return
         if why == "keepalive_timeout" or not self._head_bytes:
             self._close()  # nothing begun: nothing to answer
             return
-        log.info("request_refused", reason=why)
         self._refuse(RequestRejected(408, "request_timeout", "the request did not arrive in time"))
 
 

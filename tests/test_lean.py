@@ -1,0 +1,833 @@
+"""The lean front (lean.py) on the wire: raw bytes written to a real loopback socket of the
+router, and what a caller sees come back (status line, JSON error, the connection closed or
+kept), with the simulated instances checked for what was forwarded to them.
+
+Requests a caller sent reach an instance with `X-Forwarded-For` (the router's own probes,
+listings and health checks do not carry it): `forwarded(sim)` counts those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import structlog
+from multidict import CIMultiDict
+
+from wa_router.config import LogConfig
+from wa_router.logging import setup_logging
+from wa_router.runtime import Router
+from wa_router.sim import SimInstance
+from wa_router.sim.models import Received
+
+from .conftest import API_KEY, StartRouter, pool_config, send_body
+
+READ_S = 3.0  # how long any answer (or EOF) may take: a deadline, never a wait
+STATUS = f"/api/sessions/s1/status?api_key={API_KEY}"
+SEND = "/api/messages/send"
+SEND_JSON = json.dumps(send_body("s1")).encode()
+HOST = "Host: router.test"
+
+
+# -- raw exchange -----------------------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int
+    reason: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> str | None:
+        assert self.headers.get("Content-Type", "").startswith("application/json"), self
+        doc = self.json()
+        return doc.get("error") if isinstance(doc, dict) else None
+
+
+class Conn:
+    """One caller connection: bytes written as given, answers read as they come."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int) -> Conn:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self, *, head_only: bool = False, timeout_s: float = READ_S) -> Response:
+        """One whole answer: its head, and its body framed as the head says."""
+        return await asyncio.wait_for(self._response(head_only), timeout_s)
+
+    async def _response(self, head_only: bool) -> Response:
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+        version, status, reason = [*status_line.split(" ", 2), ""][:3]
+        assert version in ("HTTP/1.1", "HTTP/1.0"), status_line
+        headers: CIMultiDict[str] = CIMultiDict()
+        for line in lines:
+            name, _, value = line.partition(":")
+            assert name and name == name.strip(), f"malformed answer header {line!r}"
+            headers.add(name, value.strip())
+        code = int(status)
+        if head_only or code < 200 or code in (204, 304):
+            body = b""
+        elif "Content-Length" in headers:
+            body = await self.reader.readexactly(int(headers["Content-Length"]))
+        elif headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = await self._chunked()
+        else:  # delimited by the end of the connection
+            body = await self.reader.read()
+        return Response(code, reason, headers, body)
+
+    async def _chunked(self) -> bytes:
+        out = bytearray()
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await self.reader.readuntil(b"\r\n")  # no trailers from the router
+                return bytes(out)
+            out += await self.reader.readexactly(size)
+            assert await self.reader.readexactly(2) == b"\r\n"
+
+    async def closed(self, timeout_s: float = READ_S) -> bool:
+        """Whether the router ends the connection (EOF or reset) within the deadline, having
+        written nothing more."""
+        try:
+            rest = await asyncio.wait_for(self.reader.read(), timeout_s)
+        except ConnectionError:
+            return True
+        except TimeoutError:
+            return False
+        assert rest == b"", f"bytes after the answer: {rest[:200]!r}"
+        return True
+
+    async def read_to_end(self, timeout_s: float = READ_S) -> bytes:
+        """Everything the router writes until it closes (which it must, within the deadline)."""
+        out = bytearray()
+        try:
+            async with asyncio.timeout(timeout_s):
+                while chunk := await self.reader.read(65536):
+                    out += chunk
+        except ConnectionError:
+            pass
+        return bytes(out)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+async def exchange(port: int, data: bytes) -> tuple[Response, bool]:
+    """Send `data` on a new connection; its one answer, and whether the router then closed."""
+    conn = await Conn.open(port)
+    try:
+        await conn.send(data)
+        resp = await conn.response()
+        return resp, await conn.closed()
+    finally:
+        await conn.close()
+
+
+def request(
+    method: str, target: str, *headers: str, body: bytes = b"", version: str = "1.1"
+) -> bytes:
+    """A well-formed request (Content-Length set when there is a body)."""
+    lines = [f"{method} {target} HTTP/{version}", *headers]
+    if body:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def chunked(body: bytes, *sizes: int) -> bytes:
+    """`body` in chunks of these sizes (the rest in one last chunk), terminated."""
+    out, at = bytearray(), 0
+    for size in (*sizes, len(body)):
+        part = body[at : at + size]
+        at += len(part)
+        if part:
+            out += b"%x\r\n%s\r\n" % (len(part), part)
+    return bytes(out + b"0\r\n\r\n")
+
+
+async def before(conn: Conn, what: str) -> None:
+    """What the connection did before the request under test: nothing ("fresh"), a request
+    the lean server answers ("lean"), or one aiohttp answers ("aiohttp": the connection is
+    aiohttp's afterwards)."""
+    targets = {"fresh": [], "lean": [STATUS], "aiohttp": ["/healthz"]}[what]
+    for target in targets:
+        await conn.send(request("GET", target, HOST))
+        assert (await conn.response()).status == 200
+
+
+def forwarded(
+    sim: SimInstance, method: str | None = None, path: str | None = None
+) -> list[Received]:
+    """The caller requests the router forwarded to this instance."""
+    return [
+        r
+        for r in sim.received
+        if "X-Forwarded-For" in r.headers
+        and (method is None or r.method == method)
+        and (path is None or r.path == path)
+    ]
+
+
+def nothing_forwarded(sims: list[SimInstance]) -> bool:
+    return all(not forwarded(s) for s in sims)
+
+
+async def serve(
+    start_router: StartRouter, sims: list[SimInstance], **sections: Any
+) -> tuple[int, Router]:
+    """The router in front of `sims`, session s1 connected on sims[0]; its port."""
+    sims[0].add_session("s1")
+    upstream = {"api_key": API_KEY, **sections.pop("upstream", {})}
+    client, router = await start_router(pool_config(sims, upstream=upstream, **sections))
+    assert client.port is not None
+    return client.port, router
+
+
+# -- 1. framing llhttp refuses, and paths no part of the router takes ---------------------------
+
+_CHUNKED_SEND = chunked(SEND_JSON, 40)
+MALFORMED: dict[str, bytes] = {
+    "content_length_with_transfer_encoding": (
+        f"POST {SEND} HTTP/1.1\r\n{HOST}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(SEND_JSON)}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    + _CHUNKED_SEND,
+    "two_equal_content_lengths": (
+        f"POST {SEND} HTTP/1.1\r\n{HOST}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(SEND_JSON)}\r\nContent-Length: {len(SEND_JSON)}\r\n\r\n"
+    ).encode()
+    + SEND_JSON,
+    "two_different_content_lengths": (
+        f"POST {SEND} HTTP/1.1\r\n{HOST}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(SEND_JSON)}\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    + SEND_JSON,
+    "obs_fold_space": f"GET {STATUS} HTTP/1.1\r\n{HOST}\r\nX-Folded: a\r\n b\r\n\r\n".encode(),
+    "obs_fold_tab": f"GET {STATUS} HTTP/1.1\r\n{HOST}\r\nX-Folded: a\r\n\tb\r\n\r\n".encode(),
+    "invalid_chunk_size": (
+        f"POST {SEND} HTTP/1.1\r\n{HOST}\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\nzz\r\n"
+    ).encode()
+    + SEND_JSON
+    + b"\r\n0\r\n\r\n",
+    "bare_lf": f"GET {STATUS} HTTP/1.1\n{HOST}\n\n".encode(),
+    "bare_lf_in_headers_only": f"GET {STATUS} HTTP/1.1\r\n{HOST}\nX-A: b\n\r\n".encode(),
+    "raw_control_char_in_path": (
+        b"GET /api/sessions/s1\x01x/status?api_key=" + API_KEY.encode() + b" HTTP/1.1\r\n"
+        b"Host: router.test\r\n\r\n"
+    ),
+    "raw_nul_in_path": (
+        b"GET /api/sessions/s1\x00x/status?api_key=" + API_KEY.encode() + b" HTTP/1.1\r\n"
+        b"Host: router.test\r\n\r\n"
+    ),
+    "raw_del_in_path": (
+        b"GET /api/sessions/s1\x7fx/status?api_key=" + API_KEY.encode() + b" HTTP/1.1\r\n"
+        b"Host: router.test\r\n\r\n"
+    ),
+    "encoded_crlf_in_path": (
+        f"GET /api/sessions/s1%0d%0aX-Injected:%20yes/status?api_key={API_KEY} HTTP/1.1\r\n"
+        f"{HOST}\r\n\r\n"
+    ).encode(),
+    "encoded_nul_in_path": (
+        f"GET /api/sessions/s1%00/status?api_key={API_KEY} HTTP/1.1\r\n{HOST}\r\n\r\n"
+    ).encode(),
+}
+
+
+@pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_request_is_400_json_and_closed_and_never_forwarded(
+    sims: list[SimInstance], start_router: StartRouter, raw: bytes
+) -> None:
+    port, _ = await serve(start_router, sims)
+    resp, closed = await exchange(port, raw)
+    assert resp.status == 400, resp
+    assert resp.error == "bad_request"
+    assert resp.headers.get("Connection", "").lower() == "close"
+    assert closed
+    assert nothing_forwarded(sims)
+
+
+AHEAD: dict[str, tuple[bool, list[str]]] = {
+    "pipelined_after_lean": (True, [STATUS]),
+    "pipelined_after_lean_and_healthz": (True, [STATUS, "/healthz"]),
+    "after_lean": (False, [STATUS]),
+    "after_aiohttp": (False, ["/healthz"]),
+}
+
+
+@pytest.mark.parametrize(("pipelined", "targets"), AHEAD.values(), ids=AHEAD.keys())
+async def test_malformed_request_after_good_ones_is_refused_after_their_answers(
+    sims: list[SimInstance], start_router: StartRouter, pipelined: bool, targets: list[str]
+) -> None:
+    port, _ = await serve(start_router, sims)
+    malformed = MALFORMED["content_length_with_transfer_encoding"]
+    conn = await Conn.open(port)
+    try:
+        if pipelined:  # all in one write
+            await conn.send(b"".join(request("GET", t, HOST) for t in targets) + malformed)
+            answers = [await conn.response() for _ in targets]
+        else:
+            answers = []
+            for t in targets:
+                await conn.send(request("GET", t, HOST))
+                answers.append(await conn.response())
+            await conn.send(malformed)
+        assert [a.status for a in answers] == [200] * len(targets)
+        refused = await conn.response()
+        assert (refused.status, refused.error) == (400, "bad_request")
+        assert await conn.closed()
+    finally:
+        await conn.close()
+    assert len(forwarded(sims[0])) == targets.count(STATUS) and nothing_forwarded(sims[1:])
+
+
+# -- 2. absolute-form targets ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("named", ["evil.example:9", "sim1"])
+async def test_absolute_form_target_is_routed_by_its_path_never_to_the_host(
+    sims: list[SimInstance], start_router: StartRouter, named: str
+) -> None:
+    port, _ = await serve(start_router, sims)
+    # "sim1": the host named is another instance of the pool, which must not be asked.
+    authority = sims[1].url.removeprefix("http://") if named == "sim1" else named
+    target = f"http://{authority}/api/sessions/s1/status?api_key={API_KEY}"
+    resp, _ = await exchange(port, request("GET", target, f"Host: {authority}"))
+    assert resp.status == 200, resp
+    assert resp.json()["status"] == "connected"
+    got = forwarded(sims[0], "GET", "/api/sessions/s1/status")
+    assert len(got) == 1 and got[0].query == {"api_key": API_KEY}
+    assert nothing_forwarded(sims[1:])
+
+
+# -- 3. size limits ---------------------------------------------------------------------------
+
+LIMITS = {"max_header_bytes": 2048, "max_body_bytes": 1000}
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "error"),
+    [
+        (request("GET", STATUS, HOST, "X-Pad: " + "a" * 3000), 431, "header_fields_too_large"),
+        (
+            request("GET", STATUS, HOST, *(f"X-Pad-{i}: {'a' * 30}" for i in range(100))),
+            431,
+            "header_fields_too_large",
+        ),
+        (request("GET", STATUS + "&pad=" + "a" * 3000, HOST), 414, "uri_too_long"),
+        (request("GET", "/api/sessions/" + "s" * 3000 + "/status", HOST), 414, "uri_too_long"),
+    ],
+    ids=["one_big_header", "many_headers", "long_query", "long_path"],
+)
+@pytest.mark.parametrize("ahead", ["fresh", "aiohttp"])
+async def test_head_over_the_limit_is_refused_and_closed(
+    sims: list[SimInstance],
+    start_router: StartRouter,
+    raw: bytes,
+    status: int,
+    error: str,
+    ahead: str,
+) -> None:
+    port, _ = await serve(start_router, sims, limits=LIMITS)
+    conn = await Conn.open(port)
+    try:
+        await before(conn, ahead)
+        await conn.send(raw)
+        resp = await conn.response()
+        assert (resp.status, resp.error) == (status, error)
+        assert await conn.closed()
+    finally:
+        await conn.close()
+    assert nothing_forwarded(sims)
+
+
+async def test_content_length_over_the_limit_is_413_before_the_body_is_sent(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    port, _ = await serve(start_router, sims, limits=LIMITS)
+    conn = await Conn.open(port)
+    try:
+        head = f"POST {SEND} HTTP/1.1\r\n{HOST}\r\nContent-Type: application/json\r\n"
+        await conn.send(f"{head}Content-Length: 5000\r\n\r\n".encode())  # the body never sent
+        resp = await conn.response()
+        assert (resp.status, resp.error) == (413, "payload_too_large")
+        assert await conn.closed()
+    finally:
+        await conn.close()
+    assert nothing_forwarded(sims)
+
+
+async def test_chunked_body_growing_past_the_limit_is_413(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    port, _ = await serve(start_router, sims, limits=LIMITS)
+    conn = await Conn.open(port)
+    try:
+        head = f"POST {SEND} HTTP/1.1\r\n{HOST}\r\nContent-Type: application/json\r\n"
+        await conn.send(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode())
+        await conn.send(b"258\r\n" + b" " * 600 + b"\r\n")  # 600 bytes: under the limit
+        await conn.send(b"258\r\n" + b" " * 600 + b"\r\n")  # 1200: over it (no end sent)
+        resp = await conn.response()
+        assert (resp.status, resp.error) == (413, "payload_too_large")
+        assert await conn.closed()
+    finally:
+        await conn.close()
+    assert nothing_forwarded(sims)
+
+
+# -- 4. timeouts --------------------------------------------------------------------------------
+
+TIMEOUT_S = 0.3
+TIMEOUTS = {
+    "header_timeout_s": TIMEOUT_S,
+    "body_timeout_s": TIMEOUT_S,
+    "keepalive_timeout_s": TIMEOUT_S,
+}
+
+
+@pytest.mark.parametrize("ahead", ["fresh", "lean", "aiohttp"])
+async def test_half_sent_head_gets_408_and_close(
+    sims: list[SimInstance], start_router: StartRouter, ahead: str
+) -> None:
+    port, _ = await serve(start_router, sims, server=TIMEOUTS)
+    conn = await Conn.open(port)
+    try:
+        await before(conn, ahead)
+        started = time.monotonic()
+        await conn.send(f"GET {STATUS} HTTP/1.1\r\n{HOST}\r\n".encode())  # no blank line
+        resp = await conn.response()
+        assert time.monotonic() - started >= TIMEOUT_S * 0.9
+        assert (resp.status, resp.error) == (408, "request_timeout")
+        assert await conn.closed()
+    finally:
+        await conn.close()
+    assert len(forwarded(sims[0])) == (1 if ahead == "lean" else 0)
+
+
+WEBHOOK = "/api/whatsapp/webhooks/webjs"  # aiohttp's route (the intake), once its head is read
+
+
+@pytest.mark.parametrize(
+    ("ahead", "target"),
+    [("fresh", SEND), ("fresh", WEBHOOK), ("lean", WEBHOOK), ("aiohttp", SEND)],
+    ids=["lean_route", "aiohttp_route", "aiohttp_route_after_lean", "lean_route_after_aiohttp"],
+)
+async def test_half_sent_body_gets_408_and_close(
+    sims: list[SimInstance], start_router: StartRouter, ahead: str, target: str
+) -> None:
+    port, _ = await serve(
+        start_router, sims, server=TIMEOUTS, webhooks={"secrets": ["a-webhook-secret"]}
+    )
+    conn = await Conn.open(port)
+    try:
+        await before(conn, ahead)
+        whole = request("POST", target, HOST, body=SEND_JSON)
+        started = time.monotonic()
+        await conn.send(whole[: len(whole) - len(SEND_JSON) // 2])
+        resp = await conn.response()
+        assert time.monotonic() - started >= TIMEOUT_S * 0.9
+        assert (resp.status, resp.error) == (408, "request_timeout")
+        assert await conn.closed()
+    finally:
+        await conn.close()
+    assert len(forwarded(sims[0])) == (1 if ahead == "lean" else 0)
+    assert nothing_forwarded(sims[1:])
+
+
+@pytest.mark.parametrize("ahead", ["fresh", "lean", "aiohttp"])
+async def test_idle_connection_is_closed_after_its_timeout(
+    sims: list[SimInstance], start_router: StartRouter, ahead: str
+) -> None:
+    """Nothing sent: closed after the header timeout, with no answer; idle after an answer
+    (kept alive): closed after the keep-alive timeout."""
+    port, _ = await serve(start_router, sims, server=TIMEOUTS)
+    conn = await Conn.open(port)
+    try:
+        await before(conn, ahead)
+        started = time.monotonic()
+        assert await conn.closed(), "still open after the keep-alive timeout"
+        assert time.monotonic() - started >= TIMEOUT_S * 0.9
+    finally:
+        await conn.close()
+
+
+# -- 5. the connection cap ----------------------------------------------------------------------
+
+
+async def test_connection_past_the_cap_gets_503_and_a_freed_slot_is_served(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    port, _ = await serve(start_router, sims, server={"max_connections": 3})
+    held = [await Conn.open(port) for _ in range(3)]
+    try:
+        # Each served (so accepted and counted); the last one aiohttp's, the others lean.
+        for conn, target in zip(held, [STATUS, STATUS, "/healthz"], strict=True):
+            await conn.send(request("GET", target, HOST))
+            assert (await conn.response()).status == 200
+        fourth = await Conn.open(port)
+        try:
+            resp = await fourth.response()
+            assert (resp.status, resp.error) == (503, "too_many_connections")
+            assert resp.headers.get("Retry-After") == "1"
+            assert await fourth.closed()
+        finally:
+            await fourth.close()
+        await held.pop(0).close()
+        # The freed slot is seen once the router has noticed the close: until then a new
+        # connection is refused as the fourth was (bounded by the deadline).
+        deadline = time.monotonic() + READ_S
+        while True:
+            conn = await Conn.open(port)
+            await conn.send(request("GET", STATUS, HOST))
+            resp = await conn.response()
+            if resp.status == 200:
+                held.append(conn)
+                break
+            assert resp.error == "too_many_connections"
+            await conn.close()
+            assert time.monotonic() < deadline, "a closed connection never freed its slot"
+            await asyncio.sleep(0.01)
+        assert resp.json()["status"] == "connected"
+    finally:
+        for conn in held:
+            await conn.close()
+
+
+# -- 6. deep JSON -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opener", [b"[", b'{"a":'], ids=["arrays", "objects"])
+async def test_json_nested_past_1024_levels_is_400_not_500(
+    sims: list[SimInstance], start_router: StartRouter, opener: bytes
+) -> None:
+    port, _ = await serve(start_router, sims)
+    closer = b"]" if opener == b"[" else b"}"
+    deep = opener * 1100 + b"1" + closer * 1100
+    body = SEND_JSON[:-1] + b', "deep": ' + deep + b"}"
+    resp, _ = await exchange(port, request("POST", SEND, HOST, body=body))
+    assert (resp.status, resp.error) == (400, "bad_request"), resp
+    assert nothing_forwarded(sims)
+
+
+# -- 7. HEAD, 100-continue, chunked bodies, HTTP/1.0, pipelining, Upgrade ---------------------
+
+
+async def test_head_has_no_body_and_keeps_content_length(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    try:
+        await conn.send(request("GET", STATUS, HOST))
+        got = await conn.response()
+        assert got.status == 200 and got.body
+        await conn.send(request("HEAD", STATUS, HOST))
+        head = await conn.response(head_only=True)
+        assert head.status == 200
+        assert head.headers.get("Content-Length") == str(len(got.body))
+        # A body after the HEAD answer would be read as the next answer's status line.
+        await conn.send(request("GET", STATUS, HOST))
+        again = await conn.response()
+        assert again.status == 200 and again.json()["status"] == "connected"
+    finally:
+        await conn.close()
+    assert [r.method for r in forwarded(sims[0])] == ["GET", "HEAD", "GET"]
+
+
+async def test_expect_100_continue_gets_100_before_the_answer(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    try:
+        whole = request("POST", SEND, HOST, "Expect: 100-continue", body=SEND_JSON)
+        await conn.send(whole[: -len(SEND_JSON)])  # the head only: the body waits for 100
+        interim = await conn.response()
+        assert (interim.status, interim.reason) == (100, "Continue")
+        await conn.send(SEND_JSON)
+        resp = await conn.response()
+        assert resp.status == 200 and resp.json()["message_id"]
+    finally:
+        await conn.close()
+    got = forwarded(sims[0], "POST", SEND)
+    assert len(got) == 1 and got[0].json == json.loads(SEND_JSON)
+    assert "Expect" not in got[0].headers
+
+
+async def test_100_continue_comes_after_the_answers_before_it(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """Pipelined: a GET, then a POST head with `Expect: 100-continue`. The interim answer
+    belongs to the POST, so it must not come before the GET's answer (RFC 9112 9.3.2)."""
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    try:
+        post = request("POST", SEND, HOST, "Expect: 100-continue", body=SEND_JSON)
+        await conn.send(request("GET", STATUS, HOST) + post[: -len(SEND_JSON)])
+        first = await conn.response()
+        assert first.status == 200, f"the GET's answer came after {first}"
+        assert first.json()["status"] == "connected"
+        interim = await conn.response()
+        assert interim.status == 100
+        await conn.send(SEND_JSON)
+        resp = await conn.response()
+        assert resp.status == 200 and resp.json()["message_id"]
+    finally:
+        await conn.close()
+
+
+async def test_chunked_request_body_is_forwarded_whole(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    port, _ = await serve(start_router, sims)
+    head = f"POST {SEND} HTTP/1.1\r\n{HOST}\r\nContent-Type: application/json\r\n"
+    raw = f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + chunked(SEND_JSON, 1, 17, 40)
+    conn = await Conn.open(port)
+    try:
+        await conn.send(raw)
+        resp = await conn.response()
+        assert resp.status == 200, resp
+        assert resp.json()["message_id"]
+    finally:
+        await conn.close()
+    got = forwarded(sims[0], "POST", SEND)
+    assert len(got) == 1 and got[0].json == json.loads(SEND_JSON)
+    assert "Transfer-Encoding" not in got[0].headers or "Content-Length" not in got[0].headers
+
+
+@pytest.mark.parametrize("keep_alive", [False, True])
+async def test_http_10_request_is_answered_and_closed_unless_kept_alive(
+    sims: list[SimInstance], start_router: StartRouter, keep_alive: bool
+) -> None:
+    port, _ = await serve(start_router, sims)
+    extra = ["Connection: keep-alive"] if keep_alive else []
+    conn = await Conn.open(port)
+    try:
+        await conn.send(request("GET", STATUS, HOST, *extra, version="1.0"))
+        resp = await conn.response()
+        assert resp.status == 200 and resp.json()["status"] == "connected"
+        if not keep_alive:
+            assert await conn.closed()
+            return
+        assert resp.headers.get("Connection", "").lower() == "keep-alive"
+        await conn.send(request("GET", STATUS, HOST, *extra, version="1.0"))
+        assert (await conn.response()).status == 200
+    finally:
+        await conn.close()
+
+
+def _send_chunked() -> bytes:
+    head = f"POST {SEND} HTTP/1.1\r\n{HOST}\r\nContent-Type: application/json\r\n"
+    return f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + chunked(SEND_JSON, 30)
+
+
+PIPELINE_THIRD: dict[str, bytes] = {
+    "get": request("GET", STATUS, HOST),
+    "post": request("POST", SEND, HOST, body=SEND_JSON),
+    "post_chunked": _send_chunked(),
+}
+
+
+@pytest.mark.parametrize("third", PIPELINE_THIRD.values(), ids=PIPELINE_THIRD.keys())
+async def test_pipelined_requests_across_the_handover_are_answered_in_order(
+    sims: list[SimInstance], start_router: StartRouter, third: bytes
+) -> None:
+    """A lean route, then /healthz (aiohttp's: the connection is handed over with what was
+    read of it), then a lean route again, all in one write."""
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    try:
+        await conn.send(request("GET", STATUS, HOST) + request("GET", "/healthz", HOST) + third)
+        first, second, last = [await conn.response() for _ in range(3)]
+        assert first.status == 200 and first.json()["status"] == "connected"
+        assert second.status == 200 and second.json() == {"status": "alive"}
+        assert last.status == 200, last
+        assert last.json().get("message_id" if third.startswith(b"POST") else "status")
+        # And the connection still works.
+        await conn.send(request("GET", STATUS, HOST))
+        assert (await conn.response()).json()["status"] == "connected"
+    finally:
+        await conn.close()
+    if third.startswith(b"POST"):
+        got = forwarded(sims[0], "POST", SEND)
+        assert len(got) == 1 and got[0].json == json.loads(SEND_JSON)
+
+
+UPGRADES = {
+    "websocket": (
+        "Connection: Upgrade",
+        "Upgrade: websocket",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    ),
+    "h2c": (
+        "Connection: Upgrade, HTTP2-Settings",
+        "Upgrade: h2c",
+        "HTTP2-Settings: AAMAAABkAAQAAP__",
+    ),
+    "upgrade_without_connection": ("Upgrade: websocket",),
+}
+
+
+@pytest.mark.parametrize("headers", UPGRADES.values(), ids=UPGRADES.keys())
+async def test_upgrade_is_refused_with_a_clear_4xx(
+    sims: list[SimInstance], start_router: StartRouter, headers: tuple[str, ...]
+) -> None:
+    port, _ = await serve(start_router, sims)
+    resp, closed = await exchange(port, request("GET", STATUS, HOST, *headers))
+    assert 400 <= resp.status < 500 and resp.status != 404, resp
+    assert resp.error == "upgrade_refused"
+    assert closed
+    assert nothing_forwarded(sims)
+
+
+# -- 8. nothing of a refused request is logged --------------------------------------------------
+
+MARKER = "zz-secret-marker-91c4"
+_M = MARKER.encode()
+REFUSED_WITH_MARKER: dict[str, bytes] = {
+    "bare_lf": b"GET /api/sessions/" + _M + b"/status?k=" + _M + b" HTTP/1.1\nX-S: " + _M + b"\n\n",
+    "obs_fold": (
+        b"GET /api/sessions/"
+        + _M
+        + b"/status HTTP/1.1\r\nHost: r\r\nX-S: "
+        + _M
+        + b"\r\n "
+        + _M
+        + b"\r\n\r\n"
+    ),
+    "encoded_crlf": (
+        b"GET /api/sessions/" + _M + b"%0d%0a/status?api_key=" + _M + b" HTTP/1.1\r\n"
+        b"Host: r\r\nX-S: " + _M + b"\r\n\r\n"
+    ),
+    "raw_control": b"GET /api/" + _M + b"\x01/x HTTP/1.1\r\nHost: r\r\nX-S: " + _M + b"\r\n\r\n",
+    "no_rule": b"GET /nowhere/" + _M + b" HTTP/1.1\r\nHost: r\r\nX-S: " + _M + b"\r\n\r\n",
+    "dot_segments": (
+        b"GET /api/sessions/%2e%2e/" + _M + b" HTTP/1.1\r\nHost: r\r\nX-S: " + _M + b"\r\n\r\n"
+    ),
+    "content_length_with_te": (
+        b"POST /api/messages/send?x="
+        + _M
+        + b" HTTP/1.1\r\nHost: r\r\nX-S: "
+        + _M
+        + b"\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "header_too_large": (
+        b"GET /api/sessions/"
+        + _M
+        + b"/status HTTP/1.1\r\nHost: r\r\nX-S: "
+        + _M * 400
+        + b"\r\n\r\n"
+    ),
+    "upgrade": (
+        b"GET /api/sessions/" + _M + b"/status HTTP/1.1\r\nHost: r\r\nConnection: Upgrade\r\n"
+        b"Upgrade: " + _M + b"\r\n\r\n"
+    ),
+    # The first request is aiohttp's: the connection, and the malformed one, go to it.
+    "bad_chunk_after_handover": (
+        b"GET /healthz?x=" + _M + b" HTTP/1.1\r\nHost: r\r\n\r\n"
+        b"POST /api/messages/send?x="
+        + _M
+        + b" HTTP/1.1\r\nHost: r\r\nX-S: "
+        + _M
+        + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + _M
+        + b"\r\n\r\n"
+    ),
+    "bad_chunk": (
+        b"POST /api/messages/send?x="
+        + _M
+        + b" HTTP/1.1\r\nHost: r\r\nX-S: "
+        + _M
+        + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + _M
+        + b"\r\n\r\n"
+    ),
+}
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """The router's log (structlog and the standard library's loggers) as JSON lines."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    buf = io.StringIO()
+    setup_logging(LogConfig(level="debug", format="json"), stream=buf)
+    try:
+        yield buf
+    finally:
+        structlog.reset_defaults()
+        root.handlers, root.level = handlers, level
+
+
+@pytest.mark.parametrize("raw", REFUSED_WITH_MARKER.values(), ids=REFUSED_WITH_MARKER.keys())
+async def test_refused_request_line_and_headers_are_never_logged(
+    sims: list[SimInstance],
+    start_router: StartRouter,
+    json_log: io.StringIO,
+    capfd: pytest.CaptureFixture[str],
+    raw: bytes,
+) -> None:
+    port, _ = await serve(start_router, sims, limits={"max_header_bytes": 2048})
+    conn = await Conn.open(port)
+    try:
+        await conn.send(raw)
+        answered = await conn.read_to_end()
+    finally:
+        await conn.close()
+    assert answered.startswith(b"HTTP/1."), answered
+    out = json_log.getvalue()
+    assert "router_started" in out  # the capture does see the router
+    if not raw.startswith(b"GET /healthz"):
+        assert "request_refused" in out
+    captured = capfd.readouterr()
+    for where, text in (("log", out), ("stdout", captured.out), ("stderr", captured.err)):
+        assert MARKER not in text, f"{MARKER} in the {where}: {text}"
+    assert nothing_forwarded(sims)
+
+
+# -- 9. the client key, swapped for the Node key ------------------------------------------------
+
+CLIENT_KEY = "client-key-of-laravel"
+
+
+@pytest.mark.parametrize("key_in_body", [False, True], ids=["query_only", "query_and_body"])
+async def test_client_key_in_the_query_is_replaced_by_the_node_key(
+    sims: list[SimInstance], start_router: StartRouter, key_in_body: bool
+) -> None:
+    port, _ = await serve(start_router, sims, upstream={"client_keys": [CLIENT_KEY]})
+    doc = {k: v for k, v in send_body("s1").items() if k != "api_key"}
+    if key_in_body:
+        doc["api_key"] = CLIENT_KEY
+    body = json.dumps(doc).encode()
+    resp, _ = await exchange(port, request("POST", f"{SEND}?api_key={CLIENT_KEY}", HOST, body=body))
+    assert resp.status == 200, resp
+    got = forwarded(sims[0], "POST", SEND)
+    assert len(got) == 1
+    assert got[0].json == {**doc, "api_key": API_KEY}  # the Node key, in the body
+    assert CLIENT_KEY not in got[0].query.values(), f"client key forwarded: {got[0].query}"
+    assert CLIENT_KEY not in json.dumps(dict(got[0].headers))

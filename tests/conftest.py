@@ -54,6 +54,8 @@ def free_port() -> int:
 # CI runs the request-path tests once more with the other upstream client. (Not WA_ROUTER_*:
 # a router started as a subprocess would read that as a config override.)
 UPSTREAM_CLIENT = os.environ.get("WA_TEST_UPSTREAM_CLIENT")
+# CI runs the request-path tests once more with every request through aiohttp.
+FRONT = os.environ.get("WA_TEST_FRONT")
 
 
 def pool_config(sims: list[SimInstance], **sections: Any) -> Config:
@@ -61,6 +63,8 @@ def pool_config(sims: list[SimInstance], **sections: Any) -> Config:
     raw.update(sections)
     if UPSTREAM_CLIENT:
         raw["upstream"] = {**raw.get("upstream", {}), "client": UPSTREAM_CLIENT}
+    if FRONT:
+        raw["server"] = {**raw.get("server", {}), "front": FRONT}
     return config_from_dict(raw)
 
 

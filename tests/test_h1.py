@@ -7,11 +7,14 @@ import datetime
 import hashlib
 import ipaddress
 import json
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httptools
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -22,9 +25,19 @@ from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 from yarl import URL
 
-from wa_router.errors import ConnectFailed, ConnectTimeout, Disconnected, ReadTimeout
+from wa_router.errors import (
+    ConnectFailed,
+    ConnectTimeout,
+    Disconnected,
+    NotReached,
+    PoolTimeout,
+    ReadTimeout,
+    SentNoAnswer,
+    UpstreamError,
+)
 from wa_router.forward import UpstreamRequest
 from wa_router.h1 import LeanForwarder
+from wa_router.h1errors import Closed, Closing, Phase, upstream_error
 from wa_router.pool import Instance
 
 from .conftest import free_port, wait_for
@@ -125,9 +138,20 @@ def answering(*answers: bytes, then_close: bool = False) -> Any:
     return script
 
 
+def lean(
+    *, connect_timeout_s: float, keepalive_s: float, limit_per_host: int, pool_wait_s: float = 5.0
+) -> LeanForwarder:
+    return LeanForwarder(
+        connect_timeout_s=connect_timeout_s,
+        keepalive_s=keepalive_s,
+        limit_per_host=limit_per_host,
+        pool_wait_s=pool_wait_s,
+    )
+
+
 @pytest.fixture
 async def fw() -> AsyncIterator[LeanForwarder]:
-    f = LeanForwarder(connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=8)
+    f = lean(connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=8)
     await f.start()
     yield f
     await f.close()
@@ -226,7 +250,7 @@ async def test_one_connection_serves_sequential_requests(fw: LeanForwarder) -> N
 
 
 async def test_idle_connection_older_than_keepalive_is_not_reused() -> None:
-    f = LeanForwarder(connect_timeout_s=1.0, keepalive_s=0.05, limit_per_host=8)
+    f = lean(connect_timeout_s=1.0, keepalive_s=0.05, limit_per_host=8)
     await f.start()
     loop = asyncio.get_running_loop()
     async with Raw(answering(OK)) as srv:
@@ -293,11 +317,53 @@ async def test_release_without_reading_closes_the_connection(fw: LeanForwarder) 
         assert srv.connections == 2
 
 
+@pytest.mark.parametrize(
+    ("method", "answer"),
+    [
+        ("GET", OK + b"X"),
+        ("GET", OK + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nokX"),
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    ],
+    ids=["garbage", "a second answer", "after close", "a HEAD answer's body"],
+)
+async def test_bytes_past_the_answer_in_its_read_are_never_reused(
+    fw: LeanForwarder, method: str, answer: bytes
+) -> None:
+    async with Raw(answering(answer)) as srv:
+        for _ in range(2):
+            resp = await fw.send(srv.inst, req(method=method))
+            assert resp.status == 200
+            assert await resp.read() == (b"" if method == "HEAD" else b"ok")
+            resp.release()
+        assert srv.connections == 2
+
+
+async def test_head_answer_without_a_length_keeps_the_connection(fw: LeanForwarder) -> None:
+    async with Raw(answering(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n")) as srv:
+        for _ in range(3):
+            resp = await fw.send(srv.inst, req(method="HEAD"))
+            assert resp.headers["X-A"] == "1" and await resp.read() == b""
+            resp.release()
+        assert srv.connections == 1
+
+
+async def test_whole_small_answer_is_read_without_waiting(fw: LeanForwarder) -> None:
+    async with Raw(answering(OK)) as srv:
+        resp = await fw.send(srv.inst, req())
+        reading = resp.read()
+        with pytest.raises(StopIteration) as done:
+            reading.send(None)  # it completes at its first step: no await on the loop
+        assert done.value.value == b"ok"
+        resp.release()
+        assert fw.stats()[srv.url] == (1, 1)
+
+
 # -- body framing ---------------------------------------------------------------------------
 
 CHUNKED = (
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"5;name=value\r\nhello\r\n6 ; ext\r\n world\r\n0\r\nX-Trailer: t\r\nX-More: m\r\n\r\n"
+    b"5;name=value\r\nhello\r\n6;ext\r\n world\r\n0\r\nX-Trailer: t\r\nX-More: m\r\n\r\n"
 )
 
 
@@ -339,6 +405,25 @@ async def test_answer_read_until_close(fw: LeanForwarder) -> None:
         assert await get(fw, srv.inst) == b"until the end"
         assert await get(fw, srv.inst) == b"until the end"
         assert srv.connections == 2
+
+
+async def test_answer_until_close_cut_by_a_reset_is_disconnected(fw: LeanForwarder) -> None:
+    async def reset(srv: Raw, r: Reader, w: Writer) -> None:
+        await srv.next(r)
+        w.write(b"HTTP/1.1 200 OK\r\n\r\npart")
+        await w.drain()
+        await srv.gate.wait()
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.transport.abort()  # an RST: the end of the body cannot be told from a cut
+
+    async with Raw(reset) as srv:
+        resp = await fw.send(srv.inst, req())
+        srv.gate.set()
+        with pytest.raises(Disconnected, match="broken off"):
+            await resp.read()
+        resp.release()
+        assert fw.stats()[srv.url] == (0, 0)
 
 
 async def test_bodyless_answers_do_not_wait_for_a_body(fw: LeanForwarder) -> None:
@@ -414,7 +499,7 @@ async def test_connect_refused(fw: LeanForwarder) -> None:
 
 
 async def test_connect_timeout(fw: LeanForwarder, monkeypatch: pytest.MonkeyPatch) -> None:
-    f = LeanForwarder(connect_timeout_s=0.05, keepalive_s=2.0, limit_per_host=8)
+    f = lean(connect_timeout_s=0.05, keepalive_s=2.0, limit_per_host=8)
     await f.start()
     loop = asyncio.get_running_loop()
 
@@ -494,6 +579,10 @@ async def test_close_mid_body_is_disconnected(fw: LeanForwarder, answer: bytes, 
     "answer",
     [
         b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 099 OK\r\n\r\n",
+        b"HTTP/2.0 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: 1\rX-B: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n",
         b"ICY 200 OK\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nNo colon\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-A : 1\r\n\r\n",
@@ -505,15 +594,24 @@ async def test_close_mid_body_is_disconnected(fw: LeanForwarder, answer: bytes, 
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70_000 + b"\r\n\r\n",
     ],
 )
-async def test_malformed_head_is_disconnected(fw: LeanForwarder, answer: bytes) -> None:
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_malformed_head_is_disconnected(
+    fw: LeanForwarder, answer: bytes, method: str
+) -> None:
     async with Raw(answering(answer)) as srv:
         with pytest.raises(Disconnected, match="malformed"):
-            await fw.send(srv.inst, req())
+            await fw.send(srv.inst, req(method=method))
         assert fw.stats()[srv.url] == (0, 0)
 
 
-async def test_malformed_chunk_size_is_disconnected(fw: LeanForwarder) -> None:
-    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n"
+@pytest.mark.parametrize(
+    "chunk",
+    # llhttp (like Node's own client) takes no whitespace around a chunk extension's ";".
+    [b"-5\r\nhello", b"5 ;ext\r\nhello", b"5; ext\r\nhello"],
+    ids=["negative", "space-before-ext", "space-after-ext"],
+)
+async def test_malformed_chunk_size_is_disconnected(fw: LeanForwarder, chunk: bytes) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk + b"\r\n0\r\n\r\n"
     async with Raw(answering(answer)) as srv:
         resp = await fw.send(srv.inst, req())
         with pytest.raises(Disconnected, match="malformed"):
@@ -534,7 +632,7 @@ def gated(srv: Raw, r: Reader, w: Writer) -> Awaitable[None]:
 
 
 async def test_limit_per_host_is_respected() -> None:
-    f = LeanForwarder(connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=2)
+    f = lean(connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=2)
     await f.start()
     async with Raw(gated) as srv:
         calls = [asyncio.create_task(get(f, srv.inst)) for _ in range(5)]
@@ -546,8 +644,25 @@ async def test_limit_per_host_is_respected() -> None:
     await f.close()
 
 
+async def test_wait_for_a_free_connection_is_bounded_and_sends_nothing() -> None:
+    f = lean(connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=1, pool_wait_s=0.05)
+    await f.start()
+    async with Raw(gated) as srv:
+        first = asyncio.create_task(get(f, srv.inst))
+        await wait_for(lambda: len(srv.requests) == 1, what="the first request in")
+        with pytest.raises(PoolTimeout, match=r"all 1 busy for 0\.05 s") as failed:
+            await f.send(srv.inst, req("/second"))
+        assert isinstance(failed.value, NotReached)  # safe to send elsewhere
+        srv.gate.set()
+        assert await first == b"ok"
+        assert len(srv.requests) == 1  # the second never left
+        assert await get(f, srv.inst) == b"ok"  # its turn was not kept
+        assert f.stats()[srv.url] == (1, 1) and srv.connections == 1
+    await f.close()
+
+
 async def test_cancelled_waiter_gives_its_turn_away() -> None:
-    f = LeanForwarder(connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=1)
+    f = lean(connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=1)
     await f.start()
     async with Raw(gated) as srv:
         first = asyncio.create_task(get(f, srv.inst))
@@ -562,7 +677,7 @@ async def test_cancelled_waiter_gives_its_turn_away() -> None:
 
 
 async def test_close_fails_waiters_and_closes_released_connections() -> None:
-    f = LeanForwarder(connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=1)
+    f = lean(connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=1)
     await f.start()
     async with Raw(gated) as srv:
         first = asyncio.create_task(get(f, srv.inst))
@@ -577,6 +692,45 @@ async def test_close_fails_waiters_and_closes_released_connections() -> None:
         await wait_for(lambda: srv.open == 0, what="...and its connection is closed")
         with pytest.raises(RuntimeError):
             await f.send(srv.inst, req())
+
+
+# -- the error table ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("phase", "exc", "expected", "detail"),
+    [
+        (Phase.WAIT, TimeoutError("all 8 busy for 2 s"), PoolTimeout, "no free connection"),
+        (Phase.WAIT, Closing(), ConnectFailed, "the forwarder is closing"),
+        (Phase.CONNECT, TimeoutError(), ConnectTimeout, "connect timed out"),
+        (Phase.CONNECT, ConnectionRefusedError(111, "x"), ConnectFailed, "Connection refused"),
+        (Phase.CONNECT, OSError(None, "Multiple exceptions"), ConnectFailed, "Multiple"),
+        (Phase.CONNECT, ssl.SSLCertVerificationError(1, "bad"), ConnectFailed, "TLS"),
+        (Phase.CONNECT, Closed(), ConnectFailed, None),
+        (Phase.HEAD, TimeoutError(), ReadTimeout, "no answer"),
+        (Phase.HEAD, Closed(), Disconnected, "before the answer"),
+        (Phase.HEAD, ConnectionResetError(104, "x"), Disconnected, "before the answer"),
+        (Phase.HEAD, httptools.HttpParserError("bad"), Disconnected, "malformed response: bad"),
+        (Phase.BODY, TimeoutError(), ReadTimeout, "no data"),
+        (Phase.BODY, Closed(ConnectionResetError(104, "reset")), Disconnected, "broken off: "),
+        (Phase.BODY, httptools.HttpParserError("bad"), Disconnected, "malformed response: bad"),
+    ],
+)
+def test_one_table_says_what_each_failure_means(
+    phase: Phase, exc: Exception, expected: type[UpstreamError], detail: str | None
+) -> None:
+    got = upstream_error("up", phase, exc)
+    assert type(got) is expected and got.instance == "up"
+    # Before the write nothing was sent (safe to re-send anywhere); after it, maybe processed.
+    sent = phase in (Phase.HEAD, Phase.BODY)
+    assert isinstance(got, SentNoAnswer if sent else NotReached)
+    if detail is not None:
+        assert detail in got.detail
+
+
+def test_what_the_table_does_not_know_goes_through() -> None:
+    assert upstream_error("up", Phase.HEAD, ValueError("a bug")) is None
+    assert upstream_error("up", Phase.WAIT, OSError("not while waiting")) is None
 
 
 # -- TLS and uvloop -------------------------------------------------------------------------
@@ -641,7 +795,7 @@ def test_under_uvloop() -> None:
     big = bytes(range(256)) * 16384  # 4 MiB: reading pauses and resumes
 
     async def scenario() -> None:
-        f = LeanForwarder(connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=2)
+        f = lean(connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=2)
         await f.start()
         head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(big)}\r\n\r\n".encode()
         async with Raw(answering(OK, CHUNKED, head + big)) as srv:

@@ -8,6 +8,7 @@ import json
 import pytest
 from multidict import CIMultiDict
 
+from wa_router import errors
 from wa_router.apikeys import KeyPolicy
 from wa_router.config import InstanceConfig, ProfileConfig
 from wa_router.errors import (
@@ -193,3 +194,16 @@ def test_a_reloaded_pool_keeps_its_members_state_and_names_what_changed() -> Non
     # A member whose URL changed is a new member (nothing known of it yet).
     added, removed = pool.set_instances([InstanceConfig("a", "http://127.0.0.1:4001")])
     assert (added, removed) == (["a"], ["a", "c"]) and pool.get("a") is not kept
+
+
+@pytest.mark.parametrize(
+    ("exc", "down"),
+    [
+        (errors.ConnectFailed("n", "refused"), True),
+        (errors.Disconnected("n", "reset"), True),
+        (errors.PoolTimeout("n", "all 256 busy"), False),  # busy is alive
+        (errors.ReadTimeout("n", "slow"), False),
+    ],
+)
+def test_which_failures_make_an_instance_suspect(exc: errors.UpstreamError, down: bool) -> None:
+    assert errors.says_down(exc) is down

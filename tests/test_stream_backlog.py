@@ -401,7 +401,9 @@ async def relay_for(
     from wa_router.forward import AiohttpForwarder
     from wa_router.stream_relay import StreamRelay
 
-    forwarder = AiohttpForwarder(connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=16)
+    forwarder = AiohttpForwarder(
+        connect_timeout_s=1.0, keepalive_s=2.0, limit_per_host=16, pool_wait_s=1.0
+    )
     await forwarder.start()
     relay = Relay(
         forwarder,

@@ -102,7 +102,15 @@ def build_backlog(
     return streams, StreamRelay(streams, relay, claim_after_s=wh.claim_after_s)
 
 
-def build_router(cfg: Config, *, store: Store | None = None, worker: int | None = None) -> Router:
+def build_router(
+    cfg: Config,
+    *,
+    store: Store | None = None,
+    worker: int | None = None,
+    forwarder: Forwarder | None = None,
+) -> Router:
+    """Every part, wired; `store` and `forwarder` replace the configured ones (tests give
+    the memory ones: memforward.py)."""
     profile = build_profile(cfg.profile, cfg.rules)
     pool = Pool(
         cfg.instances,
@@ -119,12 +127,14 @@ def build_router(cfg: Config, *, store: Store | None = None, worker: int | None 
         cache_max_entries=cfg.directory.cache_max_entries,
         breaker=breaker,
     )
-    client = LeanForwarder if cfg.upstream.client == "lean" else AiohttpForwarder
-    forwarder = client(
-        connect_timeout_s=cfg.upstream.connect_timeout_s,
-        keepalive_s=cfg.upstream.keepalive_s,
-        limit_per_host=cfg.upstream.max_connections_per_instance,
-    )
+    if forwarder is None:
+        client = LeanForwarder if cfg.upstream.client == "lean" else AiohttpForwarder
+        forwarder = client(
+            connect_timeout_s=cfg.upstream.connect_timeout_s,
+            keepalive_s=cfg.upstream.keepalive_s,
+            limit_per_host=cfg.upstream.max_connections_per_instance,
+            pool_wait_s=cfg.upstream.pool_wait_s,
+        )
     discovery = Discovery(
         pool=pool,
         profile=profile,

@@ -135,6 +135,9 @@ class UpstreamConfig:
     # can be written into a socket Node is closing (and we cannot tell whether it ran).
     keepalive_s: float = 2.0
     max_connections_per_instance: int = 256
+    # A request finding all of an instance's connections busy waits this long for one, then
+    # fails as not reached (nothing was sent: it may go elsewhere, or get a 502).
+    pool_wait_s: float = 2.0
     # The Node api key: the router's own calls (sync) use it, and it is injected into the
     # requests of callers that present one of `client_keys` (nobody else's).
     api_key: str | None = None

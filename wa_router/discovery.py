@@ -20,7 +20,7 @@ from urllib.parse import quote
 import structlog
 
 from .directory import Directory
-from .errors import NotReached, UpstreamError
+from .errors import NotReached, UpstreamError, says_down
 from .forward import Forwarder, fetch
 from .pool import Instance, Pool, State
 from .profiles import Profile
@@ -228,7 +228,8 @@ class Discovery:
         try:
             answer = await fetch(self._forwarder, inst, req, self._probe_timeout_s)
         except NotReached as exc:
-            self._pool.mark_suspect(inst, exc.detail)
+            if says_down(exc):
+                self._pool.mark_suspect(inst, exc.detail)
             return Probe(inst.name, ERROR, detail=exc.detail)
         except UpstreamError as exc:
             return Probe(inst.name, ERROR, detail=exc.detail)

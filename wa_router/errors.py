@@ -6,13 +6,15 @@
      └── UpstreamError             one attempt at an upstream instance failed
           ├── NotReached           the request never reached the instance: safe to re-send
           │    ├── ConnectFailed   refused / reset / unreachable before sending
-          │    └── ConnectTimeout
+          │    ├── ConnectTimeout
+          │    └── PoolTimeout     no free pooled connection within upstream.pool_wait_s
           └── SentNoAnswer         the request was sent, no (complete) answer came back:
                │                   a POST may have been processed, never re-sent blindly
                ├── ReadTimeout
                └── Disconnected    the connection closed before the response head
 
-Third-party exceptions (aiohttp's) are mapped to these in exactly one place: `forward.py`.
+Third-party exceptions are mapped to these in one place per client: aiohttp's in
+`forward.py`, the lean client's (OSError, timeouts, httptools') in `h1errors.py`'s table.
 """
 
 from __future__ import annotations
@@ -74,6 +76,16 @@ class ConnectFailed(NotReached):
 
 class ConnectTimeout(NotReached):
     pass
+
+
+class PoolTimeout(NotReached):
+    """Every connection to the instance stayed busy for the whole wait: nothing was sent."""
+
+
+def says_down(exc: UpstreamError) -> bool:
+    """Whether a failure is evidence the instance is down (a suspect for the health check):
+    a refused or broken connection is; every pooled connection busy is not (it is alive)."""
+    return isinstance(exc, NotReached | Disconnected) and not isinstance(exc, PoolTimeout)
 
 
 class SentNoAnswer(UpstreamError):

@@ -61,7 +61,14 @@ class UpstreamResponse(Protocol):
 
 
 class Forwarder(Protocol):
+    """One attempt per `send`; `start` before the first (in the running loop), `close`
+    after the last (connections closed, requests waiting for one fail as not reached)."""
+
+    async def start(self) -> None: ...
+
     async def send(self, instance: Instance, request: UpstreamRequest) -> UpstreamResponse: ...
+
+    async def close(self) -> None: ...
 
 
 def strip_hop_by_hop(
@@ -142,9 +149,15 @@ class AiohttpForwarder:
     decompression (bytes and `Content-Encoding` pass through unchanged)."""
 
     def __init__(
-        self, *, connect_timeout_s: float, keepalive_s: float, limit_per_host: int
+        self,
+        *,
+        connect_timeout_s: float,
+        keepalive_s: float,
+        limit_per_host: int,
+        pool_wait_s: float,
     ) -> None:
         self._connect_timeout_s = connect_timeout_s
+        self._pool_wait_s = pool_wait_s
         self._keepalive_s = keepalive_s
         self._limit_per_host = limit_per_host
         self._session: aiohttp.ClientSession | None = None
@@ -172,9 +185,13 @@ class AiohttpForwarder:
         t = self._timeouts.get(read_s)
         if t is None:
             # sock_read bounds the wait for each read, the response head included; there is
-            # no total so a long streamed answer is not cut while data keeps coming.
+            # no total so a long streamed answer is not cut while data keeps coming. aiohttp's
+            # `connect` covers the wait for a free pooled connection and the connect after it.
             t = aiohttp.ClientTimeout(
-                total=None, sock_connect=self._connect_timeout_s, sock_read=read_s
+                total=None,
+                connect=self._pool_wait_s + self._connect_timeout_s,
+                sock_connect=self._connect_timeout_s,
+                sock_read=read_s,
             )
             self._timeouts[read_s] = t
         return t

@@ -1,225 +1,364 @@
-"""One HTTP/1.1 answer read from a lean-client connection (`h1.py`): the head parsed in pure
-Python from the protocol's buffer, the body framed by RFC 9112 6.3 (Content-Length, chunked
-with extensions ignored and trailers dropped, or until close), then the connection handed
-back to its pool or dropped.
+"""One pooled upstream connection (an asyncio Protocol) and the answers read from it.
+
+llhttp (httptools' `HttpResponseParser`, one per answer) parses each answer as its bytes
+arrive, in `data_received`: the head into `status`/`reason`/`headers`, the body into a queue
+that `read()` and `chunks()` take from (reading pauses while the queue is over a high-water
+mark). Body framing is llhttp's (RFC 9112 6.3: Content-Length, chunked with extensions
+ignored and trailers dropped, or until close); it refuses Content-Length together with
+Transfer-Encoding, bare CR or LF, obsolete line folding and the like. An answer is then
+handed back to the pool (`Pool.put`) or its connection dropped (`Pool.drop`).
+
+Failures are raised as `errors.py` says, through `h1errors.mapped` (the one table).
 """
 
 from __future__ import annotations
 
-import re
+import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Protocol, cast
 
+import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .errors import Disconnected
+from .h1errors import Closed, Phase, mapped
 
-
-class _Host(Protocol):
-    """The pool a connection goes back to (h1.py's): what an answer needs of it."""
-
-    @property
-    def name(self) -> str: ...
-
-    def put(self, conn: Any) -> None: ...
-
-    def drop(self, conn: Any) -> None: ...
-
-
-class _Conn(Protocol):
-    """One pooled connection (h1.py's), as the answer reads it: its buffer, whether more
-    can come, and the pool it belongs to. A narrow view, so this module needs no h1."""
-
-    @property
-    def host(self) -> _Host: ...
-
-    buf: bytearray
-    closed: bool
-    error: Exception | None
-
-    async def more(self, head: bool = False) -> None: ...
-
-    def take(self, n: int) -> bytes: ...
-
-
-MAX_HEAD_BYTES = 64 * 1024
-_MAX_LINE_BYTES = 8 * 1024  # a chunk-size or trailer line
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
-# Body framing (RFC 9112 6.3); _DONE once the body is read to its end.
-_DONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = -1, 0, 1, 2
+MAX_HEAD_BYTES = 64 * 1024  # all heads of one answer, interim ones included
+# Reading pauses past this much unconsumed body, so a slow caller cannot make us buffer a
+# fast instance's whole answer (backpressure, like aiohttp's StreamReader high-water mark).
+_HIGH_WATER = 1024 * 1024
 # Header text is utf-8 with surrogateescape both ways: that is how aiohttp's server decodes the
 # caller's headers and how it encodes the ones we relay, so any byte goes through unchanged.
 _CODEC = ("utf-8", "surrogateescape")
+_BODYLESS_STATUSES = frozenset({204, 304})
+
+
+class Pool(Protocol):
+    """What a connection and its answers need of the pool they belong to (h1.py's)."""
+
+    name: str  # the instance's, for errors
+    loop: asyncio.AbstractEventLoop
+
+    def put(self, conn: Conn) -> None: ...
+
+    def drop(self, conn: Conn) -> None: ...
+
+    def forget(self, conn: Conn) -> None: ...
+
+
+class Conn(asyncio.Protocol):
+    """One keep-alive connection: bytes go to the answer being read, if any."""
+
+    tr: asyncio.Transport
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.answer: H1Response | None = None
+        self.closed = False  # EOF or connection lost: no more bytes will come
+        self.idle = False
+        self.idle_at = 0.0
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.tr = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
+
+    def data_received(self, data: bytes) -> None:
+        answer = self.answer
+        if answer is None:
+            # Nothing was asked: the stream is out of step (or a 408 before a close), so the
+            # next answer read from it could be the wrong one.
+            self.tr.close()
+            return
+        answer.feed(data)
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        if self.answer is not None:
+            self.answer.ended(None)
+        return False  # close our side too: an HTTP/1.1 connection is not half-open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.answer is not None:
+            self.answer.ended(exc)
+        elif self.idle:
+            self.pool.forget(self)
+
+    def pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.tr.pause_reading()
+
+    def resume(self) -> None:
+        # Paused only while the queue is over the mark: so a reader waiting for bytes is
+        # never stalled, and an idle connection still sees the server's close.
+        if self.paused:
+            self.paused = False
+            self.tr.resume_reading()
 
 
 class H1Response:
-    __slots__ = ("_body", "_conn", "_keep", "_left", "_mode", "headers", "reason", "status")
+    """One answer: the httptools parser's callbacks fill it as `Conn` feeds it bytes."""
+
+    __slots__ = (
+        "_closed",
+        "_conn",
+        "_done",
+        "_error",
+        "_fed",
+        "_fields",
+        "_final",
+        "_head_size",
+        "_heads",
+        "_interim",
+        "_keep",
+        "_parser",
+        "_pieces",
+        "_queued",
+        "_read_s",
+        "_reason",
+        "_stray",
+        "_until_close",
+        "_waiter",
+        "_whole",
+        "headers",
+        "reason",
+        "status",
+    )
     status: int
     reason: str
     headers: CIMultiDictProxy[str]
 
-    def __init__(self, conn: _Conn) -> None:
-        self._conn: _Conn | None = conn
-        self._body: bytes | None = None
+    def __init__(self, conn: Conn, method: str, read_s: float) -> None:
+        self._conn: Conn | None = conn
+        self._read_s = read_s
+        self._parser = httptools.HttpResponseParser(self)
+        # HEAD: llhttp is fed whole heads only (see `_feed_heads`).
+        self._heads: bytearray | None = bytearray() if method == "HEAD" else None
+        self._fields: CIMultiDict[str] = CIMultiDict()
+        self._reason = b""
+        self._head_size = 0  # status text and fields of the heads so far
+        self._fed = 0  # bytes fed before the final head was whole
+        self._interim = False  # in a 1xx interim answer, skipped
+        self._final = False  # the final head is parsed: status, reason, headers are set
+        self._done = False  # the whole answer is parsed
+        self._keep = False
+        self._until_close = False
+        self._stray = False  # bytes came past the answer
+        self._pieces: deque[bytes] = deque()
+        self._queued = 0
+        self._error: Exception | None = None
+        self._closed: Closed | None = None
+        self._waiter: asyncio.Future[bool] | None = None
+        self._whole: bytes | None = None
+        conn.answer = self
 
-    async def _head(self, conn: _Conn, method: str) -> None:
-        buf = conn.buf
-        start = 0
-        while True:
-            end = buf.find(b"\r\n\r\n", start)
-            if end < 0:
-                if len(buf) > MAX_HEAD_BYTES:
-                    raise Disconnected(conn.host.name, "malformed response: head too large")
-                start = max(0, len(buf) - 3)
-                await conn.more(head=True)
-                continue
-            if end > MAX_HEAD_BYTES:
-                raise Disconnected(conn.host.name, "malformed response: head too large")
-            try:
-                final = self._parse(bytes(buf[:end]), method)
-            except ValueError as exc:
-                raise Disconnected(conn.host.name, f"malformed response: {exc}") from None
-            del buf[: end + 4]
-            if final:
-                return
-            start = 0  # a 1xx interim answer (100 Continue, 103 Early Hints): skip it
+    # -- fed by the connection ----------------------------------------------------------------
 
-    def _parse(self, head: bytes, method: str) -> bool:
-        """Status, headers and body framing from a head; False for an interim 1xx."""
-        text = head.decode(*_CODEC)
-        lines = text.split("\r\n")
-        # A bare CR or LF inside a line would smuggle a line break into a relayed header.
-        if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
-            raise ValueError("bare CR or LF")
-        version, _, rest = lines[0].partition(" ")
-        code, _, self.reason = rest.partition(" ")
-        if version not in ("HTTP/1.1", "HTTP/1.0") or not (code.isascii() and code.isdigit()):
-            raise ValueError("bad status line")
-        status = self.status = int(code)
-        if len(code) != 3 or status < 100:
-            raise ValueError("bad status code")
-        headers: CIMultiDict[str] = CIMultiDict()
-        add = headers.add
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            # RFC 9112 5.1/5.2: no whitespace around the name, no obsolete line folding.
-            if not colon or not name or name != name.strip():
-                raise ValueError("bad header line")
-            add(name, value.strip(" \t"))
-        if status < 200 and status != 101:
-            return False
-        self.headers = CIMultiDictProxy(headers)
-        te = headers.get("Transfer-Encoding")
-        cl = headers.get("Content-Length")
-        self._left = 0
-        self._mode = _LENGTH
-        if method == "HEAD" or status < 200 or status in (204, 304):  # RFC 9112 6.3 rules 1-2
-            pass
-        elif te is not None:
-            if cl is not None:  # RFC 9112 6.3 rule 3: a smuggling signal, handled as an error
-                raise ValueError("both Transfer-Encoding and Content-Length")
-            chunked = te.rpartition(",")[2].strip().lower() == "chunked"
-            self._mode = _CHUNKED if chunked else _UNTIL_CLOSE
-        elif cl is not None:
-            if len(set(headers.getall("Content-Length"))) > 1 or not (
-                cl.isascii() and cl.isdigit()
-            ):
-                raise ValueError("bad Content-Length")
-            self._left = int(cl)
-        else:
-            self._mode = _UNTIL_CLOSE
-        # RFC 9112 9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive".
-        keep = version == "HTTP/1.1"
-        if "Connection" in headers:
-            tokens = ",".join(headers.getall("Connection")).lower()
-            if tokens == "keep-alive":  # what Node sends: skip the split
-                keep = True
+    def feed(self, data: bytes) -> None:
+        if self._done:
+            self._stray = True  # the stream is out of step: never reused
+            return
+        if self._error is not None:
+            return  # llhttp stopped at the error; the connection is dropped with the answer
+        try:
+            if self._heads is None:
+                self._parser.feed_data(data)
             else:
-                names = [t.strip() for t in tokens.split(",")]
-                keep = "keep-alive" in names if version == "HTTP/1.0" else "close" not in names
-        self._keep = keep and self._mode != _UNTIL_CLOSE and status != 101
-        return True
+                self._feed_heads(data)
+            if not self._final:
+                self._fed += len(data)
+                if self._fed > MAX_HEAD_BYTES:
+                    raise httptools.HttpParserError("head too large")
+        except httptools.HttpParserUpgrade:
+            pass  # a 101's head is its whole answer; what follows is not HTTP (never reused)
+        except httptools.HttpParserError as exc:
+            if self._done:
+                self._stray = True  # not a valid answer after ours: bytes past the answer
+            else:
+                # A check of ours raised in a callback: llhttp reports "callback error".
+                own = exc.__context__
+                self._error = own if isinstance(own, httptools.HttpParserError) else exc
+        if self._queued > _HIGH_WATER and self._conn is not None:
+            self._conn.pause()
+        self._wake(True)
+
+    def _feed_heads(self, data: bytes) -> None:
+        # A HEAD answer announces a body it does not have, and httptools gives no way to tell
+        # llhttp so (on_headers_complete cannot return "skip the body"). So llhttp gets one
+        # whole head at a time, cut at its blank line (a strict CRLF parser accepts no other
+        # end), and never what follows the final one.
+        pending = self._heads
+        assert pending is not None
+        pending += data
+        while not self._final:
+            end = pending.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(pending[: end + 4])
+            del pending[: end + 4]
+            self._parser.feed_data(head)
+        if pending:
+            self._stray = True
+
+    def ended(self, exc: Exception | None) -> None:
+        """EOF (None) or the connection lost (`exc` when reset)."""
+        if self._done or self._closed is not None:
+            return
+        if exc is None and self._final and self._until_close:
+            self._done = True  # a body framed by the close: this was its end
+        else:
+            self._closed = Closed(exc)  # a reset: we cannot tell the end from a cut
+        self._wake(True)
+
+    # -- httptools' callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._done:
+            self._stray = True
+            raise httptools.HttpParserError("bytes past the answer")  # stop parsing them
+        self._fields = CIMultiDict()
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._head_size += len(status)
+        self._reason += status  # in pieces when the status line is split across reads
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._final:
+            return  # a trailer field: not relayed (RFC 9110 6.5.1)
+        self._head_size += len(name) + len(value) + 4
+        # llhttp drops the leading whitespace of a value, not the trailing (RFC 9112 5.1).
+        self._fields.add(name.decode(*_CODEC), value.decode(*_CODEC).rstrip(" \t"))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        if self._head_size > MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("head too large")
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise httptools.HttpParserError(f"HTTP/{version} is not HTTP/1.x")
+        status = parser.get_status_code()
+        if status < 100:
+            raise httptools.HttpParserError(f"bad status code {status}")
+        if status < 200 and status != 101:
+            self._interim = True  # 100 Continue, 103 Early Hints: skipped
+            return
+        fields = self._fields
+        self.status = status
+        self.reason = self._reason.decode(*_CODEC)
+        self.headers = CIMultiDictProxy(fields)
+        self._final = True
+        if self._heads is not None:
+            self._done = True  # RFC 9112 6.3 rule 1: a HEAD answer ends with its head
+            self._keep = status != 101 and _persists(version, fields)
+            return
+        self._keep = status != 101 and parser.should_keep_alive()
+        self._until_close = (
+            status not in _BODYLESS_STATUSES
+            and "Content-Length" not in fields
+            and not _chunked(fields)
+        )
+
+    def on_body(self, body: bytes) -> None:
+        self._pieces.append(body)
+        self._queued += len(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+        else:
+            self._done = True
+
+    # -- read by the caller ---------------------------------------------------------------------
+
+    async def head(self) -> None:
+        """Until the final head is parsed."""
+        while not self._final:
+            await self._wait(Phase.HEAD)
 
     async def read(self) -> bytes:
-        if self._body is not None:
-            return self._body
-        conn = self._conn
-        if conn is not None and self._mode == _LENGTH and len(conn.buf) >= self._left:
-            # The common case: the whole answer came with the head. No future, no task.
-            self._body = conn.take(self._left)
-            self._mode = _DONE
-        else:
-            self._body = b"".join([piece async for piece in self.chunks()])
-        return self._body
+        if self._whole is None:
+            if self._done:
+                # The common case: the whole answer came with the head. No future, no task.
+                self._whole = self._take() if self._pieces else b""
+            else:
+                self._whole = b"".join([piece async for piece in self.chunks()])
+        return self._whole
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        conn = self._conn
-        if conn is None or self._mode == _DONE:
-            return
         try:
-            if self._mode == _LENGTH:
-                while self._left:
-                    if not conn.buf:
-                        await conn.more()
-                        continue
-                    piece = conn.take(self._left)
-                    self._left -= len(piece)
-                    yield piece
-            elif self._mode == _UNTIL_CLOSE:
-                while conn.buf or not conn.closed:
-                    if conn.buf:
-                        yield conn.take(len(conn.buf))
-                    else:
-                        await conn.more()
-                if conn.error is not None:  # a reset: we cannot tell the end from a cut
-                    raise Disconnected(conn.host.name, f"answer broken off: {conn.error}")
-            else:
-                async for piece in self._chunked(conn):
-                    yield piece
+            while True:
+                if self._pieces:
+                    yield self._take()
+                elif self._done or self._conn is None:
+                    return
+                else:
+                    await self._wait(Phase.BODY)
         except BaseException:
             self.release()  # not read to its end: the connection cannot be reused
             raise
-        self._mode = _DONE
-
-    async def _chunked(self, conn: _Conn) -> AsyncIterator[bytes]:
-        buf = conn.buf
-        while True:
-            line = await self._line(conn)
-            size = line.partition(b";")[0].strip(b" \t")  # chunk extensions are ignored
-            if not _HEX.fullmatch(size):
-                raise Disconnected(conn.host.name, "malformed chunked body")
-            left = int(size, 16)
-            if left == 0:
-                break
-            while left:
-                if not buf:
-                    await conn.more()
-                    continue
-                piece = conn.take(left)
-                left -= len(piece)
-                yield piece
-            if await self._line(conn):
-                raise Disconnected(conn.host.name, "malformed chunked body")
-        while await self._line(conn):  # trailer fields: not relayed (RFC 9110 6.5.1)
-            pass
-
-    async def _line(self, conn: _Conn) -> bytes:
-        while (i := conn.buf.find(b"\r\n")) < 0:
-            if len(conn.buf) > _MAX_LINE_BYTES:
-                raise Disconnected(conn.host.name, "malformed chunked body")
-            await conn.more()
-        line = conn.take(i)
-        del conn.buf[:2]
-        return line
 
     def release(self) -> None:
         conn = self._conn
         if conn is None:
             return
         self._conn = None
-        reusable = self._mode == _DONE or (self._mode == _LENGTH and self._left == 0)
+        conn.answer = None
         # Bytes past the answer mean the stream is out of step: never reuse it.
-        if reusable and self._keep and not conn.buf and not conn.closed:
-            conn.host.put(conn)
+        if self._done and self._keep and not (self._pieces or self._stray or conn.closed):
+            conn.pool.put(conn)
         else:
-            conn.host.drop(conn)
+            conn.pool.drop(conn)
+
+    def _take(self) -> bytes:
+        pieces = self._pieces
+        data = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        self._queued = 0
+        if self._conn is not None:
+            self._conn.resume()
+        return data
+
+    async def _wait(self, phase: Phase) -> None:
+        """For news from the connection; `read_s` of silence, the end of the stream or a
+        parse error is raised as `errors.py` says it for `phase`."""
+        conn = self._conn
+        assert conn is not None
+        pool = conn.pool
+        with mapped(pool.name, phase):
+            if self._error is not None:
+                raise self._error
+            if self._closed is not None:
+                raise self._closed
+            fut: asyncio.Future[bool] = pool.loop.create_future()
+            self._waiter = fut
+            timer = pool.loop.call_later(self._read_s, self._wake, False)
+            try:
+                news = await fut
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not news:
+                raise TimeoutError
+
+    def _wake(self, news: bool) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(news)
+
+
+def _persists(version: str, fields: CIMultiDict[str]) -> bool:
+    """RFC 9112 9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive". (llhttp's
+    should_keep_alive also asks for body framing, which a HEAD answer need not have.)"""
+    tokens = {t.strip().lower() for t in ",".join(fields.getall("Connection", ())).split(",")}
+    return "keep-alive" in tokens if version == "1.0" else "close" not in tokens
+
+
+def _chunked(fields: CIMultiDict[str]) -> bool:
+    """Chunked is the last transfer coding (RFC 9112 6.3 rule 4), as llhttp judges it."""
+    codings = ",".join(fields.getall("Transfer-Encoding", ()))
+    return codings.rpartition(",")[2].strip().lower() == "chunked"
+
+
+__all__ = ["MAX_HEAD_BYTES", "Conn", "H1Response", "Pool"]

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from multidict import CIMultiDict
 
-from .errors import NotReached, RequestRejected, UpstreamError
+from .errors import NotReached, RequestRejected, UpstreamError, says_down
 from .exchange import Reply
 from .forward import Forwarder, UpstreamRequest, fetch
 from .pool import Instance, Pool
@@ -133,7 +133,8 @@ class PoolRoutes:
         try:
             answer = await fetch(self._forwarder, inst, req, timeout_s)
         except NotReached as exc:
-            self._pool.mark_suspect(inst, exc.detail)
+            if says_down(exc):
+                self._pool.mark_suspect(inst, exc.detail)
             return Answer(inst, None, None, b"", exc.detail)
         except UpstreamError as exc:
             return Answer(inst, None, None, b"", exc.detail)

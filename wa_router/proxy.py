@@ -29,7 +29,13 @@ from .apikeys import KeyPolicy
 from .config import ParkingConfig
 from .directory import Directory
 from .discovery import Discovery, Found
-from .errors import ConnectFailed, Disconnected, NotReached, RequestRejected, UpstreamError
+from .errors import (
+    ConnectFailed,
+    NotReached,
+    RequestRejected,
+    UpstreamError,
+    says_down,
+)
 from .exchange import Answer, Inbound, Reply, Streamed, buffered, error_reply, upstream_headers
 from .forward import Forwarder, UpstreamRequest, UpstreamResponse
 from .httpio import SMALL_BODY_BYTES, read_body, send_answer
@@ -307,7 +313,7 @@ class Proxy:
                 try:
                     up = await self._send(target, req)
                 except UpstreamError as exc:
-                    if isinstance(exc, NotReached | Disconnected):
+                    if says_down(exc):
                         self.pool.mark_suspect(target, exc.detail)
                     log.warning(
                         "upstream_failed",
@@ -425,7 +431,8 @@ class Proxy:
             try:
                 up = await self._send(inst, req)
             except NotReached as exc:
-                self.pool.mark_suspect(inst, exc.detail)
+                if says_down(exc):
+                    self.pool.mark_suspect(inst, exc.detail)
                 continue
             except UpstreamError as exc:
                 raise retry.failure_answer(exc, None, retried=len(tried) > 1) from None

@@ -23,8 +23,7 @@ from .directory import Directory
 from .discovery import Discovery, Found
 from .draining import SharedDrain
 from .errors import RequestRejected
-from .forward import AiohttpForwarder
-from .h1 import LeanForwarder
+from .forward import Forwarder
 from .health import HealthChecker
 from .httpio import HEAD_SENT, json_error
 from .logging import CURRENT_REQUEST
@@ -48,7 +47,7 @@ class Router:
     pool: Pool
     store: Store
     directory: Directory
-    forwarder: AiohttpForwarder | LeanForwarder
+    forwarder: Forwarder
     discovery: Discovery
     proxy: Proxy
     webhooks: Webhooks

@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from .directory import Directory
-from .errors import NotReached, UpstreamError
+from .errors import NotReached, UpstreamError, says_down
 from .forward import Forwarder, fetch
 from .pool import Instance, Pool
 from .profiles import Profile
@@ -293,7 +293,8 @@ class Syncer:
         try:
             answer = await fetch(self._forwarder, inst, req, self._timeout_s)
         except NotReached as exc:
-            self._pool.mark_suspect(inst, exc.detail)
+            if says_down(exc):
+                self._pool.mark_suspect(inst, exc.detail)
             return f"unreachable: {exc.detail}"
         except UpstreamError as exc:
             return f"failed: {exc.detail}"

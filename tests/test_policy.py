@@ -207,3 +207,19 @@ def test_a_reloaded_pool_keeps_its_members_state_and_names_what_changed() -> Non
 )
 def test_which_failures_make_an_instance_suspect(exc: errors.UpstreamError, down: bool) -> None:
     assert errors.says_down(exc) is down
+
+
+@pytest.mark.parametrize(
+    ("qs", "parsed"),
+    [
+        ("", {}),
+        ("api_key=k", {"api_key": "k"}),
+        ("a=1&a=2&b", {"a": "1", "b": ""}),  # the first value, as aiohttp's .get gives
+        ("x=a+b&y=%2Fz&%61=c", {"x": "a b", "y": "/z", "a": "c"}),
+        ("&&k=v&", {"k": "v"}),
+    ],
+)
+def test_query_strings_parse_as_aiohttp_reads_them(qs: str, parsed: dict[str, str]) -> None:
+    from wa_router.exchange import parse_query
+
+    assert parse_query(qs) == parsed

@@ -5,11 +5,12 @@ behind aiohttp (`httpio.py`), and can be tested without either.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import unquote_plus
 
 import orjson
-from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
-from yarl import URL
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .errors import RequestRejected
 from .forward import HOP_BY_HOP, UpstreamResponse, strip_hop_by_hop
@@ -23,7 +24,6 @@ _DROP_REQUEST = HOP_BY_HOP | {
     "x-forwarded-proto",
     "x-forwarded-host",
 }
-_EMPTY_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
 @dataclass(slots=True)
@@ -37,7 +37,7 @@ class Inbound:
     body: bytes
     peer: str  # the caller's address ("" when unknown)
     scheme: str = "http"
-    _query: MultiDictProxy[str] | None = field(default=None, repr=False)
+    _query: dict[str, str] | None = field(default=None, repr=False)
 
     @property
     def path_qs(self) -> str:
@@ -48,12 +48,28 @@ class Inbound:
         return self.headers.get("Host", "")
 
     @property
-    def query(self) -> MultiDictProxy[str]:
-        """Parsed on first use (most routes never read it), as aiohttp does."""
+    def query(self) -> Mapping[str, str]:
+        """Parsed on first use (most routes never read it): each name's first value, `+`
+        and %-escapes decoded (as aiohttp's `request.query.get` reads)."""
         if self._query is None:
-            qs = self.query_string
-            self._query = URL.build(query=qs, encoded=True).query if qs else _EMPTY_QUERY
+            self._query = parse_query(self.query_string)
         return self._query
+
+
+def parse_query(qs: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if not qs:
+        return out
+    for part in qs.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        if "%" in value or "+" in value:
+            value = unquote_plus(value)
+        out.setdefault(name, value)
+    return out
 
 
 @dataclass(slots=True)

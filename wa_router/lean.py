@@ -46,11 +46,11 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNKED_END = b"0\r\n\r\n"
 
 
+_PHRASES = {int(s): s.phrase for s in HTTPStatus}
+
+
 def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
+    return _PHRASES.get(status, "Unknown")
 
 
 class _Refused(Exception):
@@ -362,10 +362,6 @@ class LeanConnection(asyncio.Protocol):
             parsed = httptools.parse_url(bytes(self._url))
         except httptools.HttpParserInvalidURLError:
             raise _rejected(400, "bad_request", "the request target is not a URL") from None
-        if self._parser.should_upgrade() or any(n.lower() == b"upgrade" for n, _ in self._headers):
-            raise _rejected(
-                400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
-            )
         # Absolute-form (`GET http://host/path`): the path is routed; the host is never
         # where the request goes.
         path = (parsed.path or b"/").decode("latin-1")
@@ -390,6 +386,10 @@ class LeanConnection(asyncio.Protocol):
                 self._chunked = has_body = True
             elif lower == "expect" and value.lower() == "100-continue":
                 expect = True
+            elif lower == "upgrade":
+                raise _rejected(
+                    400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
+                )
         self._pending = Inbound(method, path, query, headers, b"", self._peer)
         if has_body:
             self._arm(self._server.server_cfg.body_timeout_s, "body_timeout")

@@ -9,7 +9,7 @@ design card, `/session/{id}/...` with an `X-Api-Key` header.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
 from multidict import CIMultiDict
@@ -181,11 +181,13 @@ class Profile:
     api_key_header: str | None
     rules: tuple[RouteRuleConfig, ...]
     not_here_answers: tuple[NotHere, ...] = BLAZZ_NOT_HERE
+    # HTTP statuses whose body must be read to tell "not here" from a real answer (made
+    # once: it is asked for every answer).
+    not_here_statuses: frozenset[int] = field(init=False)
 
-    @property
-    def not_here_statuses(self) -> frozenset[int]:
-        """HTTP statuses whose body must be read to tell "not here" from a real answer."""
-        return frozenset(n.http_status for n in self.not_here_answers)
+    def __post_init__(self) -> None:
+        statuses = frozenset(n.http_status for n in self.not_here_answers)
+        object.__setattr__(self, "not_here_statuses", statuses)
 
     def status_of(self, status: object) -> Status | None:
         """The directory's status for what an instance reported: the best owning status is

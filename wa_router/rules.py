@@ -74,16 +74,29 @@ def compile_rule(cfg: RouteRuleConfig) -> Rule:
 class RuleTable:
     def __init__(self, rules: tuple[RouteRuleConfig, ...]) -> None:
         self.rules = tuple(compile_rule(r) for r in rules)
+        # The rules that can match a method and a segment count, in table order: a request
+        # walks a few rules, not all of them (the first match still wins).
+        self._by_shape: dict[tuple[str, int], tuple[Rule, ...]] = {}
+
+    def _candidates(self, method: str, n: int) -> tuple[Rule, ...]:
+        key = (method, n)
+        found = self._by_shape.get(key)
+        if found is None:
+            found = tuple(
+                r
+                for r in self.rules
+                if (not r.methods or method in r.methods)
+                and (n == len(r.segments) or (n > len(r.segments) and r.rest))
+            )
+            if len(self._by_shape) < 4096:  # methods and lengths callers make up: bounded
+                self._by_shape[key] = found
+        return found
 
     def match(self, method: str, raw_path: str) -> Match | None:
-        parts = raw_path.strip("/").split("/") if raw_path.strip("/") else []
-        n = len(parts)
-        for rule in self.rules:
-            if rule.methods and method not in rule.methods:
-                continue
+        stripped = raw_path.strip("/")
+        parts = stripped.split("/") if stripped else []
+        for rule in self._candidates(method, len(parts)):
             segs = rule.segments
-            if n < len(segs) or (n > len(segs) and not rule.rest):
-                continue
             for want, got in zip(segs, parts, strict=False):
                 if want != got and want not in (SESSION, ANY_ONE):
                     break

@@ -199,10 +199,16 @@ def process_tree(root: int, stats: dict[int, list[str]] | None = None) -> list[i
 
 def tree_cpu_s(root: int) -> float:
     """User + system CPU seconds of `root` and its descendants (utime + stime, all threads)."""
+    return sum(tree_cpu_split_s(root))
+
+
+def tree_cpu_split_s(root: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of `root` and its descendants (utime, stime)."""
     stats = _all_stats()
     # utime and stime are stat fields 14 and 15 (11 and 12 after the command name).
     tree = [stats[p] for p in process_tree(root, stats) if p in stats]
-    return sum(int(fields[11]) + int(fields[12]) for fields in tree) / CLK_TCK
+    user, system = (sum(int(fields[i]) for fields in tree) / CLK_TCK for i in (11, 12))
+    return user, system
 
 
 def busy_others(window_s: float = 1.0, min_share: float = 0.1) -> str:
@@ -340,11 +346,18 @@ def ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
 
-def verdict(value: float, goal: float, unit: str, *, strict: bool = False) -> str:
+def verdict(value: float, goal: float, unit: str, *, strict: bool = False, digits: int = 2) -> str:
     """Met, or missed by how much: `value` against an upper bound `goal`."""
     if value < goal or (value == goal and not strict):
-        return f"met ({goal - value:.2f} {unit} to spare)"
-    return f"**missed** by {value - goal:.2f} {unit} ({value / goal:.2f}x the target)"
+        return f"met ({goal - value:.{digits}f} {unit} to spare)"
+    return f"**missed** by {value - goal:.{digits}f} {unit} ({value / goal:.2f}x the target)"
+
+
+def verdict_at_least(value: float, goal: float, unit: str, digits: int = 2) -> str:
+    """Met, or missed by how much: `value` against a lower bound `goal`."""
+    if value >= goal:
+        return f"met ({value - goal:,.{digits}f} {unit} to spare)"
+    return f"**missed** by {goal - value:,.{digits}f} {unit} ({value / goal:.2f}x the target)"
 
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:

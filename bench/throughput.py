@@ -23,7 +23,26 @@ from . import common as c
 INSTANCES = 4
 SESSIONS = 100
 API_KEY = "k"
-PRIMARY = "wa-uvloop"  # the configuration the ratios and targets are about
+PRIMARY = "wa-uvloop"  # the configuration the ratios and targets are about: the lean front
+AIOHTTP_FRONT = "wa-aiohttp"  # the same router with every request through aiohttp
+PROFILE_CONNS = 32
+
+
+# The issue's targets (reported, not asserted), for the lean front against nginx.
+CPU_CONNS = (32, 128)  # proxy CPU per request <= CPU_TARGET x nginx's at these c
+CPU_TARGET = 1.7
+RPS_CONNS = 32  # throughput >= RPS_TARGET x nginx's, one core
+RPS_TARGET = 0.6
+P50_TARGET_MS = 0.05  # p50 at c=1 within this of nginx's
+P99_CONNS = 128  # p99 <= P99_TARGET x nginx's
+P99_TARGET = 2.0
+TARGETS = {
+    "cpu": f"CPU/req <= {CPU_TARGET}x nginx's",
+    "rps": f"req/s >= {RPS_TARGET}x nginx's, one core",
+    "p50": f"p50 within {P50_TARGET_MS} ms of nginx's",
+    "p99": f"p99 <= {P99_TARGET:g}x nginx's",
+    "naive": "CPU/req below the naive aiohttp proxy's",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,16 +65,19 @@ class Setup:
     proxy: str  # none | nginx | naive | wa
     loop: str = "uvloop"
     workers: int = 1
+    front: str = "lean"  # wa-router's `server.front`
 
 
 SETUPS = (
     Setup("direct", "direct to the upstream", "none"),
     Setup("nginx", "nginx proxy_pass, keepalive pool", "nginx"),
     Setup("naive", "naive aiohttp proxy (uvloop)", "naive"),
-    Setup("wa-asyncio", "wa-router --loop asyncio", "wa", loop="asyncio"),
-    Setup(PRIMARY, "wa-router --loop uvloop", "wa"),
-    Setup("wa-2w", "wa-router --workers 2 (uvloop)", "wa", workers=2),
+    Setup(AIOHTTP_FRONT, "`wa-aiohttp`: wa-router, aiohttp front (uvloop)", "wa", front="aiohttp"),
+    Setup("wa-asyncio", "`wa-asyncio`: wa-router, lean front, --loop asyncio", "wa", "asyncio"),
+    Setup(PRIMARY, "`wa-uvloop`: wa-router, lean front (uvloop)", "wa"),
+    Setup("wa-2w", "`wa-2w`: wa-router, lean front, --workers 2 (uvloop)", "wa", workers=2),
 )
+WA_SETUPS = tuple(s for s in SETUPS if s.proxy == "wa")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +92,7 @@ class Plan:
 
     def expected_s(self) -> float:
         per_kind = self.warmup_s + 0.1 + len(self.connections) * (self.duration_s + 0.1)
-        profile = 3 + 2 * self.warmup_s + self.duration_s if self.profile else 0
+        profile = 3 + 2 * self.warmup_s + len(KINDS) * (self.duration_s + 1) if self.profile else 0
         return self.rounds * len(SETUPS) * (0.6 + len(KINDS) * per_kind) + profile
 
 
@@ -80,6 +102,7 @@ class Sample:
     p50_ms: float
     p99_ms: float
     cpu_us: float | None  # proxy CPU per request; None for `direct`
+    sys_us: float | None  # the system (kernel) part of it
     errors: int  # socket errors + non-2xx answers
 
     def line(self) -> str:
@@ -88,6 +111,19 @@ class Sample:
 
 
 Samples = dict[tuple[str, str, int], list[Sample]]
+
+
+def _vs(value: float | None, nginx: float | None, digits: int) -> str:
+    """`value (ratio to nginx)`."""
+    return f"{c.fmt(value, digits)} ({c.ratio(value, nginx)})" if value is not None else "-"
+
+
+def _span(values: list[float], form: str = "{:.2f}x") -> str:
+    """`lo-hi` of `values` (one value when they agree to the shown digits)."""
+    if not values:
+        return "-"
+    lo, hi = form.format(min(values)), form.format(max(values))
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
 @dataclass
@@ -134,7 +170,8 @@ class Bench:
                 code = "import sys; from bench.throughput import naive_proxy; naive_proxy(sys.argv)"
                 argv = [sys.executable, "-c", code, str(port), first]
             else:
-                argv = [sys.executable, "-m", "wa_router.cli", "serve", "-c", self._wa_conf(port)]
+                conf = self._wa_conf(port, setup.front)
+                argv = [sys.executable, "-m", "wa_router.cli", "serve", "-c", conf]
                 argv += ["--loop", setup.loop, "--workers", str(setup.workers)]
             proc = c.Proc(setup.key, [*c.pinned(cores, self.cores.taskset), *argv], self.tmp, env)
         url = f"http://127.0.0.1:{port}"
@@ -144,9 +181,10 @@ class Bench:
         finally:
             proc.stop()
 
-    def _wa_conf(self, port: int) -> str:
+    def _wa_conf(self, port: int, front: str) -> str:
         instances = [{"name": f"node-{p}", "url": f"http://127.0.0.1:{p}"} for p in self.ports[:-1]]
-        doc = {"server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 1},
+        server = {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 1, "front": front}
+        doc = {"server": server,
                "instances": instances, "upstream": {"api_key": API_KEY},
                "health": {"interval_s": 2}, "sync": {"interval_s": 3600},
                "log": {"level": "warning"}, "state": {"dir": str(self.tmp / "state")}}  # fmt: skip
@@ -180,40 +218,78 @@ class Bench:
         return samples
 
     def one(self, url: str, pid: int | None, kind: Kind, conns: int) -> Sample:
-        before = c.tree_cpu_s(pid) if pid else 0.0
+        before = c.tree_cpu_split_s(pid) if pid else (0.0, 0.0)
         res = self.wrk(url, kind, conns, self.plan.duration_s)
-        cpu_us = (c.tree_cpu_s(pid) - before) * 1e6 / res.requests if pid and res.requests else None
-        return Sample(res.rps, res.p50_ms, res.p99_ms, cpu_us, res.socket_errors + res.non_2xx)
+        errors = res.socket_errors + res.non_2xx
+        if not pid or not res.requests:
+            return Sample(res.rps, res.p50_ms, res.p99_ms, None, None, errors)
+        user, system = (b - a for a, b in zip(before, c.tree_cpu_split_s(pid), strict=True))
+        per = 1e6 / res.requests
+        return Sample(res.rps, res.p50_ms, res.p99_ms, (user + system) * per, system * per, errors)
 
-    def profile(self) -> str:
-        """py-spy on the wa-router uvloop process during one extra c=32 POST run: Markdown."""
-        out = c.SCRATCH / "throughput" / "wa-uvloop.speedscope.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.unlink(missing_ok=True)
-        with self.proxy(next(s for s in SETUPS if s.key == PRIMARY)) as (url, pid):
+    def profile(self) -> Profile:
+        """py-spy on the lean wa-router process (`PRIMARY`) during one extra c=32 run per
+        request kind, not in the tables; the speedscope files go beside the report."""
+        setup = next(s for s in SETUPS if s.key == PRIMARY)
+        runs: list[tuple[Kind, Path, str]] = []
+        failed: list[str] = []
+        with self.proxy(setup) as (url, pid):
             assert pid is not None
             self.warm(url)
             prefix = c.pinned(self.cores.load, self.cores.taskset)
-            try:
-                spy = c.pyspy_record(pid, self.plan.duration_s, out, self.tmp, prefix)
-            except FileNotFoundError as exc:
-                return f"No profile: {exc}."
-            try:
-                time.sleep(0.5)  # let py-spy attach before the load starts
-                got = " ".join(self.one(url, pid, KINDS[1], 32).line().split()[:-2])
-                spy.popen.wait(timeout=30)
-            finally:
-                spy.stop()
-        if not out.exists():
-            return f"No profile: py-spy wrote none: {spy.tail(300)}"
-        return (
-            f"py-spy record (200 Hz) of the wa-router uvloop process during one extra "
-            f"{self.plan.duration_s} s POST run at c=32, not in the tables (sampling slows it: "
-            f"{got}). Python frames only: time in C code (uvloop, the HTTP parser, json) is "
-            "the own time of the Python function that called it; time waiting in the event "
-            f"loop is left out (py-spy's idle filter). Speedscope: `{out.relative_to(c.REPO)}`."
-            "\n\n" + c.profile_table(c.speedscope_top(out, 15))
+            for kind in KINDS:
+                out = profile_path(self.plan.out, kind)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.unlink(missing_ok=True)
+                try:
+                    spy = c.pyspy_record(pid, self.plan.duration_s, out, self.tmp, prefix)
+                except FileNotFoundError as exc:
+                    return Profile(f"No profile: {exc}.", None)
+                try:
+                    time.sleep(0.5)  # let py-spy attach before the load starts
+                    words = self.one(url, pid, kind, PROFILE_CONNS).line().split()
+                    spy.popen.wait(timeout=30)
+                finally:
+                    spy.stop()
+                if out.exists():
+                    runs.append((kind, out, " ".join(words[:-2])))
+                else:
+                    failed.append(f"{kind.key}: py-spy wrote none: {spy.tail(300)}")
+        if not runs:
+            return Profile("No profile: " + "; ".join(failed), None)
+        head = (
+            f"py-spy record (200 Hz) of the `{PRIMARY}` process (wa-router, lean front, "
+            f"uvloop) during one extra {self.plan.duration_s} s run per request kind at "
+            f"c={PROFILE_CONNS}, not in the tables (sampling slows it). Python frames only: "
+            "time in C code (uvloop, httptools, orjson, the socket calls) is the own time of "
+            "the Python function that called it, and so is the kernel's time in a system call "
+            "(a line with `transport.write` carries the send; `serve`, whose line runs the "
+            "loop, carries uvloop's own work: epoll, the socket reads, the callbacks); time "
+            "waiting in the event loop is left out (py-spy's idle filter). The user / system "
+            "split in the tables says how much of the CPU is the kernel's."
         )
+        full, short = [head, ""], [head, ""]
+        for kind, out, got in runs:
+            top = c.speedscope_top(out, 15)
+            where = f"`{_shown(out)}`"
+            full += [f"**{kind.key}** ({got}; speedscope: {where}):", "", c.profile_table(top), ""]
+            short += [f"**{kind.key}** ({got}; {where}):", "", c.profile_table(top[:8]), ""]
+        full += failed
+        return Profile("\n".join(full).strip(), "\n".join(short).strip())
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    text: str  # the report's profile section
+    short: str | None  # the short copy for <report>-profile.md; None: nothing recorded
+
+
+def profile_path(report: Path, kind: Kind) -> Path:
+    return report.with_name(f"{report.stem}-profile-{kind.key.lower()}.speedscope.json")
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(c.REPO)) if path.is_relative_to(c.REPO) else str(path)
 
 
 def naive_proxy(argv: list[str]) -> None:
@@ -264,14 +340,39 @@ class Report:
                 cores = self.cores.describe(s.workers) if s.proxy != "none" else "-"
                 rows.append([s.label, cores, str(n), c.fmt_spread(v("rps"), 0)])
                 rows[-1] += [c.fmt(c.median(v("p50_ms"))), c.fmt_spread(v("p99_ms"))]
-                rows[-1] += [c.fmt_spread(v("cpu_us"), 1), str(int(sum(v("errors"))))]
-        return c.md_table([*head.split("|"), "proxy CPU us/req median (min-max)", "errors"], rows)
+                rows[-1] += [c.fmt_spread(v("cpu_us"), 1), c.fmt(c.median(v("sys_us")), 1)]
+                rows[-1] += [str(int(sum(v("errors"))))]
+        cols = ["proxy CPU us/req median (min-max)", "of it system us/req", "errors"]
+        return c.md_table([*head.split("|"), *cols], rows)
 
-    def ratios(self) -> list[str]:
-        others = ("direct", "nginx", "naive")
-        cols = [("cpu_us", o) for o in others[1:]]
-        cols += [(a, o) for a in ("p50_ms", "p99_ms") for o in others]
-        head = ["request", "c"] + [f"{a.split('_')[0]} / {o}" for a, o in cols]
+    def summary(self) -> str:
+        """Every proxy against nginx: the issue's four figures, each with its ratio."""
+        nginx = functools.partial(self.med, "nginx")
+        head = ["configuration", "request"]
+        head += [f"CPU us/req c={n} (/ nginx)" for n in CPU_CONNS]
+        head += [f"req/s c={RPS_CONNS} (/ nginx)", "p50 ms c=1 (- nginx)"]
+        head += [f"p99 ms c={P99_CONNS} (/ nginx)"]
+        rows = []
+        for kind in KINDS:
+            for s in SETUPS[1:]:
+                med = functools.partial(self.med, s.key, kind)
+                row = [s.label, kind.key]
+                for n in CPU_CONNS:
+                    row.append(_vs(med(n, "cpu_us"), nginx(kind, n, "cpu_us"), 1))
+                row.append(_vs(med(RPS_CONNS, "rps"), nginx(kind, RPS_CONNS, "rps"), 0))
+                p50, ng = med(1, "p50_ms"), nginx(kind, 1, "p50_ms")
+                diff = f" ({p50 - ng:+.3f})" if p50 is not None and ng is not None else ""
+                row.append(c.fmt(p50, 3) + diff)
+                row.append(_vs(med(P99_CONNS, "p99_ms"), nginx(kind, P99_CONNS, "p99_ms"), 2))
+                rows.append(row)
+        return c.md_table(head, rows)
+
+    def fronts(self) -> list[str]:
+        """The lean front (`PRIMARY`) against the aiohttp front and the naive proxy."""
+        cols = [("cpu_us", AIOHTTP_FRONT), ("rps", AIOHTTP_FRONT), ("p50_ms", AIOHTTP_FRONT)]
+        cols += [("p99_ms", AIOHTTP_FRONT), ("cpu_us", "naive")]
+        names = {"cpu_us": "CPU/req", "rps": "req/s", "p50_ms": "p50", "p99_ms": "p99"}
+        head = ["request", "c"] + [f"{names[a]} / {o}" for a, o in cols]
         rows, added = [], []
         for kind in KINDS:
             for n in self.plan.connections:
@@ -279,30 +380,169 @@ class Report:
                 ratios = [c.ratio(med(PRIMARY, attr=a), med(o, attr=a)) for a, o in cols]
                 rows.append([kind.key, str(n), *ratios])
             direct, parts = self.med("direct", kind, 1, "p99_ms"), []
-            for key in (PRIMARY, "wa-asyncio", "wa-2w"):
-                p99 = self.med(key, kind, 1, "p99_ms")
+            for s in ("nginx", *(w.key for w in WA_SETUPS)):
+                p99 = self.med(s, kind, 1, "p99_ms")
                 if p99 is not None and direct is not None:
-                    parts.append(f"{key} {p99 - direct:+.3f} ms ({p99:.3f} - {direct:.3f})")
+                    parts.append(f"{s} {p99 - direct:+.3f} ms ({p99:.3f} - {direct:.3f})")
             if parts:
                 added.append(f"- added p99 at c=1, {kind.key} (p99 - direct): {'; '.join(parts)}")
-        return [c.md_table([h.replace("cpu /", "CPU/req /") for h in head], rows), "", *added]
+        return [c.md_table(head, rows), "", *added]
 
     def targets(self) -> str:
+        """The issue's targets for the lean front; the aiohttp front's figure beside it."""
         rows: list[list[str]] = []
+        checks: list[tuple[str, Kind, int]] = []
         for kind in KINDS:
-            for n in self.plan.connections:
-                wa, naive = (self.med(k, kind, n, "cpu_us") for k in (PRIMARY, "naive"))
-                if wa is not None and naive is not None:
-                    rows.append(["CPU/req below the naive aiohttp proxy's", kind.key, str(n)])
-                    rows[-1] += [f"{wa:.1f} us", f"< {naive:.1f} us", c.verdict(wa, naive, "us")]
-                if wa is not None:
-                    rows.append(["CPU/req <= 50 us", kind.key, str(n), f"{wa:.1f} us"])
-                    rows[-1] += ["<= 50 us", c.verdict(wa, 50.0, "us")]
-            wa, direct = (self.med(k, kind, 1, "p99_ms") for k in (PRIMARY, "direct"))
-            if wa is not None and direct is not None:
-                rows.append(["added p99 at c=1 <= 0.25 ms", kind.key, "1", f"{wa - direct:.3f} ms"])
-                rows[-1] += ["<= 0.25 ms", c.verdict(wa - direct, 0.25, "ms")]
-        return c.md_table(["target", "request", "c", "measured", "target", "verdict"], rows)
+            checks += [("cpu", kind, n) for n in CPU_CONNS]
+            checks += [("rps", kind, RPS_CONNS), ("p50", kind, 1), ("p99", kind, P99_CONNS)]
+        checks += [("naive", kind, n) for kind in KINDS for n in self.plan.connections]
+        for what, kind, n in checks:
+            wa, ref = self.check(what, PRIMARY, kind, n), self.check(what, AIOHTTP_FRONT, kind, n)
+            if wa is not None:
+                other = "-" if ref is None else f"{ref[0]}: {ref[2].split(' (')[0]}"
+                rows.append([TARGETS[what], kind.key, str(n), *wa, other])
+        head = ["target", "request", "c", "measured (lean front)", "target", "verdict"]
+        return c.md_table([*head, "aiohttp front (for comparison)"], rows)
+
+    def check(self, what: str, key: str, kind: Kind, n: int) -> tuple[str, str, str] | None:
+        """One target for one configuration: (measured, target, verdict); None: no data."""
+        attr = {"rps": "rps", "p50": "p50_ms", "p99": "p99_ms"}.get(what, "cpu_us")
+        ref_key = "naive" if what == "naive" else "nginx"
+        wa, ref = self.med(key, kind, n, attr), self.med(ref_key, kind, n, attr)
+        if wa is None or not ref:
+            return None
+        if what == "cpu":
+            goal = CPU_TARGET * ref
+            return (f"{wa:.1f} us = {wa / ref:.2f}x", f"<= {goal:.1f} us ({CPU_TARGET} x "
+                    f"{ref:.1f})", c.verdict(wa, goal, "us"))  # fmt: skip
+        if what == "rps":
+            goal = RPS_TARGET * ref
+            return (f"{wa:,.0f} req/s = {wa / ref:.2f}x", f">= {goal:,.0f} ({RPS_TARGET} x "
+                    f"{ref:,.0f})", c.verdict_at_least(wa, goal, "req/s", 0))  # fmt: skip
+        if what == "p50":
+            goal = ref + P50_TARGET_MS
+            missed = c.verdict(wa - ref, P50_TARGET_MS, "ms", digits=3)
+            return (f"{wa:.3f} ms = {wa - ref:+.3f}", f"<= {goal:.3f} ms ({ref:.3f} + "
+                    f"{P50_TARGET_MS})", missed)  # fmt: skip
+        if what == "p99":
+            goal = P99_TARGET * ref
+            return (f"{wa:.2f} ms = {wa / ref:.2f}x", f"<= {goal:.2f} ms ({P99_TARGET} x "
+                    f"{ref:.2f})", c.verdict(wa, goal, "ms"))  # fmt: skip
+        return f"{wa:.1f} us", f"< {ref:.1f} us", c.verdict(wa, ref, "us", strict=True)
+
+    def notes(self) -> list[str]:
+        """What the numbers mean, from the numbers (each line only when its rows exist)."""
+        out: list[str] = []
+        med, conns = self.med, self.plan.connections
+        cpu_conns = tuple(n for n in CPU_CONNS if n in conns)
+
+        def cells(a: str, b: str, attr: str, ns: tuple[int, ...]) -> list[float]:
+            pairs = [(med(a, k, n, attr), med(b, k, n, attr)) for k in KINDS for n in ns]
+            return [x / y for x, y in pairs if x is not None and y]
+
+        if saved := cells(PRIMARY, AIOHTTP_FRONT, "cpu_us", conns):
+            out.append(
+                f"- The lean front takes {1 - max(saved):.0%}-{1 - min(saved):.0%} less proxy "
+                f"CPU per request than the aiohttp front (the same router and upstream client; "
+                f"GET and POST at c={', '.join(map(str, conns))}); its throughput at "
+                f"c={RPS_CONNS} is {_span(cells(PRIMARY, AIOHTTP_FRONT, 'rps', (RPS_CONNS,)))} "
+                "the aiohttp front's."
+            )
+        if vs := cells(PRIMARY, "nginx", "cpu_us", cpu_conns):
+            out.append(
+                f"- Against nginx the lean front still takes {_span(vs)} nginx's CPU per "
+                f"request at c={' and c='.join(map(str, cpu_conns))} (target {CPU_TARGET}x); "
+                f"the aiohttp front {_span(cells(AIOHTTP_FRONT, 'nginx', 'cpu_us', cpu_conns))}."
+            )
+        busy = []
+        for key in ("nginx", AIOHTTP_FRONT, PRIMARY):
+            shares = []
+            for k in KINDS:
+                rps, cpu = med(key, k, RPS_CONNS, "rps"), med(key, k, RPS_CONNS, "cpu_us")
+                if rps is not None and cpu is not None:
+                    shares.append(f"{k.key} {rps * cpu / 1e6:.0%}")
+            if shares:
+                busy.append(f"{key} {', '.join(shares)}")
+        if busy:
+            out.append(
+                f"- The proxy's core at c={RPS_CONNS} (req/s x CPU per request): "
+                f"{'; '.join(busy)}. Near 100 % the proxy is CPU bound and its throughput is "
+                "about 1 / (CPU per request): when both fill their core, 0.6x nginx's throughput "
+                f"means about {1 / RPS_TARGET:.2f}x its CPU per request, so the throughput "
+                "target is the CPU target seen from the other side."
+            )
+            pairs = [[med(k, kd, RPS_CONNS, "rps") for k in ("nginx", "direct")] for kd in KINDS]
+            if share := [x / y for x, y in pairs if x is not None and y]:
+                load = self.cores.load or "(unpinned)"
+                out[-1] += (f" For scale: nginx reached {_span(share, '{:.0%}')} of the req/s "
+                            f"of direct to the upstream (wrk and the upstream alone on core "
+                            f"{load}).")  # fmt: skip
+        little = []
+        for kind in KINDS:
+            rps, p50 = med(PRIMARY, kind, P99_CONNS, "rps"), med(PRIMARY, kind, P99_CONNS, "p50_ms")
+            if rps and p50 is not None:
+                little.append(f"{kind.key} {P99_CONNS / rps * 1e3:.2f} ms vs {p50:.2f} ms")
+        if little:
+            out.append(
+                f"- At c={P99_CONNS} the closed loop keeps {P99_CONNS} requests waiting in line: "
+                f"the lean front's p50 is about c / throughput (Little's law; {'; '.join(little)} "
+                "measured), so its latency there follows its CPU per request."
+            )
+        split, parts = [], {}
+        for key in ("nginx", AIOHTTP_FRONT, PRIMARY):
+            for k in KINDS:
+                cpu, system = (med(key, k, RPS_CONNS, a) for a in ("cpu_us", "sys_us"))
+                if cpu is not None and system is not None:
+                    split.append(f"{key} {k.key} {cpu - system:.1f} + {system:.1f}")
+                    parts[key, k.key] = (cpu - system, system)
+        if split:
+            out.append(
+                f"- Where the CPU per request goes at c={RPS_CONNS}, user + system (kernel) us: "
+                f"{'; '.join(split)}. The system part is the socket calls (reads, writes, "
+                "epoll) and the kernel's loopback TCP behind them; the user part is the "
+                "proxy's own code (for wa-router: Python, uvloop, httptools)."
+            )
+            user_x, sys_x = [], []
+            for k in KINDS:
+                lean, ng = parts.get((PRIMARY, k.key)), parts.get(("nginx", k.key))
+                if lean and ng and ng[0] and ng[1]:
+                    user_x.append(lean[0] / ng[0])
+                    sys_x.append(lean[1] / ng[1])
+            if user_x:
+                users, systems = _span(user_x, "{:.0f}x"), _span(sys_x, "{:.1f}x")
+                out[-1] += f" The lean front's user part is {users} nginx's, "
+                out[-1] += f"its system part {systems}."
+        spread = []
+        for s in ("nginx", *(w.key for w in WA_SETUPS)):
+            for kind in KINDS:
+                for n in cpu_conns:
+                    v = self.values(s, kind, n, "cpu_us")
+                    if len(v) > 1 and (m := c.median(v)):
+                        spread.append(((max(v) - min(v)) / m, f"{s} {kind.key} c={n}"))
+        if spread:
+            worst = max(spread)
+            out.append(
+                f"- Noise: over rounds the CPU per request of the nginx and wa-router rows at "
+                f"c >= 32 varied by up to {worst[0]:.0%} of its median ({worst[1]}); "
+                "differences below that between two rows of one run are not findings."
+            )
+        p99 = []
+        for s in ("nginx", *(w.key for w in WA_SETUPS)):
+            for kind in KINDS:
+                for n in conns:
+                    v = self.values(s, kind, n, "p99_ms")
+                    if len(v) > 1 and min(v) > 0:
+                        p99.append((max(v) / min(v), f"{s} {kind.key} c={n}"))
+        if p99:
+            worst = max(p99)
+            out.append(
+                f"- p99 is the noisiest figure: between rounds it varied by up to {worst[0]:.1f}x "
+                f"(max / min, {worst[1]}); other work on the machine (see Machine) lands there "
+                "first."
+            )
+        if errors := sum(s.errors for v in self.samples.values() for s in v):
+            out.append(f"- {errors} errors in all: the rows with errors are not comparable.")
+        return out
 
     def method(self) -> str:
         p, cores = self.plan, self.cores
@@ -325,10 +565,19 @@ c) and stopped; the order rotates each round; the upstream stays up. Tables: med
 rounds (min-max).
 - Proxy CPU per request: utime + stime (/proc/<pid>/stat) of the proxy process and its \
 descendants, read before and after each wrk run, divided by the requests wrk counted (clock \
-ticks of 10 ms). It includes wa-router's background work (health checks every 2 s).
+ticks of 10 ms); "of it system" is the stime part. It includes wa-router's background work \
+(health checks every 2 s).
 - wa-router: memory store, `upstream.api_key: {API_KEY}`, health every 2 s, sync every 3600 s, \
 log level warning. Each session is found by rediscovery on first use (nginx answers \
 `connected` for every session on every port), then served from the directory cache.
+- Configurations: {", ".join(f"`{s.key}`" for s in SETUPS)}. The wa-router rows differ only in \
+`server.front` (`lean`: proxied routes parsed by httptools on a bare asyncio Protocol, \
+`wa_router/lean.py`; `aiohttp`: every request through aiohttp, the old path), `--loop` and \
+`--workers`; all use the lean upstream client (`upstream.client: lean`). `{PRIMARY}` (lean \
+front, uvloop, one worker) is the one the targets are about; `{AIOHTTP_FRONT}` is the same \
+with `server.front: aiohttp`. `wa-asyncio` is kept (lean front on the stdlib loop): the run \
+stays within about {p.expected_s() / 60:.0f} min with it. The routers run the working \
+tree's `wa_router/` as it is when each one starts.
 - `errors`: socket errors + non-2xx answers, all rounds: a row with errors is not comparable."""
 
     def render(self, machine: dict[str, str], elapsed_s: float, profile: str) -> str:
@@ -342,13 +591,17 @@ log level warning. Each session is found by rediscovery on first use (nginx answ
         for title, table in (("Machine", machine), ("Versions", c.versions())):
             out += [f"### {title}", "", c.md_table(["", ""], table.items()), ""]
         out += ["### Method", "", self.method(), ""]
+        out += ["### Summary: every proxy against nginx (medians of this run)", ""]
+        out += ["Each cell: the median, in parentheses its ratio to nginx's (for p50 at c=1 "
+                "the difference in ms).", "", self.summary(), ""]  # fmt: skip
+        out += [f"### Targets (`{PRIMARY}`: lean front, uvloop, one core; reported, not "
+                "asserted)", "", self.targets(), ""]  # fmt: skip
+        out += ["### What it means", "", *self.notes(), ""]
+        out += [f"### The lean front (`{PRIMARY}`) / the aiohttp front and the naive proxy", ""]
+        out += [*self.fronts(), ""]
         for kind in KINDS:
             out += [f"### {kind.title}", "", self.table(kind), ""]
-        out += ["### Ratios: wa-router (uvloop) / the others (medians of this run)", ""]
-        out += [*self.ratios(), ""]
-        out += ["### Targets (wa-router with uvloop; reported, not asserted)", ""]
-        out += [self.targets(), ""]
-        out += ["### Profile: where wa-router's CPU goes", "", profile, ""]
+        out += ["### Profile: where the lean front's CPU goes", "", profile, ""]
         return "\n".join(out)
 
 
@@ -386,16 +639,22 @@ def run(args: argparse.Namespace) -> int:
         try:
             bench.start_upstream()
             samples = bench.measure()
-            prof = bench.profile() if plan.profile else "Skipped (--smoke or --no-profile)."
+            skipped = Profile("Skipped (--smoke or --no-profile).", None)
+            prof = bench.profile() if plan.profile else skipped
         finally:
             if bench.upstream is not None:
                 bench.upstream.stop()
     elapsed = time.monotonic() - started
     machine["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     machine["busy processes at end (not the bench)"] = c.busy_others()
-    print(text := Report(plan, cores, samples).render(machine, elapsed, prof))
+    print(text := Report(plan, cores, samples).render(machine, elapsed, prof.text))
     plan.out.parent.mkdir(parents=True, exist_ok=True)
     plan.out.write_text(text)
+    if prof.short is not None:
+        short = plan.out.with_name(f"{plan.out.stem}-profile.md")
+        when = time.strftime("%Y-%m-%d %H:%M %Z")
+        head = f"## Throughput: profile of the lean front\n\nFrom the run of {when} "
+        short.write_text(f"{head}(`{_shown(plan.out)}`, which has the top 15).\n\n{prof.short}\n")
     errors = sum(s.errors for v in samples.values() for s in v)
     print(f"bench throughput: wrote {plan.out} ({elapsed:.0f} s, {errors} errors)", flush=True)
     return 1 if errors else 0

@@ -44,6 +44,7 @@ _KEEP_READING_QUEUE = 8  # pipelined requests read ahead before reading pauses
 _BODYLESS_STATUSES = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNKED_END = b"0\r\n\r\n"
+_NEVER = float("inf")
 
 
 _PHRASES = {int(s): s.phrase for s in HTTPStatus}
@@ -215,12 +216,16 @@ def _head(
 
 class LeanConnection(asyncio.Protocol):
     __slots__ = (
+        "_begun_at",
         "_body",
         "_body_bytes",
+        "_busy",
         "_chunked",
         "_closed",
         "_continue",
+        "_deadline",
         "_head_bytes",
+        "_head_done_at",
         "_headers",
         "_lent",
         "_lingering",
@@ -236,6 +241,8 @@ class LeanConnection(asyncio.Protocol):
         "_timer",
         "_transport",
         "_url",
+        "_wake",
+        "_why",
         "_worker",
         "_writable",
     )
@@ -256,7 +263,13 @@ class LeanConnection(asyncio.Protocol):
         self._continue = False  # a 100 Continue owed once the answers before it are out
         self._queue: deque[_Request | _Lend | _Refusal] = deque()
         self._worker: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None  # the idle worker waits on it
+        self._busy = False  # a request is being answered
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = _NEVER
+        self._why = ""
+        self._begun_at = 0.0
+        self._head_done_at = 0.0
         self._paused = False
         self._writable: asyncio.Future[None] | None = None
         self._closed = False
@@ -282,6 +295,8 @@ class LeanConnection(asyncio.Protocol):
             self._writable.set_result(None)
         if self._lent is not None:
             self._lent.release()
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)  # the idle worker ends
         # A request being answered finishes (its upstream answer is released); nothing
         # more is read or written.
         self._queue.clear()
@@ -318,9 +333,16 @@ class LeanConnection(asyncio.Protocol):
                 self._refuse(RequestRejected(500, "internal_error", "the router failed"))
         except httptools.HttpParserError as exc:
             self._refuse(_framing_error(exc))
+        else:
+            if self._head_bytes:  # a request is half read: its clock runs from its start
+                cfg = self._server.server_cfg
+                if self._pending is None:
+                    self._arm_at(self._begun_at + cfg.header_timeout_s, "header_timeout")
+                else:
+                    self._arm_at(self._head_done_at + cfg.body_timeout_s, "body_timeout")
 
     def close_if_idle(self) -> None:
-        if self._worker is None and not self._queue and not self._head_bytes:
+        if not self._busy and not self._queue and not self._head_bytes:
             self._close()
 
     def abort(self) -> None:
@@ -338,7 +360,8 @@ class LeanConnection(asyncio.Protocol):
         self._mine = None
         self._chunked = False
         self._started = time.perf_counter()
-        self._arm(self._server.server_cfg.header_timeout_s, "header_timeout")
+        self._begun_at = self._loop.time()
+        self._disarm()  # the idle connection's keep-alive clock stops
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -392,12 +415,10 @@ class LeanConnection(asyncio.Protocol):
                 )
         self._pending = Inbound(method, path, query, headers, b"", self._peer)
         if has_body:
-            self._arm(self._server.server_cfg.body_timeout_s, "body_timeout")
-        else:
-            self._disarm()
+            self._head_done_at = self._loop.time()
         if expect and has_body and self._parser.get_http_version() == "1.1":
             # After the answers before it: a 100 ahead of them would read as theirs.
-            if self._queue or self._worker is not None:
+            if self._queue or self._busy:
                 self._continue = True
             elif self._transport is not None:
                 self._transport.write(_CONTINUE)
@@ -428,23 +449,43 @@ class LeanConnection(asyncio.Protocol):
         if len(self._queue) >= _KEEP_READING_QUEUE and self._transport is not None:
             self._transport.pause_reading()
             self._paused = True
-        if self._worker is None:
-            self._worker = self._loop.create_task(self._work())
+        self._kick()
 
     # -- answering, in order -------------------------------------------------------------
 
+    def _kick(self) -> None:
+        """Something is queued: start the connection's worker, or wake it."""
+        if self._worker is None:
+            self._worker = self._loop.create_task(self._work())
+        elif self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
     async def _work(self) -> None:
+        """The connection's one worker: answers what is queued, in order, then waits for
+        more (one task for the connection's life, not one per request)."""
         router = self._server.router
+        queue = self._queue
         try:
-            while self._queue and not self._closed:
-                item = self._queue.popleft()
-                if self._paused and len(self._queue) < _KEEP_READING_QUEUE // 2:
+            while not self._closed:
+                if not queue:
+                    if self._server.closing:
+                        self._close()
+                        return
+                    if not self._head_bytes:
+                        self._arm(self._server.server_cfg.keepalive_timeout_s, "keepalive_timeout")
+                    self._wake = self._loop.create_future()
+                    await self._wake
+                    self._wake = None
+                    continue
+                item = queue.popleft()
+                if self._paused and len(queue) < _KEEP_READING_QUEUE // 2:
                     assert self._transport is not None
                     self._transport.resume_reading()
                     self._paused = False
                 if isinstance(item, _Refusal):
                     self._write_refusal(item)
                     return
+                self._busy = True
                 if isinstance(item, _Lend):
                     keep = await self._lend(item)
                 else:
@@ -457,20 +498,16 @@ class LeanConnection(asyncio.Protocol):
                     finally:
                         CURRENT_REQUEST.reset(token)
                         router.inflight.discard(task)
+                self._busy = False
                 if not keep:
                     self._close()
                     return
-                if self._continue and not self._queue and self._transport is not None:
+                if self._continue and not queue and self._transport is not None:
                     self._continue = False
                     self._transport.write(_CONTINUE)
         finally:
-            self._worker = None
-        if self._closed:
-            return
-        if self._server.closing:
-            self._close()
-        elif not self._head_bytes:
-            self._arm(self._server.server_cfg.keepalive_timeout_s, "keepalive_timeout")
+            self._busy = False
+            self._worker = self._wake = None
 
     async def _lend(self, item: _Lend) -> bool:
         transport = self._transport
@@ -590,27 +627,40 @@ class LeanConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._disarm()
         self._queue.append(_Refusal(rejected, self._started or time.perf_counter()))
-        if self._worker is None:
-            self._worker = self._loop.create_task(self._work())
+        self._kick()
 
     def _close(self) -> None:
         self._disarm()
         if self._transport is not None and not self._closed:
             self._transport.close()
 
+    # One timer per connection, and a deadline it checks when it fires: a request that
+    # arrives whole (the common one) arms and cancels nothing; a busy keep-alive
+    # connection's timer fires once per keep-alive period, not once per request.
+
     def _arm(self, delay_s: float, why: str) -> None:
-        self._disarm()
-        self._timer = self._loop.call_later(delay_s, self._expired, why)
+        self._arm_at(self._loop.time() + delay_s, why)
+
+    def _arm_at(self, deadline: float, why: str) -> None:
+        self._deadline = deadline
+        self._why = why
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._expired)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = _NEVER
 
-    def _expired(self, why: str) -> None:
+    def _expired(self) -> None:
         self._timer = None
-        if self._closed or self._lingering:
+        if self._closed or self._lingering or self._deadline == _NEVER:
             return
+        if self._loop.time() < self._deadline:  # moved later since: wait for it
+            self._timer = self._loop.call_at(self._deadline, self._expired)
+            return
+        why = self._why
         if why == "keepalive_timeout" or not self._head_bytes:
             self._close()  # nothing begun: nothing to answer
             return

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import gc
 import os
 import resource
 import signal
@@ -90,6 +91,10 @@ def serve(
     )
     raise_file_limit()
     app = build_app(cfg, worker=worker)
+    # What exists now lives as long as the process: out of the collector's sight, so a full
+    # collection walks only what requests made (it stalled every request for ~15 ms).
+    gc.collect()
+    gc.freeze()
     # SIGHUP (logrotate, systemctl reload) re-reads the config instead of ending the process.
     loop.add_signal_handler(signal.SIGHUP, reload, app[ROUTER], config_path)
     try:

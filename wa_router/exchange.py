@@ -16,7 +16,7 @@ from .errors import RequestRejected
 from .forward import HOP_BY_HOP, UpstreamResponse, strip_hop_by_hop
 
 # Request headers the router sets itself.
-_DROP_REQUEST = HOP_BY_HOP | {
+DROP_REQUEST = HOP_BY_HOP | {
     "host",
     "content-length",
     "expect",
@@ -37,6 +37,9 @@ class Inbound:
     body: bytes
     peer: str  # the caller's address ("" when unknown)
     scheme: str = "http"
+    # The headers as they go upstream, when the front made them while reading (one pass
+    # over the caller's headers instead of two); else `upstream_headers` makes them.
+    forward: CIMultiDict[str] | None = None
     _query: dict[str, str] | None = field(default=None, repr=False)
 
     @property
@@ -114,17 +117,24 @@ def buffered(up: UpstreamResponse, body: bytes) -> Reply:
 def upstream_headers(inbound: Inbound) -> CIMultiDict[str]:
     """The caller's headers less hop-by-hop ones and those the router sets, plus
     X-Forwarded-*. One pass: this runs for every request."""
+    if inbound.forward is not None:
+        return inbound.forward
     src = inbound.headers
-    connection = src.get("Connection")
-    drop = (
-        _DROP_REQUEST
-        if connection is None
-        else _DROP_REQUEST | {t.strip().lower() for t in connection.split(",")}
-    )
     headers: CIMultiDict[str] = CIMultiDict()
     for k, v in src.items():
-        if k.lower() not in drop:
+        if k.lower() not in DROP_REQUEST:
             headers.add(k, v)
+    return finish_forward(headers, inbound)
+
+
+def finish_forward(headers: CIMultiDict[str], inbound: Inbound) -> CIMultiDict[str]:
+    """`headers` (the caller's less `DROP_REQUEST`) less what Connection names, plus
+    X-Forwarded-*."""
+    src = inbound.headers
+    connection = src.get("Connection")
+    if connection is not None:
+        for token in connection.split(","):
+            headers.popall(token.strip(), None)
     prior = src.get("X-Forwarded-For")
     peer = inbound.peer
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer

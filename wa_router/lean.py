@@ -33,7 +33,16 @@ from multidict import CIMultiDict
 from .config import Config
 from .delegate import Lent, answer_by_aiohttp, request_bytes
 from .errors import RequestRejected, UpstreamError
-from .exchange import Answer, Inbound, Reply, Streamed, answer_headers, error_reply
+from .exchange import (
+    DROP_REQUEST,
+    Answer,
+    Inbound,
+    Reply,
+    Streamed,
+    answer_headers,
+    error_reply,
+    finish_forward,
+)
 from .logging import CURRENT_REQUEST
 from .rules import Match
 from .runtime import RequestId, Router, shutdown_cut
@@ -394,13 +403,16 @@ class LeanConnection(asyncio.Protocol):
         except RequestRejected as exc:
             raise _Refused(exc) from None
         headers: CIMultiDict[str] = CIMultiDict()
+        forward: CIMultiDict[str] = CIMultiDict()
         expect = has_body = False
         for n, v in self._headers:
             name = n.decode("latin-1")
             value = v.decode("latin-1")
             headers.add(name, value)
             lower = name.lower()
-            if lower == "content-length":
+            if lower not in DROP_REQUEST:
+                forward.add(name, value)
+            elif lower == "content-length":
                 # llhttp has checked it is one number; only its size is ours to refuse.
                 if int(value) > self._server.max_body:
                     raise _Refused(_too_large(self._server.max_body))
@@ -413,7 +425,9 @@ class LeanConnection(asyncio.Protocol):
                 raise _rejected(
                     400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
                 )
-        self._pending = Inbound(method, path, query, headers, b"", self._peer)
+        inbound = self._pending = Inbound(method, path, query, headers, b"", self._peer)
+        if self._mine is not None:
+            inbound.forward = finish_forward(forward, inbound)
         if has_body:
             self._head_done_at = self._loop.time()
         if expect and has_body and self._parser.get_http_version() == "1.1":

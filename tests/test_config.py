@@ -238,7 +238,9 @@ def test_a_reload_says_what_it_applies_and_what_needs_a_restart(
         ([("a", True)], [("a", True)], [], []),  # unchanged: an admin undrain stands
         ([], [("b", True)], ["b"], [("b", True)]),  # a new member, drained from the start
         ([], [("b", False)], ["b"], []),
-        ([("a", True)], [("a", True)], ["a"], [("a", True)]),  # its URL changed: a new member
+        ([("a", True)], [("a", True)], ["a"], [("a", True)]),  # its URL changed: still drained
+        ([("a", True)], [("a", False)], ["a"], [("a", False)]),  # moved and undrained
+        ([("a", False)], [("a", False)], ["a"], []),  # moved: an operator's drain stands
     ],
 )
 def test_a_reload_drains_what_the_file_changed(

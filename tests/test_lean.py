@@ -23,12 +23,13 @@ import structlog
 from multidict import CIMultiDict
 
 from wa_router.config import LogConfig
+from wa_router.lean import LeanServer
 from wa_router.logging import setup_logging
 from wa_router.runtime import Router
 from wa_router.sim import SimInstance
 from wa_router.sim.models import Received
 
-from .conftest import API_KEY, FRONT, StartRouter, pool_config, send_body
+from .conftest import API_KEY, FRONT, StartRouter, pool_config, send_body, wait_for
 
 # The lean front's own answers: nothing to test when every request goes through aiohttp.
 pytestmark = pytest.mark.skipif(FRONT == "aiohttp", reason="WA_TEST_FRONT=aiohttp")
@@ -834,3 +835,126 @@ async def test_client_key_in_the_query_is_replaced_by_the_node_key(
     assert got[0].json == {**doc, "api_key": API_KEY}  # the Node key, in the body
     assert CLIENT_KEY not in got[0].query.values(), f"client key forwarded: {got[0].query}"
     assert CLIENT_KEY not in json.dumps(dict(got[0].headers))
+
+
+# -- found in review: each once wrong, each pinned here -------------------------------------
+
+
+async def test_no_100_continue_is_owed_once_the_body_came(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """An `Expect` behind another answer, with its body sent at once (RFC 9110 10.1.1):
+    no 100 after its final answer, where it would read as the next request's."""
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    post = request("POST", SEND, HOST, "Expect: 100-continue", body=SEND_JSON)
+    await conn.send(request("GET", STATUS, HOST) + post)
+    statuses = [(await conn.response()).status for _ in range(2)]
+    await conn.send(request("GET", STATUS, HOST))
+    statuses.append((await conn.response()).status)
+    assert statuses == [200, 200, 200]
+    await conn.close()
+
+
+async def test_connect_gets_one_refusal_and_reaches_nothing(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    await conn.send(b"CONNECT /healthz HTTP/1.1\r\nHost: r\r\n\r\n")
+    raw = await conn.read_to_end()
+    assert raw.count(b"HTTP/1.1 ") == 1 and b'"upgrade_refused"' in raw, raw
+    await conn.close()
+
+
+async def test_http10_keep_alive_is_said_on_a_head_answer(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    await conn.send(request("HEAD", STATUS, HOST, "Connection: keep-alive", version="1.0"))
+    answer = await conn.response(head_only=True)
+    assert answer.status == 200 and answer.headers.get("Connection") == "keep-alive"
+    await conn.close()
+
+
+async def test_a_trailer_never_becomes_a_header(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    await conn.send(
+        b"GET /healthz HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\nHost: evil\r\n\r\n"
+    )
+    assert (await conn.response()).status == 200  # not aiohttp's duplicate-Host 400
+    await conn.close()
+
+
+async def test_non_ascii_header_bytes_reach_node_unchanged(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    note = "caf\u00e9 \u20ac"
+    await conn.send(f"GET {STATUS} HTTP/1.1\r\n{HOST}\r\nX-Note: {note}\r\n\r\n".encode())
+    assert (await conn.response()).status == 200
+    got = [r for r in sims[0].received if "X-Note" in r.headers][-1].headers["X-Note"]
+    assert got.encode("utf-8", "surrogateescape") == note.encode()
+    await conn.close()
+
+
+async def test_a_request_read_while_stopping_is_refused_not_sent(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """Half sent when the router begins to stop, whole during the grace: answered 503
+    shutting_down and never sent (past the drain nobody would answer it)."""
+    sims[0].add_session("s1")
+    cfg = pool_config(sims, upstream={"api_key": API_KEY}, server={"shutdown_grace_s": 5.0})
+    client, _ = await start_router(cfg)
+    port = client.port
+    assert port is not None and client.server.runner is not None
+    lean = client.server.runner.server
+    assert isinstance(lean, LeanServer)
+    warm = await Conn.open(port)
+    await warm.send(request("GET", STATUS, HOST))
+    assert (await warm.response()).status == 200
+    await warm.close()
+    before = len(forwarded(sims[0]))
+    half = await Conn.open(port)
+    whole = request("GET", STATUS, HOST)
+    await half.send(whole[:20])
+    await wait_for(lambda: any(c.mid_request for c in lean.connections), READ_S, "half a head")
+    lean.pre_shutdown()  # what the runner does first when the router stops
+    await half.send(whole[20:])
+    answer = await half.response()
+    assert (answer.status, answer.error) == (503, "shutting_down")
+    assert len(forwarded(sims[0])) == before
+    await half.close()
+
+
+async def test_the_head_clock_stops_while_the_router_is_not_reading(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """Eight answers queued (reading paused): the ninth request, whole on the wire, is
+    answered, not timed out by our own pause."""
+    sims[0].route_delay_s = {"/api/sessions/s1/status": 0.3}
+    port, _ = await serve(start_router, sims, server={"header_timeout_s": 1.0})
+    conn = await Conn.open(port)
+    await conn.send(request("GET", STATUS, HOST) * 9)
+    statuses = [(await conn.response(timeout_s=6)).status for _ in range(9)]
+    assert statuses == [200] * 9
+    await conn.close()
+
+
+async def test_a_lent_request_has_the_lean_limits_not_aiohttps(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """A 9 KB header is under limits.max_header_bytes (32 KiB) and over aiohttp's default
+    8190-byte line: the probe is answered, not refused by aiohttp in plain text."""
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    await conn.send(request("GET", "/healthz", HOST, "X-Pad: " + "x" * 9000))
+    answer = await conn.response()
+    assert answer.status == 200, answer.body[:200]
+    await conn.close()

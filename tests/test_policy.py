@@ -23,6 +23,7 @@ from wa_router.pool import Pool, State
 from wa_router.profiles import build_profile
 from wa_router.retry import failure_answer, look_again, may_resend, outcome_of
 from wa_router.singleflight import SingleFlight
+from wa_router.stores import MemoryStore
 
 
 @pytest.mark.parametrize(
@@ -223,3 +224,24 @@ def test_query_strings_parse_as_aiohttp_reads_them(qs: str, parsed: dict[str, st
     from wa_router.exchange import parse_query
 
     assert parse_query(qs) == parsed
+
+
+class ForgetfulStore(MemoryStore):
+    """A store that lost its drained set (down when it was told, or its key expired)."""
+
+    async def set_draining(self, instance: str, draining: bool) -> None:
+        raise ConnectionError("the store is down")
+
+
+async def test_a_drain_from_the_file_survives_a_store_that_lost_it() -> None:
+    from wa_router.draining import SharedDrain
+
+    pool = Pool([InstanceConfig("a", "http://127.0.0.1:3001")])
+    drain = SharedDrain(pool, ForgetfulStore())
+    drain.pinned = frozenset({"a"})
+    assert await drain.set("a", True) is False  # the store was not told
+    await drain.load()  # and says nothing is drained
+    assert pool.get("a").draining  # type: ignore[union-attr]
+    assert await drain.set("a", False) is False  # an operator's undrain wins
+    await drain.load()
+    assert not pool.get("a").draining  # type: ignore[union-attr]

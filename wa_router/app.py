@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -289,9 +289,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.error("store_unavailable", op="start", error=repr(exc))
         tasks.append(asyncio.create_task(_start_store_later(router)))
     await router.drain.load()  # drained by an operator on another router, before our start
-    for inst in router.config.instances:
-        if inst.drain:  # the file's drains; `drain: false` undoes no operator's drain
-            await router.drain.set(inst.name, True)
+    router.drain.pinned = frozenset(i.name for i in router.config.instances if i.drain)
+    for name in sorted(router.drain.pinned):  # `drain: false` undoes no operator's drain
+        await router.drain.set(name, True)
     await router.forwarder.start()
     backlog = router.webhooks.backlog
     deliverer = router.webhooks.deliverer
@@ -366,6 +366,14 @@ async def _drain(app: web.Application) -> None:
 class RouterRunner(web.AppRunner):
     """aiohttp's runner with the lean server in front (`server.front: lean`): the sockets
     it serves speak to `lean.LeanServer`, which hands aiohttp what is not a proxied route."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        # The lean server has checked the head against limits.max_header_bytes already:
+        # aiohttp's own smaller line limits must not refuse (as text) what it let through.
+        limit = app[ROUTER].config.limits.max_header_bytes
+        kwargs.setdefault("max_line_size", limit)
+        kwargs.setdefault("max_field_size", limit)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

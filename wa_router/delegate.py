@@ -71,7 +71,7 @@ class Lent(asyncio.Transport):
         self.write(b"".join(list_of_data))
 
     def is_closing(self) -> bool:
-        return self._closed
+        return self._closed or self._real.is_closing()
 
     def close(self) -> None:
         if not self._closed:
@@ -134,12 +134,16 @@ class Lent(asyncio.Transport):
             handler.connection_lost(None)
 
 
-async def answer_by_aiohttp(server: web.Server, lent: Lent, raw: bytes) -> bool:
+async def answer_by_aiohttp(
+    server: web.Server, lent: Lent, raw: bytes, *, paused: bool = False
+) -> bool:
     """Have aiohttp answer the request in `raw` through `lent`; whether the connection may
-    stay open."""
+    stay open. `paused`: the caller's transport is paused for writing already."""
     handler = server()
     lent.handler = handler
     handler.connection_made(lent)
+    if paused:
+        handler.pause_writing()
     try:
         handler.data_received(raw)
         return await lent.done

@@ -25,6 +25,9 @@ class SharedDrain:
         self._store = store
         self._deadline_s = deadline_s
         self._reload: asyncio.Task[None] | None = None
+        # Drained by the config file (`drain: true`): kept drained whatever the store says,
+        # so a store that was down when they were set, or lost them, cannot undrain them.
+        self.pinned: frozenset[str] = frozenset()
         store.on_draining(self._heard)
 
     async def load(self) -> None:
@@ -35,12 +38,15 @@ class SharedDrain:
         except Exception as exc:
             log.warning("drain_state_unavailable", error=type(exc).__name__)
             return
+        drained |= self.pinned
         for inst in self._pool.instances:
             self._apply(inst.name, inst.name in drained)
 
     async def set(self, name: str, draining: bool) -> bool:
         """Drain or undrain here at once, and for every router through the store; False
         when the store could not be told (this router only, for now)."""
+        if not draining:  # an operator's undrain outweighs the file's drain (last word wins)
+            self.pinned = self.pinned - {name}
         self._apply(name, draining)
         try:
             async with asyncio.timeout(self._deadline_s * 4):

@@ -54,6 +54,9 @@ _BODYLESS_STATUSES = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNKED_END = b"0\r\n\r\n"
 _NEVER = float("inf")
+# Header and target text: utf-8 with surrogateescape both ways, as the upstream clients
+# (h1response.py, aiohttp) decode and encode it, so any byte goes through unchanged.
+_CODEC = ("utf-8", "surrogateescape")
 
 
 _PHRASES = {int(s): s.phrase for s in HTTPStatus}
@@ -220,7 +223,7 @@ def _head(
     elif http10_keep_alive:
         lines.append("Connection: keep-alive")
     lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
+    return "\r\n".join(lines).encode(*_CODEC)
 
 
 class LeanConnection(asyncio.Protocol):
@@ -300,6 +303,9 @@ class LeanConnection(asyncio.Protocol):
         self._closed = True
         self._server.connections.discard(self)
         self._disarm()
+        if self._timer is not None:  # or the closed connection lives until it fires
+            self._timer.cancel()
+            self._timer = None
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         if self._lent is not None:
@@ -350,6 +356,11 @@ class LeanConnection(asyncio.Protocol):
                 else:
                     self._arm_at(self._head_done_at + cfg.body_timeout_s, "body_timeout")
 
+    @property
+    def mid_request(self) -> bool:
+        """A request has begun and is not read whole yet."""
+        return bool(self._head_bytes)
+
     def close_if_idle(self) -> None:
         if not self._busy and not self._queue and not self._head_bytes:
             self._close()
@@ -379,6 +390,8 @@ class LeanConnection(asyncio.Protocol):
             raise _rejected(414, "uri_too_long", "the request target is too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._pending is not None:
+            return  # a chunked body's trailer: never a header of the request
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._server.max_head:
             raise _rejected(
@@ -390,14 +403,16 @@ class LeanConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         method = self._parser.get_method().decode("ascii")
+        if method == "CONNECT":  # a tunnel: llhttp completes it as a message, then upgrades
+            raise _rejected(400, "upgrade_refused", "the router does not open tunnels (CONNECT)")
         try:
             parsed = httptools.parse_url(bytes(self._url))
         except httptools.HttpParserInvalidURLError:
             raise _rejected(400, "bad_request", "the request target is not a URL") from None
         # Absolute-form (`GET http://host/path`): the path is routed; the host is never
         # where the request goes.
-        path = (parsed.path or b"/").decode("latin-1")
-        query = (parsed.query or b"").decode("latin-1")
+        path = (parsed.path or b"/").decode(*_CODEC)
+        query = (parsed.query or b"").decode(*_CODEC)
         try:
             self._mine = self._server.whose(method, path)
         except RequestRejected as exc:
@@ -406,8 +421,8 @@ class LeanConnection(asyncio.Protocol):
         forward: CIMultiDict[str] = CIMultiDict()
         expect = has_body = False
         for n, v in self._headers:
-            name = n.decode("latin-1")
-            value = v.decode("latin-1")
+            name = n.decode(*_CODEC)
+            value = v.decode(*_CODEC)
             headers.add(name, value)
             lower = name.lower()
             if lower not in DROP_REQUEST:
@@ -445,7 +460,14 @@ class LeanConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._head_bytes = 0
+        self._continue = False  # the body came: no 100 is owed any more
         self._disarm()
+        if self._server.closing:
+            # Read while the router stops: not sent anywhere, and the caller hears so
+            # (past the drain nobody would answer it).
+            self._pending = None
+            self._refuse(shutdown_cut())
+            return
         inbound = self._pending
         assert inbound is not None
         self._pending = None
@@ -491,6 +513,11 @@ class LeanConnection(asyncio.Protocol):
                     await self._wake
                     self._wake = None
                     continue
+                if self._writable is not None and not self._writable.done():
+                    # The caller is not reading its answers: write no more of them (and
+                    # read no more requests) until it does.
+                    await self._writable
+                    continue
                 item = queue.popleft()
                 if self._paused and len(queue) < _KEEP_READING_QUEUE // 2:
                     assert self._transport is not None
@@ -528,8 +555,13 @@ class LeanConnection(asyncio.Protocol):
         if transport is None:
             return False
         lent = self._lent = Lent(transport, self._loop, head_only=item.head_only)
+        paused = self._writable is not None and not self._writable.done()
         try:
-            keep = await answer_by_aiohttp(self._server.web, lent, item.raw)
+            keep = await answer_by_aiohttp(self._server.web, lent, item.raw, paused=paused)
+        except Exception as exc:  # a bug of ours: no hang, the connection ends
+            log.error("lent_request_failed", error=type(exc).__name__, exc_info=True)
+            self.abort()
+            return False
         finally:
             self._lent = None
         return keep and item.keep_alive and not self._server.closing
@@ -595,7 +627,16 @@ class LeanConnection(asyncio.Protocol):
             bodyless = item.inbound.method == "HEAD" or up.status in _BODYLESS_STATUSES
             headers = answer_headers(up)
             if bodyless:
-                transport.write(_head(up.status, up.reason, headers, None, not keep))
+                transport.write(
+                    _head(
+                        up.status,
+                        up.reason,
+                        headers,
+                        None,
+                        not keep,
+                        http10_keep_alive=item.http10 and keep,
+                    )
+                )
                 return keep
             length = headers.popone("Content-Length", None)
             known = length is not None and length.isdigit()
@@ -617,6 +658,8 @@ class LeanConnection(asyncio.Protocol):
                 async for chunk in up.chunks():
                     if self._closed:
                         return False
+                    if not chunk:
+                        continue  # an empty chunk would end a chunked body early
                     transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
                     if self._writable is not None and not self._writable.done():
                         await self._writable  # the caller reads slower than Node answers
@@ -673,6 +716,10 @@ class LeanConnection(asyncio.Protocol):
             return
         if self._loop.time() < self._deadline:  # moved later since: wait for it
             self._timer = self._loop.call_at(self._deadline, self._expired)
+            return
+        if self._paused and self._why != "keepalive_timeout":
+            # We stopped reading (answers queued): the caller is not the slow one.
+            self._arm(self._server.server_cfg.header_timeout_s, self._why)
             return
         why = self._why
         if why == "keepalive_timeout" or not self._head_bytes:

@@ -84,9 +84,11 @@ class Pool:
         member whose name and URL stay is kept as it is (state, load, drain)."""
         members: list[Instance] = []
         for c in configs:
-            inst = self._by_name.get(c.name)
+            inst = old = self._by_name.get(c.name)
             if inst is None or inst.url != URL(c.url):
                 inst = Instance(c.name, URL(c.url), str(URL(c.url).origin()).rstrip("/"))
+                # Moved, not replaced: a drain is an operator's word about the name.
+                inst.draining = old is not None and old.draining
             members.append(inst)
         before = set(self._by_name.items())
         by_url: dict[str, Instance] = {}

@@ -63,8 +63,8 @@ def drain_changes(
     before = {c.name: c.drain for c in old}
     changes = []
     for c in new:
-        fresh = c.name in added  # new, or its URL changed: a new member, not drained
-        if (fresh and c.drain) or (not fresh and before.get(c.name, False) != c.drain):
+        fresh = c.name in added  # new, or its URL changed (it keeps its name's drain)
+        if (fresh and c.drain) or (c.name in before and before[c.name] != c.drain):
             changes.append((c.name, c.drain))
     return changes
 
@@ -102,6 +102,7 @@ def apply(router: Router, new: Config) -> tuple[list[str], list[str]]:
             inst = router.pool.get(name)
             if inst is not None:  # learn its sessions now, not at the next sync
                 _later(router.syncer.run(only=inst))
+        router.drain.pinned = frozenset(c.name for c in new.instances if c.drain)
         for name, draining in drain_changes(old.instances, new.instances, added):
             _later(router.drain.set(name, draining))
         log.warning("instances_changed", added=added, removed=removed)

@@ -587,8 +587,8 @@ MALFORMED = (
     # Both Content-Length and Transfer-Encoding (a smuggling attempt).
     b"POST /api/messages/send?api_key=KEY-IN-A-SMUGGLE HTTP/1.1\r\nHost: x\r\n"
     b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    # A header far over the limit.
-    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"KEY-IN-A-HUGE-HEADER" * 800 + b"\r\n\r\n",
+    # A header far over the limit (limits.max_header_bytes, 32 KiB).
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"KEY-IN-A-HUGE-HEADER" * 2000 + b"\r\n\r\n",
 )
 
 

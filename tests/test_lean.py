@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -958,3 +959,54 @@ async def test_a_lent_request_has_the_lean_limits_not_aiohttps(
     answer = await conn.response()
     assert answer.status == 200, answer.body[:200]
     await conn.close()
+
+
+async def test_a_caller_that_reads_nothing_is_cut_off(
+    start_router: StartRouter, aiohttp_server: Any
+) -> None:
+    """A streamed answer waits for its caller to read, holding a connection to its
+    instance: a caller that reads nothing for `server.write_timeout_s` is cut off."""
+    from aiohttp import web
+
+    from wa_router.config import config_from_dict
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"session_id": "s1", "status": "connected"})
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()  # no length: streamed through the router
+        await resp.prepare(request)
+        for _ in range(256):
+            await resp.write(b"x" * 32768)
+        return resp
+
+    upstream = web.Application()
+    upstream.router.add_get("/health", health)
+    upstream.router.add_get("/api/sessions/s1/status", status)
+    upstream.router.add_get("/api/sessions/s1/chats", big)
+    node = await aiohttp_server(upstream)
+    raw: dict[str, Any] = {
+        "instances": [{"name": "n1", "url": str(node.make_url("")).rstrip("/")}],
+        "server": {"write_timeout_s": 0.5},
+        "upstream": {"api_key": API_KEY},
+    }
+    if FRONT:
+        raw["server"]["front"] = FRONT
+    client, _ = await start_router(config_from_dict(raw))
+    assert client.port is not None and client.server.runner is not None
+    lean = client.server.runner.server
+    assert isinstance(lean, LeanServer)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", client.port))
+    try:
+        chats = f"/api/sessions/s1/chats?api_key={API_KEY}"
+        await asyncio.get_running_loop().sock_sendall(sock, request("GET", chats, HOST))
+        await wait_for(lambda: bool(lean.connections), READ_S, "the connection")
+        await wait_for(lambda: not lean.connections, 10, "the caller cut off")
+    finally:
+        sock.close()

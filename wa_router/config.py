@@ -49,6 +49,9 @@ class ServerConfig:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
+    # A caller that reads nothing of its answers for this long is cut off: a streamed answer
+    # holds a pooled connection to its instance while it waits.
+    write_timeout_s: float = 60.0
     # Open caller connections; past it a new one is answered 503 and closed. Kept below the
     # file limit, which the router raises to its hard limit at start (upstream connections
     # and the state files need descriptors too).

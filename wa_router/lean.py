@@ -516,7 +516,8 @@ class LeanConnection(asyncio.Protocol):
                 if self._writable is not None and not self._writable.done():
                     # The caller is not reading its answers: write no more of them (and
                     # read no more requests) until it does.
-                    await self._writable
+                    if not await self._drained():
+                        return
                     continue
                 item = queue.popleft()
                 if self._paused and len(queue) < _KEEP_READING_QUEUE // 2:
@@ -549,6 +550,21 @@ class LeanConnection(asyncio.Protocol):
         finally:
             self._busy = False
             self._worker = self._wake = None
+
+    async def _drained(self) -> bool:
+        """Wait until the caller has read enough of what was written; False (the
+        connection cut) when it reads nothing for `server.write_timeout_s`."""
+        writable = self._writable
+        if writable is None or writable.done():
+            return True
+        try:
+            async with asyncio.timeout(self._server.server_cfg.write_timeout_s):
+                await asyncio.shield(writable)
+        except TimeoutError:
+            log.info("caller_not_reading", timeout_s=self._server.server_cfg.write_timeout_s)
+            self.abort()
+            return False
+        return not self._closed
 
     async def _lend(self, item: _Lend) -> bool:
         transport = self._transport
@@ -661,8 +677,8 @@ class LeanConnection(asyncio.Protocol):
                     if not chunk:
                         continue  # an empty chunk would end a chunked body early
                     transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-                    if self._writable is not None and not self._writable.done():
-                        await self._writable  # the caller reads slower than Node answers
+                    if not await self._drained():  # the caller reads slower than Node answers
+                        return False
             except UpstreamError as exc:
                 # The head is sent already: only cutting the connection tells the caller
                 # that the body is not whole.

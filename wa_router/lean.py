@@ -22,7 +22,6 @@ import resource
 import time
 from collections import deque
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import cast
 
 import httptools
@@ -46,24 +45,20 @@ from .exchange import (
 from .logging import CURRENT_REQUEST
 from .rules import Match
 from .runtime import RequestId, Router, shutdown_cut
+from .wire import (
+    BODYLESS_STATUSES,
+    CHUNKED_END,
+    CODEC,
+    CONTINUE,
+    answer_head,
+    linger,
+)
+from .wire import chunk as wire_chunk
 
 log = structlog.get_logger("wa_router.lean")
 
 _KEEP_READING_QUEUE = 8  # pipelined requests read ahead before reading pauses
-_BODYLESS_STATUSES = frozenset({204, 304})
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_CHUNKED_END = b"0\r\n\r\n"
 _NEVER = float("inf")
-# Header and target text: utf-8 with surrogateescape both ways, as the upstream clients
-# (h1response.py, aiohttp) decode and encode it, so any byte goes through unchanged.
-_CODEC = ("utf-8", "surrogateescape")
-
-
-_PHRASES = {int(s): s.phrase for s in HTTPStatus}
-
-
-def _reason(status: int) -> str:
-    return _PHRASES.get(status, "Unknown")
 
 
 class _Refused(Exception):
@@ -176,54 +171,15 @@ class _Full(asyncio.Protocol):
             )
         )
         reply.headers["Retry-After"] = "1"
-        transport.write(_head(reply.status, reply.reason, reply.headers, len(reply.body), True))
+        transport.write(
+            answer_head(reply.status, reply.reason, reply.headers, len(reply.body), True)
+        )
         transport.write(reply.body)
         linger(transport)
         log.warning("connection_refused", reason="max_connections")
 
     def data_received(self, data: bytes) -> None:
         pass  # what the caller sent before it read the 503: read, so no reset hides it
-
-
-_LINGER_S = 2.0
-
-
-def linger(transport: asyncio.Transport) -> None:
-    """Close after an answer the caller may still be sending to: our side shut first
-    (FIN), what still arrives read and dropped for a moment, then closed. Closing with
-    unread bytes would send a reset, which can make the caller lose the answer (RFC 9112
-    9.6)."""
-    if transport.is_closing():
-        return
-    if transport.can_write_eof():
-        transport.write_eof()
-    transport.resume_reading()
-    asyncio.get_event_loop().call_later(_LINGER_S, transport.close)
-
-
-def _head(
-    status: int,
-    reason: str,
-    headers: CIMultiDict[str],
-    length: int | None,
-    close: bool,
-    *,
-    chunked: bool = False,
-    http10_keep_alive: bool = False,
-) -> bytes:
-    lines = [f"HTTP/1.1 {status} {reason or _reason(status)}"]
-    for k, v in headers.items():
-        lines.append(f"{k}: {v}")
-    if length is not None and status not in _BODYLESS_STATUSES:
-        lines.append(f"Content-Length: {length}")
-    elif chunked:
-        lines.append("Transfer-Encoding: chunked")
-    if close:
-        lines.append("Connection: close")
-    elif http10_keep_alive:
-        lines.append("Connection: keep-alive")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode(*_CODEC)
 
 
 class LeanConnection(asyncio.Protocol):
@@ -411,8 +367,8 @@ class LeanConnection(asyncio.Protocol):
             raise _rejected(400, "bad_request", "the request target is not a URL") from None
         # Absolute-form (`GET http://host/path`): the path is routed; the host is never
         # where the request goes.
-        path = (parsed.path or b"/").decode(*_CODEC)
-        query = (parsed.query or b"").decode(*_CODEC)
+        path = (parsed.path or b"/").decode(*CODEC)
+        query = (parsed.query or b"").decode(*CODEC)
         try:
             self._mine = self._server.whose(method, path)
         except RequestRejected as exc:
@@ -421,8 +377,8 @@ class LeanConnection(asyncio.Protocol):
         forward: CIMultiDict[str] = CIMultiDict()
         expect = has_body = False
         for n, v in self._headers:
-            name = n.decode(*_CODEC)
-            value = v.decode(*_CODEC)
+            name = n.decode(*CODEC)
+            value = v.decode(*CODEC)
             headers.add(name, value)
             lower = name.lower()
             if lower not in DROP_REQUEST:
@@ -450,7 +406,7 @@ class LeanConnection(asyncio.Protocol):
             if self._queue or self._busy:
                 self._continue = True
             elif self._transport is not None:
-                self._transport.write(_CONTINUE)
+                self._transport.write(CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -546,7 +502,7 @@ class LeanConnection(asyncio.Protocol):
                     return
                 if self._continue and not queue and self._transport is not None:
                     self._continue = False
-                    self._transport.write(_CONTINUE)
+                    self._transport.write(CONTINUE)
         finally:
             self._busy = False
             self._worker = self._wake = None
@@ -617,7 +573,7 @@ class LeanConnection(asyncio.Protocol):
             return
         http10 = item is not None and item.http10
         head_only = item is not None and item.inbound.method == "HEAD"
-        head = _head(
+        head = answer_head(
             reply.status,
             reply.reason,
             reply.headers,
@@ -640,11 +596,11 @@ class LeanConnection(asyncio.Protocol):
         try:
             if transport is None or self._closed:
                 return False
-            bodyless = item.inbound.method == "HEAD" or up.status in _BODYLESS_STATUSES
+            bodyless = item.inbound.method == "HEAD" or up.status in BODYLESS_STATUSES
             headers = answer_headers(up)
             if bodyless:
                 transport.write(
-                    _head(
+                    answer_head(
                         up.status,
                         up.reason,
                         headers,
@@ -660,7 +616,7 @@ class LeanConnection(asyncio.Protocol):
             keep = keep and (known or not item.http10)
             chunked = not known and not item.http10
             transport.write(
-                _head(
+                answer_head(
                     up.status,
                     up.reason,
                     headers,
@@ -676,7 +632,7 @@ class LeanConnection(asyncio.Protocol):
                         return False
                     if not chunk:
                         continue  # an empty chunk would end a chunked body early
-                    transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    transport.write(wire_chunk(chunk) if chunked else chunk)
                     if not await self._drained():  # the caller reads slower than Node answers
                         return False
             except UpstreamError as exc:
@@ -686,7 +642,7 @@ class LeanConnection(asyncio.Protocol):
                 transport.abort()
                 return False
             if chunked:
-                transport.write(_CHUNKED_END)
+                transport.write(CHUNKED_END)
             return keep
         finally:
             up.release()

@@ -1,0 +1,69 @@
+"""The bytes the lean server writes itself: answer heads, chunk framing, the text codec,
+and a lingering close. No state: `lean.py` decides what to write, this says how.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from http import HTTPStatus
+
+from multidict import CIMultiDict
+
+BODYLESS_STATUSES = frozenset({204, 304})
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CHUNKED_END = b"0\r\n\r\n"
+# Header and target text: utf-8 with surrogateescape both ways, as the upstream clients
+# (h1response.py, aiohttp) decode and encode it, so any byte goes through unchanged.
+CODEC = ("utf-8", "surrogateescape")
+
+
+_PHRASES = {int(s): s.phrase for s in HTTPStatus}
+
+
+def reason_phrase(status: int) -> str:
+    return _PHRASES.get(status, "Unknown")
+
+
+LINGER_S = 2.0
+
+
+def linger(transport: asyncio.Transport) -> None:
+    """Close after an answer the caller may still be sending to: our side shut first
+    (FIN), what still arrives read and dropped for a moment, then closed. Closing with
+    unread bytes would send a reset, which can make the caller lose the answer (RFC 9112
+    9.6)."""
+    if transport.is_closing():
+        return
+    if transport.can_write_eof():
+        transport.write_eof()
+    transport.resume_reading()
+    asyncio.get_event_loop().call_later(LINGER_S, transport.close)
+
+
+def answer_head(
+    status: int,
+    reason: str,
+    headers: CIMultiDict[str],
+    length: int | None,
+    close: bool,
+    *,
+    chunked: bool = False,
+    http10_keep_alive: bool = False,
+) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason or reason_phrase(status)}"]
+    for k, v in headers.items():
+        lines.append(f"{k}: {v}")
+    if length is not None and status not in BODYLESS_STATUSES:
+        lines.append(f"Content-Length: {length}")
+    elif chunked:
+        lines.append("Transfer-Encoding: chunked")
+    if close:
+        lines.append("Connection: close")
+    elif http10_keep_alive:
+        lines.append("Connection: keep-alive")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode(*CODEC)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)

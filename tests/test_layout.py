@@ -103,9 +103,9 @@ def test_the_router_has_no_import_loop() -> None:
         for m, ts in edges.items()
         if not m.startswith("wa_router.sim")
     }
-    assert "wa_router.admin" in router and "wa_router.app" in router["wa_router.cli"] | {
-        t for ts in router.values() for t in ts
-    }
+    # The imports were read (an empty graph has no loop either).
+    assert "wa_router.app" in router["wa_router.server"]
+    assert "wa_router.runtime" in router["wa_router.app"]
     assert cycles(router) == []
 
 

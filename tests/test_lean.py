@@ -78,6 +78,12 @@ class Conn:
         self.writer.write(data)
         await self.writer.drain()
 
+    async def refused(self, status: int, error: str) -> None:
+        """The next answer is the router's refusal, and the connection is closed after it."""
+        resp = await self.response()
+        assert (resp.status, resp.error) == (status, error), resp
+        assert await self.closed()
+
     async def response(self, *, head_only: bool = False, timeout_s: float = READ_S) -> Response:
         """One whole answer: its head, and its body framed as the head says."""
         return await asyncio.wait_for(self._response(head_only), timeout_s)
@@ -302,9 +308,7 @@ async def test_malformed_request_after_good_ones_is_refused_after_their_answers(
                 answers.append(await conn.response())
             await conn.send(malformed)
         assert [a.status for a in answers] == [200] * len(targets)
-        refused = await conn.response()
-        assert (refused.status, refused.error) == (400, "bad_request")
-        assert await conn.closed()
+        await conn.refused(400, "bad_request")
     finally:
         await conn.close()
     assert len(forwarded(sims[0])) == targets.count(STATUS) and nothing_forwarded(sims[1:])
@@ -362,9 +366,7 @@ async def test_head_over_the_limit_is_refused_and_closed(
     try:
         await before(conn, ahead)
         await conn.send(raw)
-        resp = await conn.response()
-        assert (resp.status, resp.error) == (status, error)
-        assert await conn.closed()
+        await conn.refused(status, error)
     finally:
         await conn.close()
     assert nothing_forwarded(sims)
@@ -378,9 +380,7 @@ async def test_content_length_over_the_limit_is_413_before_the_body_is_sent(
     try:
         head = f"POST {SEND} HTTP/1.1\r\n{HOST}\r\nContent-Type: application/json\r\n"
         await conn.send(f"{head}Content-Length: 5000\r\n\r\n".encode())  # the body never sent
-        resp = await conn.response()
-        assert (resp.status, resp.error) == (413, "payload_too_large")
-        assert await conn.closed()
+        await conn.refused(413, "payload_too_large")
     finally:
         await conn.close()
     assert nothing_forwarded(sims)
@@ -396,9 +396,7 @@ async def test_chunked_body_growing_past_the_limit_is_413(
         await conn.send(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode())
         await conn.send(b"258\r\n" + b" " * 600 + b"\r\n")  # 600 bytes: under the limit
         await conn.send(b"258\r\n" + b" " * 600 + b"\r\n")  # 1200: over it (no end sent)
-        resp = await conn.response()
-        assert (resp.status, resp.error) == (413, "payload_too_large")
-        assert await conn.closed()
+        await conn.refused(413, "payload_too_large")
     finally:
         await conn.close()
     assert nothing_forwarded(sims)

@@ -14,7 +14,15 @@ from multidict import CIMultiDict
 
 from . import retry
 from .errors import RequestRejected, UpstreamError
-from .exchange import Answer, Inbound, Reply, answer_headers, buffered, upstream_headers
+from .exchange import (
+    Answer,
+    Inbound,
+    Reply,
+    Streamed,
+    answer_headers,
+    buffered,
+    upstream_headers,
+)
 from .forward import UpstreamResponse
 
 log = structlog.get_logger("wa_router.httpio")
@@ -68,21 +76,33 @@ async def send_answer(request: web.Request, answer: Answer) -> web.StreamRespons
     return await _stream(request, answer.upstream, answer.session)
 
 
+async def settle(up: UpstreamResponse, session: str | None, method: str) -> Answer:
+    """An instance's answer, as it goes back: read whole when it is small and its length
+    is known (one write, and a body broken mid-way is a clean 502), else streamed (and
+    HEAD / 204 / 304 answers, which have no body, as they are)."""
+    length = up.headers.get("Content-Length")
+    if (
+        method == "HEAD"
+        or up.status in _BODYLESS_STATUSES
+        or length is None
+        or not length.isdigit()
+        or int(length) > SMALL_BODY_BYTES
+    ):
+        return Streamed(up, session)
+    try:
+        body = await up.read()
+    except UpstreamError as exc:
+        raise retry.failure_answer(exc, session, retried=False) from None
+    finally:
+        up.release()
+    return buffered(up, body)
+
+
 async def relay(
     request: web.Request, up: UpstreamResponse, session: str | None
 ) -> web.StreamResponse:
     """Send the upstream answer back: status, headers (less hop-by-hop), bytes unchanged."""
-    length = up.headers.get("Content-Length")
-    bodyless = request.method == "HEAD" or up.status in _BODYLESS_STATUSES
-    if not bodyless and length is not None and length.isdigit() and int(length) <= SMALL_BODY_BYTES:
-        try:
-            body = await up.read()
-        except UpstreamError as exc:
-            raise retry.failure_answer(exc, session, retried=False) from None
-        finally:
-            up.release()
-        return await send_answer(request, buffered(up, body))
-    return await _stream(request, up, session)
+    return await send_answer(request, await settle(up, session, request.method))
 
 
 async def _stream(

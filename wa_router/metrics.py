@@ -79,13 +79,12 @@ class RouterCollector(Collector):
         )
         build.add_metric([_VERSION, platform.python_version()], 1.0)
         yield build
-        inflight = GaugeMetricFamily(
-            "wa_router_requests_in_flight", "Requests being handled now (waiting ones included)"
+        me = 1 if self.scrape in v.inflight else 0  # not counting the scrape itself
+        yield _gauge(
+            "wa_router_requests_in_flight",
+            "Requests being handled now (waiting ones included)",
+            len(v.inflight) - me,
         )
-        # Not counting the scrape itself.
-        me = 1 if self.scrape in v.inflight else 0
-        inflight.add_metric([], float(len(v.inflight) - me))
-        yield inflight
         requests = CounterMetricFamily(
             "wa_router_requests",
             "Caller requests by route kind, instance and status class",
@@ -171,11 +170,11 @@ class RouterCollector(Collector):
             hooks.add_metric([event, result], n)
         yield hooks
         if self.backlog is not None:
-            backlog = GaugeMetricFamily(
-                "wa_router_webhook_backlog", "Webhooks waiting to be relayed to Laravel"
+            yield _gauge(
+                "wa_router_webhook_backlog",
+                "Webhooks waiting to be relayed to Laravel",
+                self.backlog,
             )
-            backlog.add_metric([], float(self.backlog))
-            yield backlog
         delivery = v.delivery()
         if delivery is not None:
             later = CounterMetricFamily(
@@ -188,25 +187,23 @@ class RouterCollector(Collector):
             later.add_metric(["refused"], delivery.refused)
             yield later
             if delivery.shards_held is not None:
-                shards = GaugeMetricFamily(
+                yield _gauge(
                     "wa_router_webhook_shards_held",
                     "Webhook stream shards this router delivers now (Redis backlog)",
+                    delivery.shards_held,
                 )
-                shards.add_metric([], float(delivery.shards_held))
-                yield shards
             if delivery.spooled is not None:
-                spooled = GaugeMetricFamily(
+                yield _gauge(
                     "wa_router_webhook_spooled",
                     "Webhooks kept in the local spool until Redis answers again",
+                    delivery.spooled,
                 )
-                spooled.add_metric([], float(delivery.spooled))
-                yield spooled
 
-        parked = GaugeMetricFamily(
-            "wa_router_parked_requests", "Requests waiting now for their session to be back"
+        yield _gauge(
+            "wa_router_parked_requests",
+            "Requests waiting now for their session to be back",
+            v.parked(),
         )
-        parked.add_metric([], float(v.parked()))
-        yield parked
         left = CounterMetricFamily(
             "wa_router_parked",
             "Requests that waited for their session, by how the wait ended",
@@ -233,6 +230,13 @@ class RouterCollector(Collector):
         syncs = CounterMetricFamily("wa_router_syncs", "Sync runs")
         syncs.add_metric([], v.sync_runs())
         yield syncs
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    """A gauge of one unlabelled value."""
+    family = GaugeMetricFamily(name, doc)
+    family.add_metric([], float(value))
+    return family
 
 
 class _Counts:

@@ -36,9 +36,9 @@ from .errors import (
     UpstreamError,
     says_down,
 )
-from .exchange import Answer, Inbound, Reply, Streamed, buffered, error_reply, upstream_headers
+from .exchange import Answer, Inbound, Reply, buffered, error_reply, upstream_headers
 from .forward import Forwarder, UpstreamRequest, UpstreamResponse
-from .httpio import SMALL_BODY_BYTES, read_body, send_answer
+from .httpio import read_body, send_answer, settle
 from .parking import Parking, Unparked, prefer_wait_s
 from .pool import Instance, Pool, State
 from .pooled import PoolRoutes
@@ -330,7 +330,7 @@ class Proxy:
                         if rule.creates and up.status >= 300:
                             await self.resolver.undo_placement(session, target)
                         call.answered = True
-                        return await self._relayed(call, up, session)
+                        return await settle(up, session, call.method)
                     body = await self._read(up)
                     means = self.profile.not_here(up.status, body)
                     if means is None:
@@ -437,7 +437,7 @@ class Proxy:
             except UpstreamError as exc:
                 raise retry.failure_answer(exc, None, retried=len(tried) > 1) from None
             call.answered = True
-            return await self._relayed(call, up, None)
+            return await settle(up, None, call.method)
 
     async def _send(self, inst: Instance, req: UpstreamRequest) -> UpstreamResponse:
         inst.inflight += 1
@@ -451,25 +451,6 @@ class Proxy:
         if inst.state is not State.HEALTHY:
             self.pool.mark_healthy(inst)
         return up
-
-    async def _relayed(self, call: Call, up: UpstreamResponse, session: str | None) -> Answer:
-        """The instance's answer, as it goes back: read whole when it is small and its
-        length is known (one write, and a body broken mid-way is a clean 502), else
-        streamed (and HEAD / 204 / 304 answers, which have no body, as they are)."""
-        length = up.headers.get("Content-Length")
-        if (
-            call.method == "HEAD"
-            or up.status in (204, 304)
-            or length is None
-            or not length.isdigit()
-            or int(length) > SMALL_BODY_BYTES
-        ):
-            return Streamed(up, session)
-        try:
-            body = await self._read(up)
-        except UpstreamError as exc:
-            raise retry.failure_answer(exc, session, retried=False) from None
-        return buffered(up, body)
 
     async def _read(self, up: UpstreamResponse) -> bytes:
         try:

@@ -351,16 +351,13 @@ async def _drain(app: web.Application) -> None:
     grace_s = router.config.server.shutdown_grace_s
     # Parked requests are answered now (503 session_unavailable), not cut off at the end.
     await router.parking.close()
-    pending = set(router.inflight)
-    if pending:
-        log.info("router_draining", inflight=len(pending), grace_s=grace_s)
-        _, late = await asyncio.wait(pending, timeout=grace_s) if grace_s > 0 else ((), pending)
-        router.stopping = True  # what is cancelled now is answered 503 (runtime.answering)
-        for task in late:
-            task.cancel()
+    inflight = router.inflight
+    if inflight:
+        log.info("router_draining", inflight=len(inflight), grace_s=grace_s)
+        # What is cancelled or cut after the grace is answered 503 (runtime.answering).
+        late = await inflight.drain(grace_s, on_late=lambda: setattr(router, "stopping", True))
         if late:
-            log.warning("router_drain_cancelled", requests=len(late))
-            await asyncio.wait(late, timeout=1.0)
+            log.warning("router_drain_cancelled", requests=late)
 
 
 class RouterRunner(web.AppRunner):

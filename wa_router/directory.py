@@ -91,14 +91,20 @@ class Directory:
         """`listener(session, instance)` whenever a `connected` owner is stored."""
         self._connected_listeners.append(listener)
 
+    def cached(self, session: str) -> Entry | None:
+        """The owner entry of `session` when the cache has it fresh; None: ask `lookup`."""
+        hit = self._cache.get(session)
+        if hit is not None and hit[1] > self._monotonic():
+            self.stats.cache_hits += 1
+            return hit[0]
+        return None
+
     async def lookup(self, session: str) -> Entry | None:
         """The live owner entry of `session`, or None (unknown or forgotten)."""
-        hit = self._cache.get(session)
+        hit = self.cached(session)
         if hit is not None:
-            if hit[1] > self._monotonic():
-                self.stats.cache_hits += 1
-                return hit[0]
-            del self._cache[session]
+            return hit
+        self._cache.pop(session, None)  # stale, if there at all
         try:
             entry = await self._guarded(self.store.get(session))
         except Exception as exc:

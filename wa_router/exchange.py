@@ -6,7 +6,7 @@ behind aiohttp (`httpio.py`), and can be tested without either.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 import orjson
@@ -24,23 +24,57 @@ DROP_REQUEST = HOP_BY_HOP | {
     "x-forwarded-proto",
     "x-forwarded-host",
 }
+DROP_REQUEST_BYTES = frozenset(name.encode() for name in DROP_REQUEST)
+_CODEC = ("utf-8", "surrogateescape")
 
 
-@dataclass(slots=True)
 class Inbound:
     """One caller request, read whole (a request may have to be sent twice)."""
 
-    method: str
-    path: str  # raw (percent-encoded), no query
-    query_string: str  # raw, without the "?"
-    headers: CIMultiDictProxy[str] | CIMultiDict[str]
-    body: bytes
-    peer: str  # the caller's address ("" when unknown)
-    scheme: str = "http"
-    # The headers as they go upstream, when the front made them while reading (one pass
-    # over the caller's headers instead of two); else `upstream_headers` makes them.
-    forward: CIMultiDict[str] | None = None
-    _query: dict[str, str] | None = field(default=None, repr=False)
+    __slots__ = (
+        "_headers",
+        "_query",
+        "body",
+        "method",
+        "path",
+        "peer",
+        "query_string",
+        "raw",
+        "scheme",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query_string: str,
+        headers: CIMultiDictProxy[str] | CIMultiDict[str] | None,
+        body: bytes,
+        peer: str,
+        scheme: str = "http",
+        *,
+        raw: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        self.method = method
+        self.path = path  # raw (percent-encoded), no query
+        self.query_string = query_string  # raw, without the "?"
+        self._headers = headers
+        # The fields as they came (the lean front): `headers` decodes them on first use, and
+        # the express lane never asks.
+        self.raw = raw
+        self.body = body
+        self.peer = peer  # the caller's address ("" when unknown)
+        self.scheme = scheme
+        self._query: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]:
+        if self._headers is None:
+            md: CIMultiDict[str] = CIMultiDict()
+            for name, value in self.raw or ():
+                md.add(name.decode(*_CODEC), value.decode(*_CODEC))
+            self._headers = md
+        return self._headers
 
     @property
     def path_qs(self) -> str:
@@ -97,6 +131,13 @@ class Streamed:
 Answer = Reply | Streamed
 
 
+def connection_of(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str | None:
+    """Every Connection field's tokens, as one list (RFC 9110 7.6.1: each names fields that
+    are not forwarded)."""
+    values = headers.getall("Connection", ())
+    return ",".join(values) if values else None
+
+
 def error_reply(exc: RequestRejected) -> Reply:
     headers: CIMultiDict[str] = CIMultiDict(exc.headers)
     headers["Content-Type"] = "application/json"
@@ -105,7 +146,7 @@ def error_reply(exc: RequestRejected) -> Reply:
 
 def answer_headers(up: UpstreamResponse) -> CIMultiDict[str]:
     """An instance's answer headers less hop-by-hop ones (and those Connection names)."""
-    return strip_hop_by_hop(up.headers.items(), up.headers.get("Connection"))
+    return strip_hop_by_hop(up.headers.items(), connection_of(up.headers))
 
 
 def buffered(up: UpstreamResponse, body: bytes) -> Reply:
@@ -116,9 +157,7 @@ def buffered(up: UpstreamResponse, body: bytes) -> Reply:
 
 def upstream_headers(inbound: Inbound) -> CIMultiDict[str]:
     """The caller's headers less hop-by-hop ones and those the router sets, plus
-    X-Forwarded-*. One pass: this runs for every request."""
-    if inbound.forward is not None:
-        return inbound.forward
+    X-Forwarded-*. One pass."""
     src = inbound.headers
     headers: CIMultiDict[str] = CIMultiDict()
     for k, v in src.items():
@@ -131,7 +170,7 @@ def finish_forward(headers: CIMultiDict[str], inbound: Inbound) -> CIMultiDict[s
     """`headers` (the caller's less `DROP_REQUEST`) less what Connection names, plus
     X-Forwarded-*."""
     src = inbound.headers
-    connection = src.get("Connection")
+    connection = connection_of(src)
     if connection is not None:
         for token in connection.split(","):
             headers.popall(token.strip(), None)
@@ -141,3 +180,63 @@ def finish_forward(headers: CIMultiDict[str], inbound: Inbound) -> CIMultiDict[s
     headers["X-Forwarded-Proto"] = inbound.scheme
     headers["X-Forwarded-Host"] = inbound.host
     return headers
+
+
+@dataclass(slots=True)
+class Fields:
+    """A caller's header fields read once, as bytes (`read_fields`): the lines that go
+    upstream as they came, and what the front and X-Forwarded-* need of the others."""
+
+    forward: list[bytes]  # "Name: value\r\n", the fields not in DROP_REQUEST
+    host: bytes | None = None  # the first Host
+    forwarded_for: bytes | None = None  # the first X-Forwarded-For
+    connection: bytes = b""  # every Connection field's tokens
+    content_length: bytes | None = None
+    chunked: bool = False  # a Transfer-Encoding came
+    expect_continue: bool = False
+    upgrade: bool = False
+
+
+def read_fields(raw: list[tuple[bytes, bytes]]) -> Fields:
+    forward: list[bytes] = []
+    fields = Fields(forward)
+    for name, value in raw:
+        lower = name.lower()
+        if lower not in DROP_REQUEST_BYTES:
+            forward.append(b"%s: %s\r\n" % (name, value))
+        elif lower == b"content-length":
+            fields.content_length = value
+        elif lower == b"transfer-encoding":
+            fields.chunked = True
+        elif lower == b"host":
+            if fields.host is None:
+                fields.host = value
+        elif lower == b"x-forwarded-for":
+            if fields.forwarded_for is None:
+                fields.forwarded_for = value
+        elif lower == b"connection":
+            fields.connection = value if not fields.connection else fields.connection + b"," + value
+        elif lower == b"expect":
+            fields.expect_continue |= value.lower() == b"100-continue"
+        elif lower == b"upgrade":
+            fields.upgrade = True
+    return fields
+
+
+def forward_fields(fields: Fields, peer: str, scheme: str = "http") -> bytes:
+    """The header lines that go upstream, as bytes: the caller's (`fields.forward`) less
+    what Connection names, plus X-Forwarded-*. The same fields as `upstream_headers` makes,
+    in the same order, for the express lane."""
+    lines = fields.forward
+    if fields.connection:
+        named = {t.strip().lower() for t in fields.connection.split(b",")}
+        lines = [ln for ln in lines if ln.partition(b":")[0].lower() not in named]
+    prior = fields.forwarded_for
+    me = peer.encode(*_CODEC)
+    xff = prior + b", " + me if prior else me
+    host = fields.host or b""
+    lines.append(
+        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
+        % (xff, scheme.encode(), host)
+    )
+    return b"".join(lines)

@@ -49,15 +49,26 @@ class UpstreamRequest:
 
 
 class UpstreamResponse(Protocol):
-    status: int
-    reason: str
-    headers: CIMultiDictProxy[str]
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
 
     async def read(self) -> bytes: ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
     def release(self) -> None: ...
+
+
+class PendingResponse(UpstreamResponse, Protocol):
+    """An answer to a request already written, its head perhaps not read yet."""
+
+    async def head(self) -> None: ...
 
 
 class Forwarder(Protocol):
@@ -232,6 +243,7 @@ __all__ = [
     "AiohttpForwarder",
     "Fetched",
     "Forwarder",
+    "PendingResponse",
     "UpstreamError",
     "UpstreamRequest",
     "UpstreamResponse",

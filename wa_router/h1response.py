@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol, cast
 
 import httptools
@@ -106,9 +106,9 @@ class H1Response:
         "_done",
         "_error",
         "_fed",
-        "_fields",
         "_final",
         "_head_size",
+        "_headers",
         "_heads",
         "_interim",
         "_keep",
@@ -116,18 +116,20 @@ class H1Response:
         "_pieces",
         "_queued",
         "_read_s",
-        "_reason",
         "_stray",
+        "_timed_out",
         "_until_close",
         "_waiter",
         "_whole",
-        "headers",
-        "reason",
+        "fields",
+        "length",
+        "listener",
+        "lowers",
+        "named",
+        "reason_bytes",
         "status",
     )
     status: int
-    reason: str
-    headers: CIMultiDictProxy[str]
 
     def __init__(self, conn: Conn, method: str, read_s: float) -> None:
         self._conn: Conn | None = conn
@@ -135,8 +137,18 @@ class H1Response:
         self._parser = httptools.HttpResponseParser(self)
         # HEAD: llhttp is fed whole heads only (see `_feed_heads`).
         self._heads: bytearray | None = bytearray() if method == "HEAD" else None
-        self._fields: CIMultiDict[str] = CIMultiDict()
-        self._reason = b""
+        # The final head's fields as they came (bytes): relayed as they are by the lean
+        # front; `headers` decodes them only for whoever asks.
+        self.fields: list[tuple[bytes, bytes]] = []
+        self._headers: CIMultiDictProxy[str] | None = None
+        self.reason_bytes = b""
+        self.length: int | None = None  # the final head's Content-Length, if it has one
+        self.lowers: list[bytes] = []  # the final head's field names, lower case
+        self.named: frozenset[bytes] = frozenset()  # what its Connection fields name
+        # Told of every news (bytes, the end, an error) when no one awaits it: the lean
+        # front's express lane (`express.py`) reads answers so, with no task.
+        self.listener: Callable[[], None] | None = None
+        self._timed_out = False
         self._head_size = 0  # status text and fields of the heads so far
         self._fed = 0  # bytes fed before the final head was whole
         self._interim = False  # in a 1xx interim answer, skipped
@@ -217,19 +229,19 @@ class H1Response:
         if self._done:
             self._stray = True
             raise httptools.HttpParserError("bytes past the answer")  # stop parsing them
-        self._fields = CIMultiDict()
-        self._reason = b""
+        self.fields = []
+        self.reason_bytes = b""
 
     def on_status(self, status: bytes) -> None:
         self._head_size += len(status)
-        self._reason += status  # in pieces when the status line is split across reads
+        self.reason_bytes += status  # in pieces when the status line is split across reads
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._final:
             return  # a trailer field: not relayed (RFC 9110 6.5.1)
         self._head_size += len(name) + len(value) + 4
         # llhttp drops the leading whitespace of a value, not the trailing (RFC 9112 5.1).
-        self._fields.add(name.decode(*_CODEC), value.decode(*_CODEC).rstrip(" \t"))
+        self.fields.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -244,21 +256,17 @@ class H1Response:
         if status < 200 and status != 101:
             self._interim = True  # 100 Continue, 103 Early Hints: skipped
             return
-        fields = self._fields
         self.status = status
-        self.reason = self._reason.decode(*_CODEC)
-        self.headers = CIMultiDictProxy(fields)
         self._final = True
         if self._heads is not None:
             self._done = True  # RFC 9112 6.3 rule 1: a HEAD answer ends with its head
-            self._keep = status != 101 and _persists(version, fields)
+            self._framing()
+            self._keep = status != 101 and _persists(version, self.named)
             return
         self._keep = status != 101 and parser.should_keep_alive()
-        self._until_close = (
-            status not in _BODYLESS_STATUSES
-            and "Content-Length" not in fields
-            and not _chunked(fields)
-        )
+        chunked = self._framing()
+        if status not in _BODYLESS_STATUSES:
+            self._until_close = self.length is None and not chunked
 
     def on_body(self, body: bytes) -> None:
         self._pieces.append(body)
@@ -272,10 +280,69 @@ class H1Response:
 
     # -- read by the caller ---------------------------------------------------------------------
 
+    @property
+    def reason(self) -> str:
+        return self.reason_bytes.decode(*_CODEC)
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The final head's fields, decoded on first use."""
+        if self._headers is None:
+            md: CIMultiDict[str] = CIMultiDict()
+            for name, value in self.fields:
+                md.add(name.decode(*_CODEC), value.decode(*_CODEC))
+            self._headers = CIMultiDictProxy(md)
+        return self._headers
+
+    @property
+    def final(self) -> bool:
+        """The final head is parsed."""
+        return self._final
+
+    @property
+    def done(self) -> bool:
+        """The whole answer is parsed."""
+        return self._done
+
+    @property
+    def failed(self) -> bool:
+        """A wait for it would raise: a parse error, the connection cut, or timed out."""
+        return self._error is not None or self._closed is not None or self._timed_out
+
+    def time_out(self) -> None:
+        """The read timeout ran out while nobody waited (the express lane's own timer):
+        the next wait raises it, as a wait that timed out itself would have."""
+        self._timed_out = True
+        self._wake(False)
+
     async def head(self) -> None:
         """Until the final head is parsed."""
         while not self._final:
             await self._wait(Phase.HEAD)
+
+    def _framing(self) -> bool:
+        """One pass over the final head's fields: their lower-case names, the Content-Length
+        (llhttp has checked it is one number), what Connection names, and whether the body
+        is chunked (the last transfer coding, RFC 9112 6.3 rule 4, as llhttp judges it);
+        with neither length nor chunks, the body runs until the close."""
+        lowers = self.lowers = [name.lower() for name, _ in self.fields]
+        codings = connection = b""
+        for (_, value), lower in zip(self.fields, lowers, strict=True):
+            if lower == b"content-length":
+                self.length = int(value)
+            elif lower == b"connection":
+                connection = value if not connection else connection + b"," + value
+            elif lower == b"transfer-encoding":
+                codings = value if not codings else codings + b"," + value
+        if connection:
+            self.named = frozenset(t.strip().lower() for t in connection.split(b","))
+        return codings.rpartition(b",")[2].strip().lower() == b"chunked"
+
+    def body(self) -> bytes:
+        """The whole body of an answer parsed to its end (`done`)."""
+        if self._whole is None:
+            self._whole = self._take() if self._pieces else b""
+        return self._whole
 
     async def read(self) -> bytes:
         if self._whole is None:
@@ -331,6 +398,8 @@ class H1Response:
                 raise self._error
             if self._closed is not None:
                 raise self._closed
+            if self._timed_out:
+                raise TimeoutError
             fut: asyncio.Future[bool] = pool.loop.create_future()
             self._waiter = fut
             timer = pool.loop.call_later(self._read_s, self._wake, False)
@@ -344,21 +413,17 @@ class H1Response:
 
     def _wake(self, news: bool) -> None:
         w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(news)
+        if w is not None:
+            if not w.done():
+                w.set_result(news)
+        elif self.listener is not None:
+            self.listener()
 
 
-def _persists(version: str, fields: CIMultiDict[str]) -> bool:
+def _persists(version: str, named: frozenset[bytes]) -> bool:
     """RFC 9112 9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive". (llhttp's
     should_keep_alive also asks for body framing, which a HEAD answer need not have.)"""
-    tokens = {t.strip().lower() for t in ",".join(fields.getall("Connection", ())).split(",")}
-    return "keep-alive" in tokens if version == "1.0" else "close" not in tokens
-
-
-def _chunked(fields: CIMultiDict[str]) -> bool:
-    """Chunked is the last transfer coding (RFC 9112 6.3 rule 4), as llhttp judges it."""
-    codings = ",".join(fields.getall("Transfer-Encoding", ()))
-    return codings.rpartition(",")[2].strip().lower() == "chunked"
+    return b"keep-alive" in named if version == "1.0" else b"close" not in named
 
 
 __all__ = ["MAX_HEAD_BYTES", "Conn", "H1Response", "Pool"]

@@ -27,22 +27,25 @@ from typing import cast
 import httptools
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .config import Config
 from .delegate import Lent, answer_by_aiohttp, request_bytes
 from .errors import RequestRejected, UpstreamError
 from .exchange import (
-    DROP_REQUEST,
     Answer,
     Inbound,
     Reply,
     Streamed,
     answer_headers,
     error_reply,
-    finish_forward,
+    forward_fields,
+    read_fields,
 )
+from .express import Express, Lane
+from .express import Request as ExpressRequest
+from .h1 import LeanForwarder
 from .logging import CURRENT_REQUEST
+from .proxy import Call, Sent
 from .rules import Match
 from .runtime import RequestId, Router, shutdown_cut
 from .wire import (
@@ -76,6 +79,11 @@ class _Request:
     started: float
     keep_alive: bool
     http10: bool
+    method: bytes
+    target: bytes  # the path and query as the caller sent them
+    fields: bytes  # the header lines as they go upstream (see `forward_fields`)
+    call: Call | None = None  # prepared by the express lane
+    sent: Sent | None = None  # ...and the attempt it made
 
 
 @dataclass(slots=True)
@@ -113,6 +121,11 @@ class LeanServer:
         self._control_prefixes = ("/admin/", wh.passthrough_prefix.rstrip("/") + "/")
         self.connections: set[LeanConnection] = set()
         self.closing = False
+        # The express lane needs the lean upstream client (it writes to its connections).
+        fw = router.forwarder
+        self.lane = (
+            Lane(self.proxy, fw, router.inflight, self) if isinstance(fw, LeanForwarder) else None
+        )
         # Held: asyncio.get_running_loop() is a getpid() syscall per call on Python 3.11.
         self.loop = asyncio.get_running_loop()
 
@@ -192,6 +205,8 @@ class LeanConnection(asyncio.Protocol):
         "_closed",
         "_continue",
         "_deadline",
+        "_express",
+        "_fields",
         "_head_bytes",
         "_head_done_at",
         "_headers",
@@ -245,6 +260,8 @@ class LeanConnection(asyncio.Protocol):
         self._lent: Lent | None = None
         self._started = 0.0
         self._pending: Inbound | None = None
+        self._fields = b""
+        self._express: Express | None = None  # a request on the express lane
 
     # -- the transport -------------------------------------------------------------------
 
@@ -268,6 +285,8 @@ class LeanConnection(asyncio.Protocol):
             self._lent.release()
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)  # the idle worker ends
+        # A request on the express lane finishes (its upstream answer is read and released);
+        # `express_done` writes nothing then.
         # A request being answered finishes (its upstream answer is released); nothing
         # more is read or written.
         self._queue.clear()
@@ -373,32 +392,21 @@ class LeanConnection(asyncio.Protocol):
             self._mine = self._server.whose(method, path)
         except RequestRejected as exc:
             raise _Refused(exc) from None
-        headers: CIMultiDict[str] = CIMultiDict()
-        forward: CIMultiDict[str] = CIMultiDict()
-        expect = has_body = False
-        for n, v in self._headers:
-            name = n.decode(*CODEC)
-            value = v.decode(*CODEC)
-            headers.add(name, value)
-            lower = name.lower()
-            if lower not in DROP_REQUEST:
-                forward.add(name, value)
-            elif lower == "content-length":
-                # llhttp has checked it is one number; only its size is ours to refuse.
-                if int(value) > self._server.max_body:
-                    raise _Refused(_too_large(self._server.max_body))
-                has_body = value.strip() != "0"
-            elif lower == "transfer-encoding":
-                self._chunked = has_body = True
-            elif lower == "expect" and value.lower() == "100-continue":
-                expect = True
-            elif lower == "upgrade":
-                raise _rejected(
-                    400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
-                )
-        inbound = self._pending = Inbound(method, path, query, headers, b"", self._peer)
-        if self._mine is not None:
-            inbound.forward = finish_forward(forward, inbound)
+        fields = read_fields(self._headers)
+        length = fields.content_length
+        # llhttp has checked it is one number; only its size is ours to refuse.
+        if length is not None and int(length) > self._server.max_body:
+            raise _Refused(_too_large(self._server.max_body))
+        if fields.upgrade:
+            raise _rejected(
+                400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
+            )
+        self._chunked = fields.chunked
+        has_body = fields.chunked or (length is not None and length.strip() != b"0")
+        expect = fields.expect_continue
+        self._pending = Inbound(method, path, query, None, b"", self._peer, raw=self._headers)
+        if self._mine is not None and self._server.lane is not None:
+            self._fields = forward_fields(fields, self._peer)
         if has_body:
             self._head_done_at = self._loop.time()
         if expect and has_body and self._parser.get_http_version() == "1.1":
@@ -437,7 +445,23 @@ class LeanConnection(asyncio.Protocol):
             self._queue.append(_Lend(raw, keep, inbound.method == "HEAD"))
         else:
             inbound.body = body
-            self._queue.append(_Request(inbound, self._mine, self._started, keep, version == "1.0"))
+            method = parser.get_method()
+            target = inbound.path_qs.encode(*CODEC)
+            item = _Request(
+                inbound, self._mine, self._started, keep, version == "1.0", method, target,
+                self._fields,
+            )  # fmt: skip
+            lane = self._server.lane
+            if (
+                lane is not None
+                and not self._queue
+                and not self._busy
+                and method != b"HEAD"  # its answer announces a body it has not: the full way
+                and (self._writable is None or self._writable.done())
+                and self._express_start(lane, item)
+            ):
+                return
+            self._queue.append(item)
         if len(self._queue) >= _KEEP_READING_QUEUE and self._transport is not None:
             self._transport.pause_reading()
             self._paused = True
@@ -445,8 +469,52 @@ class LeanConnection(asyncio.Protocol):
 
     # -- answering, in order -------------------------------------------------------------
 
+    def _express_start(self, lane: Lane, item: _Request) -> bool:
+        """Whether the request is taken: on the express lane, or answered already."""
+        got = lane.start(self, item)
+        if got is None:
+            return False
+        if isinstance(got, Reply):
+            keep = item.keep_alive and not self._server.closing
+            self._write_reply(got, item, keep)
+            if not keep:
+                self._close()
+            return True
+        self._express = got
+        self._busy = True
+        return True
+
+    def express_done(self, data: bytes, keep: bool) -> None:
+        """The express lane's answer (its whole bytes); the connection goes on."""
+        self._express = None
+        self._busy = False
+        if self._closed or self._transport is None:
+            return
+        self._transport.write(data)
+        if not keep:
+            self._close()
+            return
+        if self._continue and not self._queue:
+            self._continue = False
+            self._transport.write(CONTINUE)
+        if self._queue:
+            self._kick()  # what was pipelined behind it
+        elif self._worker is None and not self._head_bytes:
+            self._arm(self._server.server_cfg.keepalive_timeout_s, "keepalive_timeout")
+
+    def express_fallback(self, request: ExpressRequest) -> None:
+        """The express lane hands the request over: answered first, by the worker."""
+        assert isinstance(request, _Request)
+        self._express = None
+        self._busy = False
+        self._queue.appendleft(request)
+        self._kick()
+
     def _kick(self) -> None:
-        """Something is queued: start the connection's worker, or wake it."""
+        """Something is queued: start the connection's worker, or wake it (not while a
+        request is on the express lane: it answers first, then kicks)."""
+        if self._express is not None:
+            return
         if self._worker is None:
             self._worker = self._loop.create_task(self._work())
         elif self._wake is not None and not self._wake.done():
@@ -542,7 +610,9 @@ class LeanConnection(asyncio.Protocol):
         """Answer one request; whether the connection stays open."""
         head_sent = False
         try:
-            answer: Answer = await self._server.proxy.answer(item.inbound, item.match, item.started)
+            answer: Answer = await self._server.proxy.answer(
+                item.inbound, item.match, item.started, call=item.call, sent=item.sent
+            )
             keep = item.keep_alive and not self._server.closing
             if isinstance(answer, Reply):
                 self._write_reply(answer, item, keep)

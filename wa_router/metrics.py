@@ -129,6 +129,16 @@ class RouterCollector(Collector):
         for outcome in ("answered", "failed"):
             retries.add_metric([outcome], v.proxy.retry_outcomes.get(outcome, 0))
         yield retries
+        express = CounterMetricFamily(
+            "wa_router_express_requests",
+            "Proxied requests sent on the lean front's express lane, by what became of them: "
+            "relayed (answered there), handed_over (to the full path: a not-here answer, an "
+            "error, a timeout, a large or streamed body)",
+            labels=["outcome"],
+        )
+        for outcome in ("relayed", "handed_over"):
+            express.add_metric([outcome], v.proxy.express.get(outcome, 0))
+        yield express
         placements = CounterMetricFamily(
             "wa_router_placements", "New sessions placed on an instance"
         )

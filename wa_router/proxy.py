@@ -37,7 +37,7 @@ from .errors import (
     says_down,
 )
 from .exchange import Answer, Inbound, Reply, buffered, error_reply, upstream_headers
-from .forward import Forwarder, UpstreamRequest, UpstreamResponse
+from .forward import Forwarder, PendingResponse, UpstreamRequest, UpstreamResponse
 from .httpio import read_body, send_answer, settle
 from .parking import Parking, Unparked, prefer_wait_s
 from .pool import Instance, Pool, State
@@ -47,7 +47,7 @@ from .resolve import Ask, Resolver
 from .retry import Action, Known, Outcome
 from .rules import Match, Rule, RuleTable, SessionIdPolicy, check_path, extract_session
 from .rules import parse_json_object as parse_json
-from .stores.base import Status
+from .stores.base import Entry, Status
 
 log = structlog.get_logger("wa_router.proxy")
 _NO_QUERY: dict[str, str] = {}
@@ -56,6 +56,10 @@ _NO_QUERY: dict[str, str] = {}
 # harmless. A restore race can move a session twice in a second, hence more than two.
 MAX_SENDS = 4
 MAX_PARKS = 3  # waits per request, all within one deadline
+# Routes remembered by (method, raw path): callers ask the same few paths over and over (one
+# per session and route). Bounded: forgotten all at once when full, a path made up by a
+# caller costs one entry until then.
+ROUTE_MEMO = 16384
 
 
 @dataclass(slots=True)
@@ -68,6 +72,15 @@ class ProxyStats:
     retry_outcomes: Counter[str] = field(default_factory=Counter)
     # 503 session_unavailable by reason (timeout, full, no_wait, attempts, shutdown)
     unavailable: Counter[str] = field(default_factory=Counter)
+    # express-lane requests (express.py): "relayed" | "handed_over"
+    express: Counter[str] = field(default_factory=Counter)
+
+
+_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
+
+
+def status_class(status: int) -> str:
+    return _CLASSES.get(status // 100) or f"{status // 100}xx"
 
 
 @dataclass(slots=True)
@@ -78,7 +91,9 @@ class Call:
     match: Match
     method: str
     path_qs: str
-    headers: CIMultiDict[str]
+    # The headers as they go upstream: made when first needed (the express lane sends the
+    # caller's own bytes), or when the api key is injected into them.
+    headers: CIMultiDict[str] | None
     body: bytes
     doc: dict[str, Any] | None = None  # the body parsed, when something needed it
     session: str | None = None
@@ -89,15 +104,32 @@ class Call:
     answered: bool = False  # an instance's answer was relayed
     wait_s: float | None = None  # how long it may park (worked out when first needed)
     parked_s: float = 0.0
+    rewritten: bool = False  # the upstream key went in: path, headers or body changed
+    cached: Entry | None = None  # the directory's cached entry, when `ready` read it
 
     @property
     def rule(self) -> Rule:
         return self.match.rule
 
     def upstream(self) -> UpstreamRequest:
+        if self.headers is None:
+            self.headers = upstream_headers(self.request)
         return UpstreamRequest(
             self.method, self.path_qs, self.headers, self.body, self.rule.read_timeout_s
         )
+
+
+@dataclass(slots=True)
+class Sent:
+    """A first attempt the lean front's express lane made itself (`express.py`): the proxy
+    takes the request from there, awaiting this answer where it would have sent."""
+
+    target: Instance
+    response: PendingResponse
+    started: float  # perf_counter at the send
+    entry: Entry | None  # what the directory said, as `Resolver.note` keeps it
+    head_seen: bool  # its latency and the instance's health are counted already
+    sent_at: float  # wall time of the send
 
 
 class Proxy:
@@ -129,6 +161,7 @@ class Proxy:
         self.parking = parking
         self.parking_cfg = parking_cfg
         self.stats = ProxyStats()
+        self._routes: dict[tuple[str, str], Match] = {}
         self.resolver = Resolver(
             pool=pool,
             directory=directory,
@@ -167,6 +200,10 @@ class Proxy:
     def route(self, method: str, raw_path: str) -> Match:
         """The rule for this request; RequestRejected (400) when the path is unsafe or no
         rule says which session it is for. Before the body is read."""
+        key = (method, raw_path)
+        match = self._routes.get(key)
+        if match is not None:
+            return match
         check_path(raw_path)
         match = self.rules.match(method, raw_path)
         if match is None:
@@ -176,6 +213,9 @@ class Proxy:
                 f"no route rule matches {method} {unquote(raw_path)}: the router cannot tell "
                 "which session this request is for",
             )
+        if len(self._routes) >= ROUTE_MEMO:
+            self._routes.clear()
+        self._routes[key] = match
         return match
 
     def refuse(self, exc: RequestRejected, started: float) -> Reply:
@@ -186,14 +226,23 @@ class Proxy:
             self.observe_request("rejected", time.perf_counter() - started)
         return error_reply(exc)
 
-    async def answer(self, request: Inbound, match: Match, started: float) -> Answer:
+    async def answer(
+        self,
+        request: Inbound,
+        match: Match,
+        started: float,
+        *,
+        call: Call | None = None,
+        sent: Sent | None = None,
+    ) -> Answer:
         """extract -> resolve -> forward for one request read whole; `started` is its
-        arrival (perf_counter), for the caller-side latency."""
-        self.stats.requests += 1
-        call: Call | None = None
+        arrival (perf_counter), for the caller-side latency. `call` and `sent`: the request
+        as the express lane prepared it, and the attempt it made (the proxy goes on from
+        there)."""
         answer: Answer
         try:
-            call = self._prepare(request, match)
+            if call is None:
+                call = self.prepare(request, match)
             kind = call.rule.kind
             if kind == "pool_health":
                 answer = await self.pooled.health(call.upstream())
@@ -202,46 +251,57 @@ class Proxy:
             elif kind == "any_instance":
                 answer = await self._forward_any(call)
             else:
-                answer = await self._forward_session(call)
+                answer = await self._forward_session(call, sent)
         except RequestRejected as exc:
             if call is not None and call.session is not None and "session" not in exc.extra:
                 exc.extra["session"] = call.session
             answer = error_reply(exc)
         status = answer.status if isinstance(answer, Reply) else answer.upstream.status
+        self.count(call, status, started)
+        return answer
+
+    def count(self, call: Call | None, status: int, started: float) -> None:
+        """An answer going back (None: the request was refused before it had a Call)."""
         stats = self.stats
-        kind = "rejected" if call is None else call.rule.kind
         if call is None:
-            stats.outcomes[("rejected", "none", f"{status // 100}xx")] += 1
+            kind = "rejected"
+            stats.outcomes[("rejected", "none", status_class(status))] += 1
         else:
-            stats.outcomes[(kind, call.target, f"{status // 100}xx")] += 1
+            kind = call.match.rule.kind
+            stats.outcomes[(kind, call.target, status_class(status))] += 1
             if call.retried:
                 stats.retry_outcomes["answered" if call.answered else "failed"] += 1
         if self.observe_request is not None:
             # To the head: a streamed body's own duration is the caller's and Node's.
             self.observe_request(kind, time.perf_counter() - started)
-        return answer
 
     # -- extract ---------------------------------------------------------------------------
 
-    def _prepare(self, request: Inbound, match: Match) -> Call:
+    def prepare(self, request: Inbound, match: Match) -> Call:
+        """The request as it will go upstream (counted here: every request is prepared
+        once); RequestRejected (400) for a session id or a body that cannot be used."""
+        self.stats.requests += 1
         method = request.method
         body = request.body
         rule = match.rule
         doc = parse_json(body) if rule.session_in == "body" else None
-        headers = upstream_headers(request)
-        call = Call(request, match, method, request.path_qs, headers, body, doc)
+        call = Call(request, match, method, request.path_qs, None, body, doc)
         if rule.kind in ("session", "create"):
-            # The query string is parsed only when the rule reads it (it costs).
-            query = request.query if rule.session_in == "query" else _NO_QUERY
-            call.session = extract_session(
-                match, self.ids, query=query, headers=request.headers, body=doc
-            )
-        if self.keys.upstream_key is not None:
+            # The query string and the headers are read only when the rule reads them.
+            src = rule.session_in
+            query = request.query if src == "query" else _NO_QUERY
+            headers = request.headers if src == "header" else _NO_QUERY
+            call.session = extract_session(match, self.ids, query=query, headers=headers, body=doc)
+        if self.keys.upstream_key is not None and self.keys.client_keys:
+            # With no client keys nobody gets the upstream key: the probe key is then the
+            # caller's own, worked out only if a probe is sent (`_probe_key`).
             presented = self._presented_key(call)
             if self.keys.is_client(presented):
+                call.headers = headers = upstream_headers(request)
                 call.path_qs, call.body = self.keys.inject(
                     method, call.path_qs, headers, body, self._doc(call)
                 )
+                call.rewritten = True
                 call.probe_key = self.keys.upstream_key
             else:
                 call.probe_key = presented
@@ -269,7 +329,21 @@ class Proxy:
 
     # -- forward ---------------------------------------------------------------------------
 
-    async def _forward_session(self, call: Call) -> Answer:
+    def ready(self, call: Call) -> tuple[Instance, Entry] | None:
+        """Where the first attempt of a session request may go now with no I/O (its owner
+        fresh in the directory's cache, and ready to take it), and what the directory said;
+        None: `answer` finds out."""
+        rule = call.match.rule
+        session = call.session
+        if rule.kind != "session" or rule.verify_holder or session is None:
+            return None
+        entry = call.cached = self.directory.cached(session)
+        if entry is None:
+            return None
+        inst = self.resolver.ready(session, entry, needs_connected=rule.needs_connected)
+        return None if inst is None else (inst, entry)
+
+    async def _forward_session(self, call: Call, sent: Sent | None) -> Answer:
         """Send, then let `retry.decide` say what next, until an answer goes back."""
         session = call.session
         assert session is not None
@@ -287,7 +361,15 @@ class Proxy:
         refusal: tuple[UpstreamResponse, bytes] | None = None
         found: Found | None = None
         ask = Ask(session, rule.creates, rule.needs_connected, lambda: self._probe_key(call))
-        target = await self.resolver.first(ask)
+        target: Instance | None
+        if sent is not None:
+            self.resolver.note(ask, sent.entry)
+            target = sent.target
+        elif call.cached is not None:  # read by `ready` already
+            self.resolver.note(ask, call.cached)
+            target = self.resolver.ready(session, call.cached, needs_connected=ask.needs_connected)
+        else:
+            target = await self.resolver.first(ask)
         while True:
             if target is not None and rule.verify_holder:
                 holds = await self.discovery.holds(target, session, self._probe_key(call))
@@ -309,9 +391,13 @@ class Proxy:
                 sends_left -= 1
                 call.target = target.name
                 call.retried = sends_left < MAX_SENDS - 1
-                ask.sent_at = time.time()
+                ask.sent_at = time.time() if sent is None else sent.sent_at
                 try:
-                    up = await self._send(target, req)
+                    if sent is not None:
+                        pending, sent = sent, None  # only the first attempt was made already
+                        up = await self._sent(pending)
+                    else:
+                        up = await self._send(target, req)
                 except UpstreamError as exc:
                     if says_down(exc):
                         self.pool.mark_suspect(target, exc.detail)
@@ -446,11 +532,26 @@ class Proxy:
             up = await self.forwarder.send(inst, req)
         finally:
             inst.inflight -= 1
+        self.answered_by(inst, started)
+        return up
+
+    async def _sent(self, sent: Sent) -> UpstreamResponse:
+        """The answer to the express lane's attempt, as `_send` would have returned it."""
+        try:
+            await sent.response.head()
+        except BaseException:
+            sent.response.release()  # not parsed to its end: dropped
+            raise
+        if not sent.head_seen:
+            self.answered_by(sent.target, sent.started)
+        return sent.response
+
+    def answered_by(self, inst: Instance, started: float) -> None:
+        """An instance answered (a head came) for a request sent at `started`."""
         if self.observe_latency is not None:
             self.observe_latency(inst.name, time.perf_counter() - started)
         if inst.state is not State.HEALTHY:
             self.pool.mark_healthy(inst)
-        return up
 
     async def _read(self, up: UpstreamResponse) -> bytes:
         try:
@@ -472,4 +573,4 @@ def _parse_loose(body: bytes, *, strict: bool) -> dict[str, Any] | None:
         return None
 
 
-__all__ = ["Proxy", "no_healthy_instance", "not_found_answer"]
+__all__ = ["Call", "Proxy", "Sent", "no_healthy_instance", "not_found_answer", "status_class"]

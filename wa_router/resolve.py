@@ -65,19 +65,24 @@ class Resolver:
         self.placements = 0
         parking.recheck = self.recheck
 
-    def _note(self, ask: Ask, entry: Entry | None) -> None:
+    def note(self, ask: Ask, entry: Entry | None) -> None:
+        """What the directory said, for the steps after a first attempt."""
         ask.entry, ask.fresh_entry = entry, True
         if entry is not None:
             ask.believed, ask.status = entry.instance, entry.status
 
     async def first(self, ask: Ask) -> Instance | None:
         """The believed owner when it can take the request now; None: look first. (Every
-        request comes here: one cache lookup when its session has not moved.)"""
+        request comes here, or to `ready`: one cache lookup when its session has not moved.)"""
         entry = await self.directory.lookup(ask.session)
-        self._note(ask, entry)
+        self.note(ask, entry)
+        return self.ready(ask.session, entry, needs_connected=ask.needs_connected)
+
+    def ready(self, session: str, entry: Entry | None, *, needs_connected: bool) -> Instance | None:
+        """The owner `entry` names when the request can go there now; None: look first."""
         if entry is None or not entry.held:
             return None  # unknown, or not usable there
-        if ask.needs_connected and (not entry.connected or self.parking.waiting(ask.session)):
+        if needs_connected and (not entry.connected or self.parking.waiting(session)):
             return None  # it cannot send there now; or others wait already: queue behind
         return self._usable(entry.instance)
 
@@ -98,7 +103,7 @@ class Resolver:
             ask.fresh_entry = False
         excluded = failed.name if failed is not None and outcome in NOT_PROCESSED else None
         entry = ask.entry if ask.fresh_entry else await self.directory.lookup(session)
-        self._note(ask, entry)
+        self.note(ask, entry)
         ask.fresh_entry = False  # a later step reads the directory again
         if entry is not None and entry.held and (entry.connected or not need_connected):
             inst = self._usable(entry.instance)

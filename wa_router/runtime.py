@@ -26,6 +26,7 @@ from .errors import RequestRejected
 from .forward import Forwarder
 from .health import HealthChecker
 from .httpio import HEAD_SENT, json_error
+from .inflight import InFlight
 from .logging import CURRENT_REQUEST
 from .parking import Parking
 from .pool import Pool
@@ -57,8 +58,8 @@ class Router:
     drain: SharedDrain
     # Warm: the first sync is done (or gave up); /readyz says so.
     warm: bool = False
-    # Handler tasks in flight, so shutdown can wait for them (and only for its grace).
-    inflight: set[asyncio.Task[object]] = field(default_factory=set)
+    # Requests in flight, so shutdown can wait for them (and only for its grace).
+    inflight: InFlight = field(default_factory=InFlight)
     # Set when the grace is over and what is left is cancelled (answering() answers it).
     stopping: bool = False
 

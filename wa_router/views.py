@@ -10,15 +10,14 @@ part of the wiring (`runtime.py` builds both from the `Router`).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
 from .config import Config
 from .directory import DirectoryStats
 from .discovery import DiscoveryStats, Found
+from .inflight import InFlight
 from .parking import ParkingStats
 from .pool import Instance
 from .proxy import ProxyStats
@@ -74,7 +73,7 @@ class RouterView:
     delivery: Callable[[], DeliveryReading | None]
     last_sync: Callable[[], SyncReport | None]
     sync_runs: Callable[[], int]
-    inflight: AbstractSet[asyncio.Task[object]]
+    inflight: InFlight
     warm: Callable[[], bool]  # the first sync is done (or gave up)
     config: Callable[[], Config]  # the running one: a SIGHUP may replace it
 

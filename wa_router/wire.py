@@ -67,3 +67,49 @@ def answer_head(
 
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# RFC 9110 7.6.1: not relayed (the same set as forward.HOP_BY_HOP, as the bytes llhttp gives).
+HOP_BY_HOP_BYTES = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_NOT_RELAYED = HOP_BY_HOP_BYTES | {b"content-length"}
+
+
+def relay_head(
+    status: int,
+    reason: bytes,
+    fields: list[tuple[bytes, bytes]],
+    lowers: list[bytes],
+    named: frozenset[bytes],
+    length: int,
+    close: bool,
+    *,
+    http10_keep_alive: bool = False,
+) -> bytes:
+    """The head of an instance's answer read whole, as bytes from its bytes: its fields
+    (`lowers`: their names in lower case) less hop-by-hop ones and those its Connection
+    names (`named`), and our own framing. The same answer as `answer_head` writes for
+    `exchange.buffered`, without decoding anything."""
+    dropped = _NOT_RELAYED | named if named else _NOT_RELAYED
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status).encode())]
+    for (name, value), low in zip(fields, lowers, strict=True):
+        if low not in dropped:
+            parts.append(b"%s: %s\r\n" % (name, value))
+    parts.append(b"Content-Length: %d\r\n" % length)
+    if close:
+        parts.append(b"Connection: close\r\n")
+    elif http10_keep_alive:
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)

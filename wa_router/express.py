@@ -1,0 +1,235 @@
+"""The express lane: the common proxied request answered from callbacks, with no task.
+
+A session request whose owner is fresh in the directory's cache and ready to take it, when
+the pool holds an idle connection to that owner, is written there at once, in the caller's
+own bytes (`LeanForwarder.write`); its answer is read on the connection's callbacks
+(`H1Response.listener`) and, when it is plain (a final status that is not one of the
+profile's "not here" answers, a small body with a Content-Length, read whole), relayed to
+the caller in its own bytes (`wire.relay_head`). No task, future or decoded header is made.
+
+Anything else goes the full way (`Proxy.answer`, in the connection's worker), and so does
+this request the moment its answer is anything but plain: a "not here", an error, a cut, a
+timeout, a large or streamed body. The full way then goes on from the attempt already made
+(`proxy.Sent`): it awaits that answer where it would have sent, so going one way or the
+other never sends a request twice, and every decision (retry, rediscovery, parking) is the
+full way's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+from .errors import RequestRejected
+from .exchange import Inbound, Reply, error_reply
+from .h1 import LeanForwarder
+from .h1response import H1Response
+from .httpio import SMALL_BODY_BYTES
+from .inflight import InFlight
+from .pool import Instance
+from .proxy import Call, Proxy, Sent
+from .rules import Match
+from .runtime import shutdown_cut
+from .stores.base import Entry
+from .wire import answer_head, relay_head
+
+
+class Request(Protocol):
+    """A proxied request read whole by the lean front, as the lane needs it."""
+
+    inbound: Inbound
+    match: Match
+    started: float  # perf_counter at its arrival
+    keep_alive: bool
+    http10: bool
+    method: bytes
+    target: bytes  # the path and query as the caller sent them
+    fields: bytes  # its header lines as they go upstream (X-Forwarded-* included)
+    call: Call | None
+    sent: Sent | None
+
+
+class Caller(Protocol):
+    """The caller's connection (`lean.LeanConnection`)."""
+
+    def express_done(self, data: bytes, keep: bool) -> None: ...
+
+    def express_fallback(self, request: Request) -> None: ...
+
+
+class Lane:
+    """What the lane needs of the router, held once per server."""
+
+    def __init__(
+        self, proxy: Proxy, forwarder: LeanForwarder, inflight: InFlight, closing: ClosingFlag
+    ) -> None:
+        self.proxy = proxy
+        self.forwarder = forwarder
+        self.inflight = inflight
+        self.closing = closing
+        self.loop = asyncio.get_running_loop()
+        self.not_here = proxy.profile.not_here_statuses
+        self.stats = proxy.stats
+
+    def start(self, caller: Caller, req: Request) -> Express | Reply | None:
+        """The request on its way (an Express), the caller's answer when the request cannot
+        be used (a Reply), or None: the full way takes it (`req.call` set when it was
+        prepared here)."""
+        proxy = self.proxy
+        try:
+            call = proxy.prepare(req.inbound, req.match)
+        except RequestRejected as exc:
+            reply = error_reply(exc)
+            proxy.count(None, reply.status, req.started)
+            return reply
+        req.call = call
+        if call.rewritten:
+            return None  # the upstream key went in: the full way encodes what changed
+        where = proxy.ready(call)
+        if where is None:
+            return None
+        inst, entry = where
+        rule = call.match.rule
+        answer = self.forwarder.write(
+            inst, req.method, req.target, req.fields, call.body, rule.read_timeout_s
+        )
+        if answer is None:
+            return None  # no idle connection: the full way waits for one, or opens one
+        call.target = inst.name
+        return Express(self, caller, req, call, inst, entry, answer)
+
+
+class ClosingFlag(Protocol):
+    @property
+    def closing(self) -> bool: ...
+
+
+class Express:
+    """One request on the lane, from the send to its answer (or to the hand-over)."""
+
+    __slots__ = (
+        "_finished",
+        "answer",
+        "call",
+        "caller",
+        "entry",
+        "head_seen",
+        "inst",
+        "lane",
+        "req",
+        "sent_at",
+        "started",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        lane: Lane,
+        caller: Caller,
+        req: Request,
+        call: Call,
+        inst: Instance,
+        entry: Entry,
+        answer: H1Response,
+    ) -> None:
+        self.lane = lane
+        self.caller = caller
+        self.req = req
+        self.call = call
+        self.inst = inst
+        self.entry = entry
+        self.answer = answer
+        self.started = time.perf_counter()
+        self.sent_at = time.time()  # wall time: when what the answer says was true
+        self.head_seen = False
+        self._finished: asyncio.Future[None] | None = None
+        inst.inflight += 1
+        lane.inflight.quick.add(self)
+        answer.listener = self.on_news
+        self.timer = lane.loop.call_later(call.match.rule.read_timeout_s, answer.time_out)
+
+    def on_news(self) -> None:
+        """Called by the answer whenever bytes, the end, an error or the timeout came."""
+        answer = self.answer
+        if answer.failed:
+            self._hand_over()
+            return
+        if not answer.final:
+            return
+        if not self.head_seen:
+            self.head_seen = True
+            self.inst.inflight -= 1
+            self.lane.proxy.answered_by(self.inst, self.started)
+            status = answer.status
+            length = answer.length
+            if (
+                status in self.lane.not_here  # the full way reads it and decides
+                or status < 200
+                or status in (204, 304)
+                or length is None  # framed by chunks or by the close: streamed
+                or length > SMALL_BODY_BYTES
+            ):
+                self._hand_over()
+                return
+        if answer.done:
+            self._relay()
+
+    def _relay(self) -> None:
+        self._end()
+        answer, req = self.answer, self.req
+        body = answer.body()
+        keep = req.keep_alive and not self.lane.closing.closing
+        head = relay_head(
+            answer.status,
+            answer.reason_bytes,
+            answer.fields,
+            answer.lowers,
+            answer.named,
+            len(body),
+            not keep,
+            http10_keep_alive=req.http10 and keep,
+        )
+        answer.release()
+        self.call.answered = True
+        self.lane.stats.express["relayed"] += 1
+        self.lane.proxy.count(self.call, answer.status, req.started)
+        self.caller.express_done(head + body if body else head, keep)
+
+    def _hand_over(self) -> None:
+        self._end()
+        if not self.head_seen:
+            self.inst.inflight -= 1
+        self.lane.stats.express["handed_over"] += 1
+        req = self.req
+        req.sent = Sent(
+            self.inst, self.answer, self.started, self.entry, self.head_seen, self.sent_at
+        )
+        self.caller.express_fallback(req)
+
+    def _end(self) -> None:
+        self.timer.cancel()
+        self.answer.listener = None
+        self.lane.inflight.quick.discard(self)
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(None)
+
+    # -- a shutdown (inflight.Quick) ----------------------------------------------------------
+
+    def finished(self) -> asyncio.Future[None]:
+        if self._finished is None:
+            self._finished = self.lane.loop.create_future()
+        return self._finished
+
+    def cut(self) -> None:
+        """The shutdown's grace is over and no answer came: the caller hears so."""
+        self._end()
+        if not self.head_seen:
+            self.inst.inflight -= 1
+        self.answer.release()  # not read to its end: the connection is dropped
+        reply = error_reply(shutdown_cut())
+        head = answer_head(reply.status, reply.reason, reply.headers, len(reply.body), True)
+        self.caller.express_done(head + reply.body, False)
+
+
+__all__ = ["Express", "Lane", "Request"]

@@ -31,6 +31,7 @@ _HIGH_WATER = 1024 * 1024
 # caller's headers and how it encodes the ones we relay, so any byte goes through unchanged.
 _CODEC = ("utf-8", "surrogateescape")
 _BODYLESS_STATUSES = frozenset({204, 304})
+_FRAMING = frozenset({b"content-length", b"connection", b"transfer-encoding"})
 
 
 class Pool(Protocol):
@@ -102,7 +103,9 @@ class H1Response:
 
     __slots__ = (
         "_closed",
+        "_codings",
         "_conn",
+        "_connection",
         "_done",
         "_error",
         "_fed",
@@ -134,7 +137,9 @@ class H1Response:
     def __init__(self, conn: Conn, method: str, read_s: float) -> None:
         self._conn: Conn | None = conn
         self._read_s = read_s
-        self._parser = httptools.HttpResponseParser(self)
+        # The parser holds this answer (its callbacks) and this answer the parser: a cycle,
+        # broken at `release` so the pair is freed at once, not by the cycle collector.
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         # HEAD: llhttp is fed whole heads only (see `_feed_heads`).
         self._heads: bytearray | None = bytearray() if method == "HEAD" else None
         # The final head's fields as they came (bytes): relayed as they are by the lean
@@ -145,6 +150,7 @@ class H1Response:
         self.length: int | None = None  # the final head's Content-Length, if it has one
         self.lowers: list[bytes] = []  # the final head's field names, lower case
         self.named: frozenset[bytes] = frozenset()  # what its Connection fields name
+        self._connection = self._codings = b""  # the final head's, joined
         # Told of every news (bytes, the end, an error) when no one awaits it: the lean
         # front's express lane (`express.py`) reads answers so, with no task.
         self.listener: Callable[[], None] | None = None
@@ -174,6 +180,8 @@ class H1Response:
         if self._error is not None:
             return  # llhttp stopped at the error; the connection is dropped with the answer
         try:
+            if self._parser is None:
+                return  # released: nothing is read any more
             if self._heads is None:
                 self._parser.feed_data(data)
             else:
@@ -209,6 +217,7 @@ class H1Response:
                 return
             head = bytes(pending[: end + 4])
             del pending[: end + 4]
+            assert self._parser is not None  # `feed` checked
             self._parser.feed_data(head)
         if pending:
             self._stray = True
@@ -230,7 +239,10 @@ class H1Response:
             self._stray = True
             raise httptools.HttpParserError("bytes past the answer")  # stop parsing them
         self.fields = []
+        self.lowers = []
         self.reason_bytes = b""
+        self.length = None
+        self._connection = self._codings = b""
 
     def on_status(self, status: bytes) -> None:
         self._head_size += len(status)
@@ -241,10 +253,21 @@ class H1Response:
             return  # a trailer field: not relayed (RFC 9110 6.5.1)
         self._head_size += len(name) + len(value) + 4
         # llhttp drops the leading whitespace of a value, not the trailing (RFC 9112 5.1).
-        self.fields.append((name, value.rstrip(b" \t")))
+        value = value.rstrip(b" \t")
+        self.fields.append((name, value))
+        lower = name.lower()
+        self.lowers.append(lower)
+        if lower in _FRAMING:
+            if lower == b"content-length":
+                self.length = int(value)  # llhttp has checked it is one number
+            elif lower == b"connection":
+                self._connection += b"," + value if self._connection else value
+            else:
+                self._codings += b"," + value if self._codings else value
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None  # called by it
         if self._head_size > MAX_HEAD_BYTES:
             raise httptools.HttpParserError("head too large")
         version = parser.get_http_version()
@@ -321,22 +344,12 @@ class H1Response:
             await self._wait(Phase.HEAD)
 
     def _framing(self) -> bool:
-        """One pass over the final head's fields: their lower-case names, the Content-Length
-        (llhttp has checked it is one number), what Connection names, and whether the body
-        is chunked (the last transfer coding, RFC 9112 6.3 rule 4, as llhttp judges it);
-        with neither length nor chunks, the body runs until the close."""
-        lowers = self.lowers = [name.lower() for name, _ in self.fields]
-        codings = connection = b""
-        for (_, value), lower in zip(self.fields, lowers, strict=True):
-            if lower == b"content-length":
-                self.length = int(value)
-            elif lower == b"connection":
-                connection = value if not connection else connection + b"," + value
-            elif lower == b"transfer-encoding":
-                codings = value if not codings else codings + b"," + value
-        if connection:
-            self.named = frozenset(t.strip().lower() for t in connection.split(b","))
-        return codings.rpartition(b",")[2].strip().lower() == b"chunked"
+        """What the final head's Connection fields name, and whether its body is chunked
+        (the last transfer coding, RFC 9112 6.3 rule 4, as llhttp judges it); with neither
+        a length nor chunks, the body runs until the close."""
+        if self._connection:
+            self.named = frozenset(t.strip().lower() for t in self._connection.split(b","))
+        return self._codings.rpartition(b",")[2].strip().lower() == b"chunked"
 
     def body(self) -> bytes:
         """The whole body of an answer parsed to its end (`done`)."""
@@ -367,6 +380,7 @@ class H1Response:
             raise
 
     def release(self) -> None:
+        self._parser = None
         conn = self._conn
         if conn is None:
             return

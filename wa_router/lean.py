@@ -60,6 +60,8 @@ from .wire import chunk as wire_chunk
 
 log = structlog.get_logger("wa_router.lean")
 
+# What a closed connection holds instead of its parser (which nothing feeds any more).
+_SPENT_PARSER = httptools.HttpRequestParser(object())
 _KEEP_READING_QUEUE = 8  # pipelined requests read ahead before reading pauses
 _NEVER = float("inf")
 
@@ -274,6 +276,9 @@ class LeanConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        # The parser holds this connection (its callbacks), and this connection the parser:
+        # the cycle is broken here so both are freed now, not by the cycle collector.
+        self._parser = _SPENT_PARSER
         self._server.connections.discard(self)
         self._disarm()
         if self._timer is not None:  # or the closed connection lives until it fires

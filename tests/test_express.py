@@ -10,6 +10,7 @@ instances behind it, /metrics saying which way each request went.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from multidict import CIMultiDict
@@ -272,4 +273,20 @@ async def test_a_caller_gone_mid_request_leaves_the_upstream_connection_reusable
     await conn.close()  # gone before the answer
     await wait_for(lambda: not router.inflight, 3, "the request finished")
     assert fw.stats()[inst.base] == pooled  # type: ignore[attr-defined]
+    assert await express_counts(port) == (1, 0)
+
+
+@pytestmark_wire
+async def test_a_connection_idle_after_an_answer_from_the_lane_is_closed_in_time(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """The keep-alive clock runs again after the lane's answer, worker or none."""
+    port, _ = await serve(start_router, sims, server={"keepalive_timeout_s": 0.3})
+    conn = await Conn.open(port)
+    for _ in range(2):  # the full path (the owner found), then the lane
+        await conn.send(request("GET", STATUS, HOST))
+        assert (await conn.response()).status == 200
+    started = time.monotonic()
+    assert await conn.closed(), "still open after the keep-alive timeout"
+    assert time.monotonic() - started >= 0.3 * 0.9
     assert await express_counts(port) == (1, 0)

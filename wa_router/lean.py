@@ -504,7 +504,7 @@ class LeanConnection(asyncio.Protocol):
             self._transport.write(CONTINUE)
         if self._queue:
             self._kick()  # what was pipelined behind it
-        elif self._worker is None and not self._head_bytes:
+        elif not self._head_bytes:  # idle now (a waiting worker armed nothing since)
             self._arm(self._server.server_cfg.keepalive_timeout_s, "keepalive_timeout")
 
     def express_fallback(self, request: ExpressRequest) -> None:

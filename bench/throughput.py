@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,27 @@ class Sample:
 
 
 Samples = dict[tuple[str, str, int], list[Sample]]
+# configuration -> per round: (relayed on the express lane, handed over, session requests)
+Lanes = dict[str, list[tuple[float, float, float]]]
+
+
+def lane_counts(url: str) -> tuple[float, float, float]:
+    """What a wa-router's /metrics says of its express lane since it started."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    relayed = handed = session = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "wa_router_express_requests_total":
+                if s.labels.get("outcome") == "relayed":
+                    relayed = s.value
+                else:
+                    handed += s.value
+            elif s.name == "wa_router_requests_total" and s.labels.get("route_kind") == "session":
+                session += s.value
+    return relayed, handed, session
 
 
 def _vs(value: float | None, nginx: float | None, digits: int) -> str:
@@ -134,6 +156,7 @@ class Bench:
     cores: c.Cores
     ports: list[int] = field(default_factory=list)
     upstream: c.Proc | None = None
+    lanes: Lanes = field(default_factory=dict)
 
     def start_upstream(self) -> None:
         self.ports = c.free_ports(INSTANCES + 1)
@@ -215,6 +238,8 @@ class Bench:
                             samples.setdefault((setup.key, kind.key, n), []).append(s)
                             where = f"round {rnd + 1}/{self.plan.rounds} {setup.key:<10}"
                             print(f"{where} {kind.key:<4} c={n:<3} {s.line()}", flush=True)
+                    if setup.proxy == "wa" and setup.workers == 1:  # one /metrics to read
+                        self.lanes.setdefault(setup.key, []).append(lane_counts(url))
         return samples
 
     def one(self, url: str, pid: int | None, kind: Kind, conns: int) -> Sample:
@@ -323,6 +348,7 @@ class Report:
     plan: Plan
     cores: c.Cores
     samples: Samples
+    lanes: Lanes = field(default_factory=dict)
 
     def values(self, setup: str, kind: Kind, n: int, attr: str) -> list[float]:
         found = (getattr(s, attr) for s in self.samples.get((setup, kind.key, n), []))
@@ -540,6 +566,17 @@ class Report:
                 f"(max / min, {worst[1]}); other work on the machine (see Machine) lands there "
                 "first."
             )
+        for key, rounds in sorted(self.lanes.items()):
+            relayed, handed, session = (sum(r[i] for r in rounds) for i in range(3))
+            if session:
+                out.append(
+                    f"- The express lane (`wa_router/express.py`) in `{key}`: "
+                    f"{relayed / session:.1%} of its {session:,.0f} session requests were sent "
+                    "and answered there, "
+                    f"{handed:,.0f} handed over to the full path; the rest took it from the "
+                    "start (the first request of each session, found by rediscovery, and those "
+                    "that found no idle upstream connection)."
+                )
         if errors := sum(s.errors for v in self.samples.values() for s in v):
             out.append(f"- {errors} errors in all: the rows with errors are not comparable.")
         return out
@@ -572,7 +609,8 @@ log level warning. Each session is found by rediscovery on first use (nginx answ
 `connected` for every session on every port), then served from the directory cache.
 - Configurations: {", ".join(f"`{s.key}`" for s in SETUPS)}. The wa-router rows differ only in \
 `server.front` (`lean`: proxied routes parsed by httptools on a bare asyncio Protocol, \
-`wa_router/lean.py`; `aiohttp`: every request through aiohttp, the old path), `--loop` and \
+`wa_router/lean.py`, most of them on its express lane, `wa_router/express.py`; `aiohttp`: \
+every request through aiohttp, the old path), `--loop` and \
 `--workers`; all use the lean upstream client (`upstream.client: lean`). `{PRIMARY}` (lean \
 front, uvloop, one worker) is the one the targets are about; `{AIOHTTP_FRONT}` is the same \
 with `server.front: aiohttp`. `wa-asyncio` is kept (lean front on the stdlib loop): the run \
@@ -647,7 +685,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     machine["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     machine["busy processes at end (not the bench)"] = c.busy_others()
-    print(text := Report(plan, cores, samples).render(machine, elapsed, prof.text))
+    print(text := Report(plan, cores, samples, bench.lanes).render(machine, elapsed, prof.text))
     plan.out.parent.mkdir(parents=True, exist_ok=True)
     plan.out.write_text(text)
     if prof.short is not None:

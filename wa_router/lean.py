@@ -215,6 +215,7 @@ class LeanConnection(asyncio.Protocol):
         "_lent",
         "_lingering",
         "_loop",
+        "_method",
         "_mine",
         "_parser",
         "_paused",
@@ -223,6 +224,7 @@ class LeanConnection(asyncio.Protocol):
         "_queue",
         "_server",
         "_started",
+        "_target",
         "_timer",
         "_transport",
         "_url",
@@ -263,6 +265,7 @@ class LeanConnection(asyncio.Protocol):
         self._started = 0.0
         self._pending: Inbound | None = None
         self._fields = b""
+        self._method = self._target = b""  # the request's, as they came
         self._express: Express | None = None  # a request on the express lane
 
     # -- the transport -------------------------------------------------------------------
@@ -382,7 +385,8 @@ class LeanConnection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        method = self._parser.get_method().decode("ascii")
+        raw_method = self._method = self._parser.get_method()
+        method = raw_method.decode("ascii")
         if method == "CONNECT":  # a tunnel: llhttp completes it as a message, then upgrades
             raise _rejected(400, "upgrade_refused", "the router does not open tunnels (CONNECT)")
         try:
@@ -391,8 +395,11 @@ class LeanConnection(asyncio.Protocol):
             raise _rejected(400, "bad_request", "the request target is not a URL") from None
         # Absolute-form (`GET http://host/path`): the path is routed; the host is never
         # where the request goes.
-        path = (parsed.path or b"/").decode(*CODEC)
-        query = (parsed.query or b"").decode(*CODEC)
+        raw_path, raw_query = parsed.path or b"/", parsed.query
+        # The target as it goes upstream: path and query as sent (a fragment never goes).
+        self._target = raw_path + b"?" + raw_query if raw_query else raw_path
+        path = raw_path.decode(*CODEC)
+        query = raw_query.decode(*CODEC) if raw_query else ""
         try:
             self._mine = self._server.whose(method, path)
         except RequestRejected as exc:
@@ -450,8 +457,7 @@ class LeanConnection(asyncio.Protocol):
             self._queue.append(_Lend(raw, keep, inbound.method == "HEAD"))
         else:
             inbound.body = body
-            method = parser.get_method()
-            target = inbound.path_qs.encode(*CODEC)
+            method, target = self._method, self._target
             item = _Request(
                 inbound, self._mine, self._started, keep, version == "1.0", method, target,
                 self._fields,

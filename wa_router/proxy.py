@@ -162,6 +162,7 @@ class Proxy:
         self.parking_cfg = parking_cfg
         self.stats = ProxyStats()
         self._routes: dict[tuple[str, str], Match] = {}
+        self._path_ids: dict[str, str] = {}  # a path segment -> the session id it names, checked
         self.resolver = Resolver(
             pool=pool,
             directory=directory,
@@ -289,9 +290,19 @@ class Proxy:
         if rule.kind in ("session", "create"):
             # The query string and the headers are read only when the rule reads them.
             src = rule.session_in
-            query = request.query if src == "query" else _NO_QUERY
-            headers = request.headers if src == "header" else _NO_QUERY
-            call.session = extract_session(match, self.ids, query=query, headers=headers, body=doc)
+            if src == "path" and match.path_session in self._path_ids:
+                call.session = self._path_ids[match.path_session]
+            else:
+                query = request.query if src == "query" else _NO_QUERY
+                headers = request.headers if src == "header" else _NO_QUERY
+                call.session = extract_session(
+                    match, self.ids, query=query, headers=headers, body=doc
+                )
+                if src == "path" and match.path_session is not None:
+                    # Remembered only once checked: a bad id is refused every time.
+                    if len(self._path_ids) >= ROUTE_MEMO:
+                        self._path_ids.clear()
+                    self._path_ids[match.path_session] = call.session
         if self.keys.upstream_key is not None and self.keys.client_keys:
             # With no client keys nobody gets the upstream key: the probe key is then the
             # caller's own, worked out only if a probe is sent (`_probe_key`).

@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 
 from wa_router.exchange import Inbound, buffered, forward_fields, read_fields, upstream_headers
 from wa_router.h1response import H1Response
+from wa_router.lean import LeanServer
 from wa_router.sim import SimInstance
 from wa_router.wire import answer_head, relay_head
 
@@ -290,3 +291,73 @@ async def test_a_connection_idle_after_an_answer_from_the_lane_is_closed_in_time
     assert await conn.closed(), "still open after the keep-alive timeout"
     assert time.monotonic() - started >= 0.3 * 0.9
     assert await express_counts(port) == (1, 0)
+
+
+@pytestmark_wire
+async def test_a_refusal_on_the_lane_leaves_the_keep_alive_clock_running(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    port, _ = await serve(start_router, sims, server={"keepalive_timeout_s": 0.3})
+    conn = await Conn.open(port)
+    await conn.send(request("POST", SEND, HOST, body=b"{}"))  # no session id: 400
+    answer = await conn.response()
+    assert (answer.status, answer.error) == (400, "bad_request")
+    assert await conn.closed(timeout_s=1.5), "still open after the keep-alive timeout"
+
+
+@pytestmark_wire
+async def test_a_hand_over_after_the_caller_left_frees_its_upstream_connection(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """Timed out on the lane with nobody left to answer: not taken further, its connection
+    dropped and its pool slot free (no slot held by nobody)."""
+    sims[0].add_session("s1")
+    cfg = pool_config(sims, upstream={"api_key": API_KEY})
+    client, router = await start_router(with_rule_timeout(cfg, "messages_send", 0.3))
+    assert client.port is not None
+    port = client.port
+    conn = await Conn.open(port)
+    await conn.send(request("GET", STATUS, HOST))
+    assert (await conn.response()).status == 200
+    inst = router.pool.get("node-0")
+    assert inst is not None
+    fw = router.forwarder
+    sims[0].route_delay_s = {SEND: 1.0}
+    await conn.send(request("POST", SEND, HOST, body=json.dumps(send_body("s1")).encode()))
+    await wait_for(lambda: sends(sims[0]) == 1, 3, "the send at the sim")
+    await conn.close()  # gone before the lane's timeout
+    await wait_for(lambda: router.proxy.stats.express["handed_over"] == 1, 3, "the timeout")
+    await wait_for(lambda: not router.inflight, 3, "nothing in flight")
+    opened, idle = fw.stats()[inst.base]  # type: ignore[attr-defined]
+    assert opened == idle, f"a pool slot is held by nobody: {opened} open, {idle} idle"
+    assert sends(sims[0]) == 1  # not sent again
+
+
+@pytestmark_wire
+async def test_a_shutdown_waits_for_a_request_handed_over_from_the_lane(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """At the drain the request is on the lane; its owner says "not here" and the full path
+    sends it to the new owner: the drain waits for that, and the caller gets the answer."""
+    sims[0].add_session("s1")
+    client, router = await start_router(pool_config(sims, upstream={"api_key": API_KEY}))
+    assert client.port is not None and client.server.runner is not None
+    lean = client.server.runner.server
+    assert isinstance(lean, LeanServer)
+    conn = await Conn.open(client.port)
+    body = json.dumps(send_body("s1")).encode()
+    await conn.send(request("POST", SEND, HOST, body=body))
+    assert (await conn.response()).status == 200
+    await sims[0].move_session("s1", sims[1])
+    sims[0].route_delay_s = {SEND: 0.3}
+    sims[1].route_delay_s = {SEND: 0.5}
+    await conn.send(request("POST", SEND, HOST, body=body))
+    await wait_for(lambda: len(router.inflight.quick) == 1, 3, "the request on the lane")
+    lean.pre_shutdown()  # what the runner does first when the router stops, then the drain
+    late = await router.inflight.drain(10.0, on_late=lambda: None)
+    assert late == 0
+    assert sends(sims[1]) == 1, "the drain ended before the new owner was asked"
+    assert not router.inflight
+    answer = await conn.response()
+    assert answer.status == 200, answer.body
+    assert answer.headers.get("Connection") == "close"  # stopping: not kept alive

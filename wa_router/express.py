@@ -93,13 +93,14 @@ class Lane:
             if self._idle_ticks > IDLE_TICKS:
                 self._sweeper = None
                 return
-        else:
+        # Rescheduled first: a failure below must not stop the timeouts of the rest.
+        self._sweeper = self.loop.call_later(TICK_S, self._sweep)
+        if quick:
             self._idle_ticks = 0
             now = self.loop.time()
             late = [q for q in quick if isinstance(q, Express) and q.deadline <= now]
             for ex in late:
                 ex.answer.time_out()  # the answer tells `on_news`, which hands over
-        self._sweeper = self.loop.call_later(TICK_S, self._sweep)
 
     def close(self) -> None:
         if self._sweeper is not None:
@@ -229,7 +230,7 @@ class Express:
         self.caller.express_done(head + body if body else head, keep)
 
     def _hand_over(self) -> None:
-        self._end()
+        self.answer.listener = None
         if not self.head_seen:
             self.inst.inflight -= 1
         self.lane.stats.express["handed_over"] += 1
@@ -237,7 +238,9 @@ class Express:
         # The wall time of the send: when what its answer says was true.
         sent_at = time.time() - (time.perf_counter() - self.started)
         req.sent = Sent(self.inst, self.answer, self.started, self.entry, self.head_seen, sent_at)
+        # The worker is in flight before this is not (a shutdown never sees neither).
         self.caller.express_fallback(req)
+        self._end()
 
     def _end(self) -> None:
         self.answer.listener = None
@@ -259,6 +262,7 @@ class Express:
             self.inst.inflight -= 1
         self.answer.release()  # not read to its end: the connection is dropped
         reply = error_reply(shutdown_cut())
+        self.lane.proxy.count(self.call, reply.status, self.req.started)
         head = answer_head(reply.status, reply.reason, reply.headers, len(reply.body), True)
         self.caller.express_done(head + reply.body, False)
 

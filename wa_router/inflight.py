@@ -44,17 +44,27 @@ class InFlight:
     def __contains__(self, item: object) -> bool:
         return item in self.tasks
 
-    async def drain(self, grace_s: float, *, on_late: Callable[[], None]) -> int:
-        """Wait up to `grace_s` for what is in flight now; then `on_late()`, and cancel
-        (tasks) or cut (express exchanges) what is left. Returns how many were left."""
+    def _waits(self) -> dict[asyncio.Future[Any], Quick | None]:
         waits: dict[asyncio.Future[Any], Quick | None] = dict.fromkeys(self.tasks)
         for q in self.quick:
             waits[q.finished()] = q
-        if not waits:
-            return 0
+        return waits
+
+    async def drain(self, grace_s: float, *, on_late: Callable[[], None]) -> int:
+        """Wait up to `grace_s` for what is in flight now; then `on_late()`, and cancel
+        (tasks) or cut (express exchanges) what is left. Returns how many were left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        waits = self._waits()
         late: set[asyncio.Future[Any]] = set(waits)
-        if grace_s > 0:
-            _, late = await asyncio.wait(waits, timeout=grace_s)
+        # Again until nothing is left: a request handed from the express lane to a task
+        # while we waited is in flight still.
+        while waits and (left := deadline - loop.time()) > 0:
+            _, late = await asyncio.wait(waits, timeout=left)
+            if late:
+                break
+            waits = self._waits()
+            late = set(waits)
         if not late:
             return 0
         on_late()

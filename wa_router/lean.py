@@ -154,6 +154,8 @@ class LeanServer:
 
     # aiohttp's runner calls it so (web.Server.shutdown's signature).
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        if self.lane is not None:
+            self.lane.close()
         await self.web.shutdown(timeout)
         for conn in list(self.connections):
             conn.abort()
@@ -293,10 +295,13 @@ class LeanConnection(asyncio.Protocol):
             self._lent.release()
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)  # the idle worker ends
-        # A request on the express lane finishes (its upstream answer is read and released);
-        # `express_done` writes nothing then.
+        # A request on the express lane goes on: relayed, `express_done` writes nothing;
+        # handed over, `express_fallback` drops it.
         # A request being answered finishes (its upstream answer is released); nothing
         # more is read or written.
+        for item in self._queue:
+            if isinstance(item, _Request):
+                _drop(item)
         self._queue.clear()
 
     def pause_writing(self) -> None:
@@ -488,8 +493,7 @@ class LeanConnection(asyncio.Protocol):
         if isinstance(got, Reply):
             keep = item.keep_alive and not self._server.closing
             self._write_reply(got, item, keep)
-            if not keep:
-                self._close()
+            self._answered(keep)
             return True
         self._express = got
         self._busy = True
@@ -502,6 +506,13 @@ class LeanConnection(asyncio.Protocol):
         if self._closed or self._transport is None:
             return
         self._transport.write(data)
+        self._answered(keep)
+
+    def _answered(self, keep: bool) -> None:
+        """After an answer written outside the worker: close, or go on (what was pipelined
+        behind it, else the keep-alive clock: a waiting worker armed nothing since)."""
+        if self._closed or self._transport is None:
+            return
         if not keep:
             self._close()
             return
@@ -510,16 +521,25 @@ class LeanConnection(asyncio.Protocol):
             self._transport.write(CONTINUE)
         if self._queue:
             self._kick()  # what was pipelined behind it
-        elif not self._head_bytes:  # idle now (a waiting worker armed nothing since)
+        elif not self._head_bytes:
             self._arm(self._server.server_cfg.keepalive_timeout_s, "keepalive_timeout")
 
     def express_fallback(self, request: ExpressRequest) -> None:
-        """The express lane hands the request over: answered first, by the worker."""
+        """The express lane hands the request over: answered first, by the worker, which
+        counts as in flight from now (a shutdown waits for it)."""
         assert isinstance(request, _Request)
         self._express = None
         self._busy = False
+        if self._closed:
+            # The caller is gone: nobody would read the answer, and the request is not
+            # taken further (a not-here answer is not sent elsewhere behind its back).
+            _drop(request)
+            log.info("request_dropped", reason="caller_gone")
+            return
         self._queue.appendleft(request)
         self._kick()
+        if self._worker is not None:
+            self._server.router.inflight.add(self._worker)
 
     def _kick(self) -> None:
         """Something is queued: start the connection's worker, or wake it (not while a
@@ -779,6 +799,14 @@ class LeanConnection(asyncio.Protocol):
             self._close()  # nothing begun: nothing to answer
             return
         self._refuse(RequestRejected(408, "request_timeout", "the request did not arrive in time"))
+
+
+def _drop(item: _Request) -> None:
+    """A queued request that will not be answered: an attempt the express lane made is
+    released (its connection dropped, its pool slot freed)."""
+    if item.sent is not None:
+        item.sent.response.release()
+        item.sent = None
 
 
 def _too_large(limit: int) -> RequestRejected:

@@ -60,6 +60,7 @@ MAX_PARKS = 3  # waits per request, all within one deadline
 # per session and route). Bounded: forgotten all at once when full, a path made up by a
 # caller costs one entry until then.
 ROUTE_MEMO = 16384
+ROUTE_MEMO_PATH = 256  # longer paths are not remembered (a caller's junk costs no memory)
 
 
 @dataclass(slots=True)
@@ -214,9 +215,10 @@ class Proxy:
                 f"no route rule matches {method} {unquote(raw_path)}: the router cannot tell "
                 "which session this request is for",
             )
-        if len(self._routes) >= ROUTE_MEMO:
-            self._routes.clear()
-        self._routes[key] = match
+        if len(raw_path) <= ROUTE_MEMO_PATH:
+            if len(self._routes) >= ROUTE_MEMO:
+                self._routes.clear()
+            self._routes[key] = match
         return match
 
     def refuse(self, exc: RequestRejected, started: float) -> Reply:
@@ -252,7 +254,12 @@ class Proxy:
             elif kind == "any_instance":
                 answer = await self._forward_any(call)
             else:
-                answer = await self._forward_session(call, sent)
+                try:
+                    answer = await self._forward_session(call, sent)
+                except BaseException:
+                    if sent is not None:  # never left held, whatever happened (idempotent)
+                        sent.response.release()
+                    raise
         except RequestRejected as exc:
             if call is not None and call.session is not None and "session" not in exc.extra:
                 exc.extra["session"] = call.session
@@ -298,7 +305,11 @@ class Proxy:
                 call.session = extract_session(
                     match, self.ids, query=query, headers=headers, body=doc
                 )
-                if src == "path" and match.path_session is not None:
+                if (
+                    src == "path"
+                    and match.path_session is not None
+                    and len(match.path_session) <= ROUTE_MEMO_PATH
+                ):
                     # Remembered only once checked: a bad id is refused every time.
                     if len(self._path_ids) >= ROUTE_MEMO:
                         self._path_ids.clear()

@@ -125,9 +125,9 @@ class LeanServer:
         self.closing = False
         # The express lane needs the lean upstream client (it writes to its connections).
         fw = router.forwarder
-        self.lane = (
-            Lane(self.proxy, fw, router.inflight, self) if isinstance(fw, LeanForwarder) else None
-        )
+        self.lane: Lane | None = None
+        if cfg.server.express_lane and isinstance(fw, LeanForwarder):
+            self.lane = Lane(self.proxy, fw, router.inflight, self)
         # Held: asyncio.get_running_loop() is a getpid() syscall per call on Python 3.11.
         self.loop = asyncio.get_running_loop()
 

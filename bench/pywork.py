@@ -31,6 +31,7 @@ from typing import Any
 from . import common as c
 
 CALLERS = 32
+DOC_PARAS = (__doc__ or "").split("\n\n")[1:]  # the method, for the report
 HEAD = ["request", "express lane", "CPU us/req median (min-max)",
         "cycle collections per 1k requests", "non-200"]  # fmt: skip
 SESSIONS = 100
@@ -253,8 +254,7 @@ def run(args: argparse.Namespace) -> int:
         f"{rounds} interleaved round(s) of {count:,} requests per configuration, "
         f"{CALLERS} callers, {SESSIONS} sessions.",
         "",
-        *(f"{para.strip().replace(chr(10), ' ')}\n" for para in (__doc__ or "").split("\n\n")[1:]),
-        "",
+        *(line for para in DOC_PARAS for line in (" ".join(para.split()), "")),
         c.md_table(HEAD, rows),
         "",
     ]

@@ -566,9 +566,10 @@ class Report:
                 f"(max / min, {worst[1]}); other work on the machine (see Machine) lands there "
                 "first."
             )
+        lean_fronts = {s.key for s in WA_SETUPS if s.front == "lean"}
         for key, rounds in sorted(self.lanes.items()):
             relayed, handed, session = (sum(r[i] for r in rounds) for i in range(3))
-            if session:
+            if session and key in lean_fronts:
                 out.append(
                     f"- The express lane (`wa_router/express.py`) in `{key}`: "
                     f"{relayed / session:.1%} of its {session:,.0f} session requests were sent "

@@ -531,6 +531,28 @@ async def metrics_has(http: aiohttp.ClientSession, base: str, line: str) -> bool
         return line in (await r.text()).splitlines()
 
 
+async def test_a_reload_asked_while_the_workers_start_is_applied_not_fatal(
+    tmp_path: Path, two_sims: list[SimInstance]
+) -> None:
+    """SIGHUP as soon as both workers are listening, before they serve: its default action
+    would end a worker; each applies it once it serves instead."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cfg = write_config(tmp_path, two_sims, port, grace_s=1)
+    logs = tmp_path / "router"
+    async with router_process(cfg, logs, "--workers", "2") as proc:
+        await wait_for(
+            lambda: output_of(logs).count('"router_listening"') == 2, 20, "both workers up"
+        )
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(
+            lambda: output_of(logs).count('"config_reloaded"') == 2, 20, "both workers reloaded"
+        )
+        await wait_healthy(proc, base, logs)
+        assert output_of(logs).count('"router_started"') == 2, output_of(logs)
+        assert proc.returncode is None
+
+
 async def test_workers_die_with_their_parent_however_it_dies(
     tmp_path: Path, two_sims: list[SimInstance]
 ) -> None:

@@ -79,6 +79,11 @@ def serve(
 ) -> None:
     """Run until SIGTERM/SIGINT: stop accepting, let requests in flight finish (bounded by
     server.shutdown_grace_s), then close upstream connections and the store."""
+    # A SIGHUP while the router starts (its default action would end the process) is kept
+    # and applied once it serves: a reload right after a start is not a kill.
+    asked: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, _frame: asked.append(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # see serve_workers
     sock = listen_socket(cfg.server.host, cfg.server.port, reuse_port=reuse_port)
     loop = new_event_loop(loop_kind)
     asyncio.set_event_loop(loop)
@@ -95,17 +100,17 @@ def serve(
     # collection walks only what requests made (it stalled every request for ~15 ms).
     gc.collect()
     gc.freeze()
-    # SIGHUP (logrotate, systemctl reload) re-reads the config instead of ending the process.
-    loop.add_signal_handler(signal.SIGHUP, reload, app[ROUTER], config_path)
     try:
-        loop.run_until_complete(_run(app, sock))
+        loop.run_until_complete(_run(app, sock, config_path, asked))
     finally:
         _cancel_rest(loop)
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
 
-async def _run(app: web.Application, sock: socket.socket) -> None:
+async def _run(
+    app: web.Application, sock: socket.socket, config_path: str | None, asked: list[int]
+) -> None:
     """Serve until SIGTERM/SIGINT, then stop as aiohttp's run_app does: the listener closed,
     idle connections closed, the app's drain (the grace), what is left cut."""
     # The grace is applied by the app's drain; shutdown_timeout only bounds aiohttp's last
@@ -118,6 +123,11 @@ async def _run(app: web.Application, sock: socket.socket) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         await web.SockSite(runner, sock).start()
+        # SIGHUP (logrotate, systemctl reload) re-reads the config instead of ending the
+        # process; one that came while starting is applied now.
+        loop.add_signal_handler(signal.SIGHUP, reload, app[ROUTER], config_path)
+        if asked:
+            reload(app[ROUTER], config_path)
         await stop.wait()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -170,6 +180,9 @@ def serve_workers(
     listen_socket(cfg.server.host, cfg.server.port, reuse_port=True).close()
     children: list[int] = []
     parent = os.getpid()
+    # SIGHUP held back while the workers are forked: a worker takes its own handler first
+    # (`serve`), the parent forwards it once every worker exists; none is lost meanwhile.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     for index in range(workers):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
@@ -197,6 +210,7 @@ def serve_workers(
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward)  # each worker reloads its config
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     worst = 0
     for child in children:
         _, status = os.waitpid(child, 0)

@@ -238,7 +238,8 @@ class Express:
         # The wall time of the send: when what its answer says was true.
         sent_at = time.time() - (time.perf_counter() - self.started)
         req.sent = Sent(self.inst, self.answer, self.started, self.entry, self.head_seen, sent_at)
-        # The worker is in flight before this is not (a shutdown never sees neither).
+        # The worker counts as in flight before this stops counting: a shutdown always
+        # sees one of them.
         self.caller.express_fallback(req)
         self._end()
 

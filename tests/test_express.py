@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from wa_router.exchange import Inbound, buffered, forward_fields, read_fields, upstream_headers
 from wa_router.h1response import H1Response
 from wa_router.lean import LeanServer
+from wa_router.runtime import Router
 from wa_router.sim import SimInstance
 from wa_router.wire import answer_head, relay_head
 
@@ -163,6 +164,17 @@ async def express_counts(port: int) -> tuple[float, float]:
     return value(m, name, outcome="relayed"), value(m, name, outcome="handed_over")
 
 
+async def serve_send_timeout(
+    start_router: StartRouter, sims: list[SimInstance], read_s: float
+) -> tuple[int, Router]:
+    """As `serve`, with the send route's read timeout at `read_s`."""
+    sims[0].add_session("s1")
+    cfg = pool_config(sims, upstream={"api_key": API_KEY})
+    client, router = await start_router(with_rule_timeout(cfg, "messages_send", read_s))
+    assert client.port is not None
+    return client.port, router
+
+
 @pytestmark_wire
 async def test_a_known_session_is_answered_on_the_lane_with_the_callers_headers(
     sims: list[SimInstance], start_router: StartRouter
@@ -213,11 +225,7 @@ async def test_a_session_that_moved_is_handed_over_and_sent_once_to_each(
 async def test_a_post_timed_out_on_the_lane_is_not_sent_again(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:
-    sims[0].add_session("s1")
-    cfg = pool_config(sims, upstream={"api_key": API_KEY})
-    client, _ = await start_router(with_rule_timeout(cfg, "messages_send", 0.3))
-    assert client.port is not None
-    port = client.port
+    port, _ = await serve_send_timeout(start_router, sims, 0.3)
     conn = await Conn.open(port)
     body = json.dumps(send_body("s1")).encode()
     await conn.send(request("GET", STATUS, HOST))  # the owner known, a connection idle
@@ -311,11 +319,7 @@ async def test_a_hand_over_after_the_caller_left_frees_its_upstream_connection(
 ) -> None:
     """Timed out on the lane with nobody left to answer: not taken further, its connection
     dropped and its pool slot free (no slot held by nobody)."""
-    sims[0].add_session("s1")
-    cfg = pool_config(sims, upstream={"api_key": API_KEY})
-    client, router = await start_router(with_rule_timeout(cfg, "messages_send", 0.3))
-    assert client.port is not None
-    port = client.port
+    port, router = await serve_send_timeout(start_router, sims, 0.3)
     conn = await Conn.open(port)
     await conn.send(request("GET", STATUS, HOST))
     assert (await conn.response()).status == 200

@@ -14,6 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .errors import RequestRejected
 from .forward import HOP_BY_HOP, UpstreamResponse, strip_hop_by_hop
+from .wire import CODEC
 
 # Request headers the router sets itself.
 DROP_REQUEST = HOP_BY_HOP | {
@@ -25,7 +26,6 @@ DROP_REQUEST = HOP_BY_HOP | {
     "x-forwarded-host",
 }
 DROP_REQUEST_BYTES = frozenset(name.encode() for name in DROP_REQUEST)
-_CODEC = ("utf-8", "surrogateescape")
 
 
 class Inbound:
@@ -72,7 +72,7 @@ class Inbound:
         if self._headers is None:
             md: CIMultiDict[str] = CIMultiDict()
             for name, value in self.raw or ():
-                md.add(name.decode(*_CODEC), value.decode(*_CODEC))
+                md.add(name.decode(*CODEC), value.decode(*CODEC))
             self._headers = md
         return self._headers
 
@@ -232,7 +232,7 @@ def forward_fields(fields: Fields, peer: str, scheme: str = "http") -> bytes:
         named = {t.strip().lower() for t in fields.connection.split(b",")}
         lines = [ln for ln in lines if ln.partition(b":")[0].lower() not in named]
     prior = fields.forwarded_for
-    me = peer.encode(*_CODEC)
+    me = peer.encode(*CODEC)
     xff = prior + b", " + me if prior else me
     host = fields.host or b""
     lines.append(

@@ -9,6 +9,8 @@ from http import HTTPStatus
 
 from multidict import CIMultiDict
 
+from .forward import HOP_BY_HOP
+
 BODYLESS_STATUSES = frozenset({204, 304})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CHUNKED_END = b"0\r\n\r\n"
@@ -69,20 +71,8 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-# RFC 9110 7.6.1: not relayed (the same set as forward.HOP_BY_HOP, as the bytes llhttp gives).
-HOP_BY_HOP_BYTES = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
+# RFC 9110 7.6.1: not relayed (forward.HOP_BY_HOP, as the bytes llhttp gives).
+HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 _NOT_RELAYED = HOP_BY_HOP_BYTES | {b"content-length"}
 
 

@@ -38,7 +38,9 @@ from wa_router.errors import (
 from wa_router.forward import UpstreamRequest
 from wa_router.h1 import LeanForwarder
 from wa_router.h1errors import Closed, Closing, Phase, upstream_error
+from wa_router.h1response import H1Response
 from wa_router.pool import Instance
+from wa_router.wire import relay_head
 
 from .conftest import free_port, wait_for
 
@@ -453,6 +455,82 @@ async def test_interim_answers_are_skipped(fw: LeanForwarder) -> None:
         assert resp.status == 200 and "Link" not in resp.headers
         assert await resp.read() == b"ok"
         resp.release()
+
+
+# -- the final head, read from its own bytes (no callback per field) ----------------------
+
+FINAL = (
+    b"HTTP/1.1 201 Created\r\nX-Powered-By: Express\r\nSet-Cookie: a=1\r\n"
+    b"Set-Cookie: b=2 \t\r\nContent-Length: 2\r\nConnection: keep-alive, X-Hop\r\n"
+    b"X-Hop: 1\r\nKeep-Alive: timeout=5\r\n\r\nok"
+)
+INTERIM = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n"
+
+
+class _Stub:
+    """Enough of a pooled connection for an answer to be parsed from bytes."""
+
+    answer: H1Response | None = None
+    closed = False
+
+    def resume(self) -> None:
+        pass
+
+
+def _pieces(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [FINAL],
+        _pieces(FINAL, 1),
+        _pieces(FINAL, 7),
+        [INTERIM + FINAL],
+        _pieces(INTERIM + FINAL, 1),
+        [INTERIM[:30], INTERIM[30:] + FINAL[:50], FINAL[50:]],
+    ],
+    ids=["one_read", "byte_by_byte", "in_7_byte_reads", "after_interim_heads",
+         "after_interim_heads_byte_by_byte", "interim_and_final_cut_mid_head"],
+)  # fmt: skip
+def test_the_final_head_is_read_from_its_bytes_however_they_arrive(pieces: list[bytes]) -> None:
+    answer = H1Response(_Stub(), "GET", 1.0)  # type: ignore[arg-type]
+    for piece in pieces:
+        answer.feed(piece)
+    assert answer.done and not answer.failed
+    assert (answer.status, answer.reason) == (201, "Created")
+    assert answer.raw_head == FINAL[: FINAL.index(b"\r\n\r\n") + 4]
+    assert answer.fields == [
+        (b"X-Powered-By", b"Express"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),  # the whitespace around a value is not part of it
+        (b"Content-Length", b"2"),
+        (b"Connection", b"keep-alive, X-Hop"),
+        (b"X-Hop", b"1"),
+        (b"Keep-Alive", b"timeout=5"),
+    ]
+    assert answer.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+    assert answer.length == 2 and answer.named == {b"keep-alive", b"x-hop"}
+    assert answer.body() == b"ok"
+    relayed = relay_head(answer.status, answer.raw_head, answer.cuts, answer.named, 2, close=False)
+    assert relayed == (
+        b"HTTP/1.1 201 Created\r\nX-Powered-By: Express\r\nSet-Cookie: a=1\r\n"
+        b"Set-Cookie: b=2 \t\r\nContent-Length: 2\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_heads_over_the_limit_are_malformed_interim_ones_included(
+    fw: LeanForwarder, method: str
+) -> None:
+    # 64 KiB for every head of one answer: endless 1xx heads are no way around it.
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </" + b"s" * 1000 + b">\r\n\r\n"
+    answer = interim * 70 + OK
+    async with Raw(answering(answer)) as srv:
+        with pytest.raises(Disconnected, match="malformed"):
+            await fw.send(srv.inst, req(method=method))
+        assert fw.stats()[srv.url] == (0, 0)
 
 
 async def test_large_body_streamed_with_chunks(fw: LeanForwarder) -> None:

@@ -215,9 +215,8 @@ class Express:
         keep = req.keep_alive and not self.lane.closing.closing
         head = relay_head(
             answer.status,
-            answer.reason_bytes,
-            answer.fields,
-            answer.lowers,
+            answer.raw_head,
+            answer.cuts,
             answer.named,
             len(body),
             not keep,

@@ -1,9 +1,10 @@
 """One pooled upstream connection (an asyncio Protocol) and the answers read from it.
 
 llhttp (httptools' `HttpResponseParser`, one per answer) parses each answer as its bytes
-arrive, in `data_received`: the head into `status`/`reason`/`headers`, the body into a queue
-that `read()` and `chunks()` take from (reading pauses while the queue is over a high-water
-mark). Body framing is llhttp's (RFC 9112 6.3: Content-Length, chunked with extensions
+arrive, in `data_received`: the body into a queue that `read()` and `chunks()` take from
+(reading pauses while the queue is over a high-water mark). llhttp calls back once per head,
+not once per field: the final head is kept as it came (`raw_head`), its framing read from it
+in one pass (`cuts`, `length`, `named`), and `fields`/`headers` only for whoever asks. Body framing is llhttp's (RFC 9112 6.3: Content-Length, chunked with extensions
 ignored and trailers dropped, or until close); it refuses Content-Length together with
 Transfer-Encoding, bare CR or LF, obsolete line folding and the like. An answer is then
 handed back to the pool (`Pool.put`) or its connection dropped (`Pool.drop`).
@@ -14,13 +15,14 @@ Failures are raised as `errors.py` says, through `h1errors.mapped` (the one tabl
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .forward import HOP_BY_HOP
 from .h1errors import Closed, Phase, mapped
 
 MAX_HEAD_BYTES = 64 * 1024  # all heads of one answer, interim ones included
@@ -31,7 +33,17 @@ _HIGH_WATER = 1024 * 1024
 # caller's headers and how it encodes the ones we relay, so any byte goes through unchanged.
 _CODEC = ("utf-8", "surrogateescape")
 _BODYLESS_STATUSES = frozenset({204, 304})
-_FRAMING = frozenset({b"content-length", b"connection", b"transfer-encoding"})
+# The fields of a head that frame it or are hop-by-hop (RFC 9110 7.6.1): a proxy relays
+# none of them as they came. Found as they stand in a head llhttp has checked ("\r\nName:
+# value", no space before the colon, no folding), in one pass.
+UNRELAYED = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length"}
+_UNRELAYED_LINES = re.compile(
+    rb"\r\n(%s):[ \t]*([^\r]*)" % b"|".join(re.escape(n) for n in sorted(UNRELAYED)),
+    re.IGNORECASE,
+)
+# What a Connection value names, by value (most answers say "keep-alive"); bounded.
+_NAMED: dict[bytes, frozenset[bytes]] = {}
+_NAMED_MAX = 64
 
 
 class Pool(Protocol):
@@ -103,14 +115,12 @@ class H1Response:
 
     __slots__ = (
         "_closed",
-        "_codings",
         "_conn",
-        "_connection",
         "_done",
         "_error",
-        "_fed",
+        "_fields",
         "_final",
-        "_head_size",
+        "_head_at",
         "_headers",
         "_heads",
         "_interim",
@@ -118,18 +128,18 @@ class H1Response:
         "_parser",
         "_pieces",
         "_queued",
+        "_raw",
         "_read_s",
         "_stray",
         "_timed_out",
         "_until_close",
         "_waiter",
         "_whole",
-        "fields",
+        "cuts",
         "length",
         "listener",
-        "lowers",
         "named",
-        "reason_bytes",
+        "raw_head",
         "status",
     )
     status: int
@@ -142,28 +152,29 @@ class H1Response:
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         # HEAD: llhttp is fed whole heads only (see `_feed_heads`).
         self._heads: bytearray | None = bytearray() if method == "HEAD" else None
-        # The final head's fields as they came (bytes): relayed as they are by the lean
-        # front; `headers` decodes them only for whoever asks.
-        self.fields: list[tuple[bytes, bytes]] = []
+        # The bytes fed until the final head was whole, and where the head being parsed
+        # starts in them (past the interim ones). llhttp has no callback per field here:
+        # the final head is kept as it came (`head`), and what is needed of it is read
+        # from its bytes, which llhttp has checked (CRLF lines, `name:` with no space).
+        self._raw = b""
+        self._head_at = 0
+        self.raw_head = b""  # the final head, status line to blank line
+        self._fields: list[tuple[bytes, bytes]] | None = None
         self._headers: CIMultiDictProxy[str] | None = None
-        self.reason_bytes = b""
         self.length: int | None = None  # the final head's Content-Length, if it has one
-        self.lowers: list[bytes] = []  # the final head's field names, lower case
         self.named: frozenset[bytes] = frozenset()  # what its Connection fields name
-        self._connection = self._codings = b""  # the final head's, joined
+        self.cuts: list[tuple[int, int]] = []  # where its UNRELAYED fields stand in it
         # Told of every news (bytes, the end, an error) when no one awaits it: the lean
         # front's express lane (`express.py`) reads answers so, with no task.
         self.listener: Callable[[], None] | None = None
         self._timed_out = False
-        self._head_size = 0  # status text and fields of the heads so far
-        self._fed = 0  # bytes fed before the final head was whole
         self._interim = False  # in a 1xx interim answer, skipped
         self._final = False  # the final head is parsed: status, reason, headers are set
         self._done = False  # the whole answer is parsed
         self._keep = False
         self._until_close = False
         self._stray = False  # bytes came past the answer
-        self._pieces: deque[bytes] = deque()
+        self._pieces: list[bytes] = []
         self._queued = 0
         self._error: Exception | None = None
         self._closed: Closed | None = None
@@ -183,12 +194,14 @@ class H1Response:
             if self._parser is None:
                 return  # released: nothing is read any more
             if self._heads is None:
+                if not self._final:
+                    self._raw += data  # the first piece is kept, not copied
                 self._parser.feed_data(data)
             else:
                 self._feed_heads(data)
-            if not self._final:
-                self._fed += len(data)
-                if self._fed > MAX_HEAD_BYTES:
+            if not self._final:  # all heads of one answer are bounded, interim ones too
+                uncut = len(self._heads) if self._heads is not None else 0
+                if len(self._raw) + uncut > MAX_HEAD_BYTES:
                     raise httptools.HttpParserError("head too large")
         except httptools.HttpParserUpgrade:
             pass  # a 101's head is its whole answer; what follows is not HTTP (never reused)
@@ -218,6 +231,7 @@ class H1Response:
             head = bytes(pending[: end + 4])
             del pending[: end + 4]
             assert self._parser is not None  # `feed` checked
+            self._raw += head
             self._parser.feed_data(head)
         if pending:
             self._stray = True
@@ -238,37 +252,14 @@ class H1Response:
         if self._done:
             self._stray = True
             raise httptools.HttpParserError("bytes past the answer")  # stop parsing them
-        self.fields = []
-        self.lowers = []
-        self.reason_bytes = b""
-        self.length = None
-        self._connection = self._codings = b""
-
-    def on_status(self, status: bytes) -> None:
-        self._head_size += len(status)
-        self.reason_bytes += status  # in pieces when the status line is split across reads
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._final:
-            return  # a trailer field: not relayed (RFC 9110 6.5.1)
-        self._head_size += len(name) + len(value) + 4
-        # llhttp drops the leading whitespace of a value, not the trailing (RFC 9112 5.1).
-        value = value.rstrip(b" \t")
-        self.fields.append((name, value))
-        lower = name.lower()
-        self.lowers.append(lower)
-        if lower in _FRAMING:
-            if lower == b"content-length":
-                self.length = int(value)  # llhttp has checked it is one number
-            elif lower == b"connection":
-                self._connection += b"," + value if self._connection else value
-            else:
-                self._codings += b"," + value if self._codings else value
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         assert parser is not None  # called by it
-        if self._head_size > MAX_HEAD_BYTES:
+        raw, at = self._raw, self._head_at
+        # llhttp has just read this head's blank line, and a head holds no other.
+        end = raw.index(b"\r\n\r\n", at) + 4
+        if end > MAX_HEAD_BYTES:
             raise httptools.HttpParserError("head too large")
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
@@ -278,16 +269,18 @@ class H1Response:
             raise httptools.HttpParserError(f"bad status code {status}")
         if status < 200 and status != 101:
             self._interim = True  # 100 Continue, 103 Early Hints: skipped
+            self._head_at = end
             return
         self.status = status
         self._final = True
+        self.raw_head = raw[at:end]
+        self._raw = b""
+        chunked = self._framing()
         if self._heads is not None:
             self._done = True  # RFC 9112 6.3 rule 1: a HEAD answer ends with its head
-            self._framing()
             self._keep = status != 101 and _persists(version, self.named)
             return
         self._keep = status != 101 and parser.should_keep_alive()
-        chunked = self._framing()
         if status not in _BODYLESS_STATUSES:
             self._until_close = self.length is None and not chunked
 
@@ -304,8 +297,21 @@ class H1Response:
     # -- read by the caller ---------------------------------------------------------------------
 
     @property
+    def reason_bytes(self) -> bytes:
+        """The final head's reason phrase, as it came (llhttp allows a status code of three
+        digits only: "HTTP/1.1 200 OK" has it from its 14th byte)."""
+        return self.raw_head[13 : self.raw_head.index(b"\r\n")]
+
+    @property
     def reason(self) -> str:
         return self.reason_bytes.decode(*_CODEC)
+
+    @property
+    def fields(self) -> list[tuple[bytes, bytes]]:
+        """The final head's fields as they came (bytes), read from it on first use."""
+        if self._fields is None:
+            self._fields = head_fields(self.raw_head)
+        return self._fields
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -344,12 +350,31 @@ class H1Response:
             await self._wait(Phase.HEAD)
 
     def _framing(self) -> bool:
-        """What the final head's Connection fields name, and whether its body is chunked
-        (the last transfer coding, RFC 9112 6.3 rule 4, as llhttp judges it); with neither
-        a length nor chunks, the body runs until the close."""
-        if self._connection:
-            self.named = frozenset(t.strip().lower() for t in self._connection.split(b","))
-        return self._codings.rpartition(b",")[2].strip().lower() == b"chunked"
+        """The final head's Content-Length, what its Connection fields name, where its
+        unrelayed fields stand, and whether its body is chunked (the last transfer coding,
+        RFC 9112 6.3 rule 4, as llhttp judges it); with neither a length nor chunks, the
+        body runs until the close."""
+        connection = codings = b""
+        cuts = self.cuts
+        for m in _UNRELAYED_LINES.finditer(self.raw_head):
+            cuts.append(m.span())
+            name = m.group(1).lower()
+            if name == b"content-length":
+                self.length = int(m.group(2))  # llhttp has checked it is one number
+            elif name == b"connection":
+                value = m.group(2)
+                connection += b"," + value if connection else value
+            elif name == b"transfer-encoding":
+                value = m.group(2)
+                codings += b"," + value if codings else value
+        if connection:
+            named = _NAMED.get(connection)
+            if named is None:
+                named = frozenset(t.strip().lower() for t in connection.split(b","))
+                if len(_NAMED) < _NAMED_MAX:
+                    _NAMED[connection] = named
+            self.named = named
+        return codings.rpartition(b",")[2].strip().lower() == b"chunked"
 
     def body(self) -> bytes:
         """The whole body of an answer parsed to its end (`done`)."""
@@ -394,7 +419,7 @@ class H1Response:
 
     def _take(self) -> bytes:
         pieces = self._pieces
-        data = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         pieces.clear()
         self._queued = 0
         if self._conn is not None:
@@ -434,10 +459,20 @@ class H1Response:
             self.listener()
 
 
+def head_fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """The fields of a head llhttp has parsed (its CRLF lines past the status line), their
+    values less the whitespace around them (RFC 9112 5.1)."""
+    fields = []
+    for line in head.split(b"\r\n")[1:-2]:
+        name, _, value = line.partition(b":")
+        fields.append((name, value.strip(b" \t")))
+    return fields
+
+
 def _persists(version: str, named: frozenset[bytes]) -> bool:
     """RFC 9112 9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive". (llhttp's
     should_keep_alive also asks for body framing, which a HEAD answer need not have.)"""
     return b"keep-alive" in named if version == "1.0" else b"close" not in named
 
 
-__all__ = ["MAX_HEAD_BYTES", "Conn", "H1Response", "Pool"]
+__all__ = ["MAX_HEAD_BYTES", "Conn", "H1Response", "Pool", "head_fields"]

@@ -201,6 +201,7 @@ class _Full(asyncio.Protocol):
 
 class LeanConnection(asyncio.Protocol):
     __slots__ = (
+        "_asks_connection",
         "_begun_at",
         "_body",
         "_body_bytes",
@@ -242,13 +243,14 @@ class LeanConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._peer = ""
-        self._url = bytearray()
+        self._url: bytes | bytearray = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._mine: Match | None = None
         self._chunked = False
+        self._asks_connection = False  # the request has a Connection field
         self._continue = False  # a 100 Continue owed once the answers before it are out
         self._queue: deque[_Request | _Lend | _Refusal] = deque()
         self._worker: asyncio.Task[None] | None = None
@@ -360,7 +362,7 @@ class LeanConnection(asyncio.Protocol):
     # -- parser callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._url.clear()
+        self._url = b""
         self._headers = []
         self._head_bytes = 1  # a request has begun (close_if_idle waits for it)
         self._body = []
@@ -372,7 +374,13 @@ class LeanConnection(asyncio.Protocol):
         self._disarm()  # the idle connection's keep-alive clock stops
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        have = self._url
+        if not have:
+            self._url = url  # the whole target in one piece: the common case
+        elif isinstance(have, bytearray):
+            have += url
+        else:
+            self._url = bytearray(have) + url  # in pieces: gathered without copying it all
         self._head_bytes += len(url)
         if self._head_bytes > self._server.max_head:
             raise _rejected(414, "uri_too_long", "the request target is too long")
@@ -394,13 +402,18 @@ class LeanConnection(asyncio.Protocol):
         method = raw_method.decode("ascii")
         if method == "CONNECT":  # a tunnel: llhttp completes it as a message, then upgrades
             raise _rejected(400, "upgrade_refused", "the router does not open tunnels (CONNECT)")
-        try:
-            parsed = httptools.parse_url(bytes(self._url))
-        except httptools.HttpParserInvalidURLError:
-            raise _rejected(400, "bad_request", "the request target is not a URL") from None
-        # Absolute-form (`GET http://host/path`): the path is routed; the host is never
-        # where the request goes.
-        raw_path, raw_query = parsed.path or b"/", parsed.query
+        url = self._url
+        if url[:1] == b"/" and b"#" not in url:
+            # Origin-form, the common one (llhttp has checked its bytes): path and query.
+            raw_path, _, raw_query = bytes(url).partition(b"?")
+        else:
+            try:
+                parsed = httptools.parse_url(bytes(url))
+            except httptools.HttpParserInvalidURLError:
+                raise _rejected(400, "bad_request", "the request target is not a URL") from None
+            # Absolute-form (`GET http://host/path`): the path is routed; the host is never
+            # where the request goes. A fragment never goes anywhere.
+            raw_path, raw_query = parsed.path or b"/", parsed.query
         # The target as it goes upstream: path and query as sent (a fragment never goes).
         self._target = raw_path + b"?" + raw_query if raw_query else raw_path
         path = raw_path.decode(*CODEC)
@@ -419,6 +432,7 @@ class LeanConnection(asyncio.Protocol):
                 400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
             )
         self._chunked = fields.chunked
+        self._asks_connection = bool(fields.connection)
         has_body = fields.chunked or (length is not None and length.strip() != b"0")
         expect = fields.expect_continue
         self._pending = Inbound(method, path, query, None, b"", self._peer, raw=self._headers)
@@ -455,8 +469,11 @@ class LeanConnection(asyncio.Protocol):
         body = b"".join(self._body) if self._body else b""
         self._body = []
         parser = self._parser
-        keep = parser.should_keep_alive() and not self._server.closing
-        version = parser.get_http_version()
+        persists = parser.should_keep_alive()
+        keep = persists and not self._server.closing
+        # A request that persists with no Connection field is HTTP/1.1 (1.0 persists only
+        # when it asks); httptools formats the version string anew at each call.
+        version = "1.1" if persists and not self._asks_connection else parser.get_http_version()
         if self._mine is None:
             raw = request_bytes(inbound.method, bytes(self._url), version, self._headers, body)
             self._queue.append(_Lend(raw, keep, inbound.method == "HEAD"))

@@ -9,7 +9,7 @@ from http import HTTPStatus
 
 from multidict import CIMultiDict
 
-from .forward import HOP_BY_HOP
+from .h1response import UNRELAYED
 
 BODYLESS_STATUSES = frozenset({204, 304})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -71,35 +71,46 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-# RFC 9110 7.6.1: not relayed (forward.HOP_BY_HOP, as the bytes llhttp gives).
-HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
-_NOT_RELAYED = HOP_BY_HOP_BYTES | {b"content-length"}
-
-
 def relay_head(
     status: int,
-    reason: bytes,
-    fields: list[tuple[bytes, bytes]],
-    lowers: list[bytes],
+    head: bytes,
+    cuts: list[tuple[int, int]],
     named: frozenset[bytes],
     length: int,
     close: bool,
     *,
     http10_keep_alive: bool = False,
 ) -> bytes:
-    """The head of an instance's answer read whole, as bytes from its bytes: its fields
-    (`lowers`: their names in lower case) less hop-by-hop ones and those its Connection
+    """The head of an instance's answer read whole, as bytes from its bytes (`head` as
+    llhttp parsed it, status line to blank line; `cuts`, where its hop-by-hop and framing
+    fields stand, `H1Response.cuts`): its fields less those and the ones its Connection
     names (`named`), and our own framing. The same answer as `answer_head` writes for
     `exchange.buffered`, without decoding anything."""
-    dropped = _NOT_RELAYED | named if named else _NOT_RELAYED
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status).encode())]
-    for (name, value), low in zip(fields, lowers, strict=True):
-        if low not in dropped:
-            parts.append(b"%s: %s\r\n" % (name, value))
-    parts.append(b"Content-Length: %d\r\n" % length)
+    line_end = head.index(b"\r\n")
+    if cuts:
+        parts = []
+        at = 0
+        for start, end in cuts:
+            parts.append(head[at:start])
+            at = end
+        parts.append(head[at:-2])
+        kept = b"".join(parts)
+    else:
+        kept = head[:-2]
+    if line_end <= 13 or not head.startswith(b"HTTP/1.1 "):
+        # HTTP/1.0, or no reason: our status line ("HTTP/1.1 200 OK" has the reason from
+        # its 14th byte).
+        reason = head[13:line_end] or reason_phrase(status).encode()
+        kept = b"HTTP/1.1 %d %s%s" % (status, reason, kept[line_end:])
+    if named and not named <= UNRELAYED:  # Connection names fields of its own: rare
+        lines = kept.split(b"\r\n")
+        kept = b"\r\n".join(
+            [lines[0]] + [ln for ln in lines[1:] if ln.partition(b":")[0].lower() not in named]
+        )
     if close:
-        parts.append(b"Connection: close\r\n")
+        framing = b"Content-Length: %d\r\nConnection: close\r\n\r\n" % length
     elif http10_keep_alive:
-        parts.append(b"Connection: keep-alive\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        framing = b"Content-Length: %d\r\nConnection: keep-alive\r\n\r\n" % length
+    else:
+        framing = b"Content-Length: %d\r\n\r\n" % length
+    return kept + framing

@@ -309,6 +309,15 @@ async def test_connection_close_and_http10_are_not_reused(fw: LeanForwarder) -> 
             for _ in range(3):
                 assert await get(fw, srv.inst) == b"ok"
             assert srv.connections == connections, answer
+    # A HEAD answer's persistence is read from its version and Connection alone.
+    for answer, connections in ((close, 3), (http10, 3), (http10_ka, 1), (OK, 1)):
+        head = answer.removesuffix(b"ok")
+        async with Raw(answering(head)) as srv:
+            for _ in range(3):
+                resp = await fw.send(srv.inst, req(method="HEAD"))
+                assert resp.status == 200 and await resp.read() == b""
+                resp.release()
+            assert srv.connections == connections, head
 
 
 async def test_release_without_reading_closes_the_connection(fw: LeanForwarder) -> None:

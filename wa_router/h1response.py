@@ -4,8 +4,9 @@ llhttp (httptools' `HttpResponseParser`, one per answer) parses each answer as i
 arrive, in `data_received`: the body into a queue that `read()` and `chunks()` take from
 (reading pauses while the queue is over a high-water mark). llhttp calls back once per head,
 not once per field: the final head is kept as it came (`raw_head`), its framing read from it
-in one pass (`cuts`, `length`, `named`), and `fields`/`headers` only for whoever asks. Body framing is llhttp's (RFC 9112 6.3: Content-Length, chunked with extensions
-ignored and trailers dropped, or until close); it refuses Content-Length together with
+in one pass (`cuts`, `length`, `named`), and `fields`/`headers` only for whoever asks.
+Body framing is llhttp's (RFC 9112 6.3: Content-Length, chunked with extensions ignored and
+trailers dropped, or until close); it refuses Content-Length together with
 Transfer-Encoding, bare CR or LF, obsolete line folding and the like. An answer is then
 handed back to the pool (`Pool.put`) or its connection dropped (`Pool.drop`).
 
@@ -33,6 +34,8 @@ _HIGH_WATER = 1024 * 1024
 # caller's headers and how it encodes the ones we relay, so any byte goes through unchanged.
 _CODEC = ("utf-8", "surrogateescape")
 _BODYLESS_STATUSES = frozenset({204, 304})
+_ZERO, _ONE = ord("0"), ord("1")  # the minor version digits of HTTP/1.x
+_ZERO_OR_ONE = (_ZERO, _ONE)
 # The fields of a head that frame it or are hop-by-hop (RFC 9110 7.6.1): a proxy relays
 # none of them as they came. Found as they stand in a head llhttp has checked ("\r\nName:
 # value", no space before the colon, no folding), in one pass.
@@ -261,8 +264,10 @@ class H1Response:
         end = raw.index(b"\r\n\r\n", at) + 4
         if end > MAX_HEAD_BYTES:
             raise httptools.HttpParserError("head too large")
-        version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
+        # The version from the status line llhttp has checked ("HTTP/1.1 200 ..."): its
+        # version string would be formatted anew at each call.
+        if not raw.startswith(b"HTTP/1.", at) or raw[at + 7] not in _ZERO_OR_ONE:
+            version = parser.get_http_version()
             raise httptools.HttpParserError(f"HTTP/{version} is not HTTP/1.x")
         status = parser.get_status_code()
         if status < 100:
@@ -278,7 +283,7 @@ class H1Response:
         chunked = self._framing()
         if self._heads is not None:
             self._done = True  # RFC 9112 6.3 rule 1: a HEAD answer ends with its head
-            self._keep = status != 101 and _persists(version, self.named)
+            self._keep = status != 101 and _persists(raw[at + 7] == _ZERO, self.named)
             return
         self._keep = status != 101 and parser.should_keep_alive()
         if status not in _BODYLESS_STATUSES:
@@ -469,10 +474,10 @@ def head_fields(head: bytes) -> list[tuple[bytes, bytes]]:
     return fields
 
 
-def _persists(version: str, named: frozenset[bytes]) -> bool:
+def _persists(http10: bool, named: frozenset[bytes]) -> bool:
     """RFC 9112 9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive". (llhttp's
     should_keep_alive also asks for body framing, which a HEAD answer need not have.)"""
-    return b"keep-alive" in named if version == "1.0" else b"close" not in named
+    return b"keep-alive" in named if http10 else b"close" not in named
 
 
 __all__ = ["MAX_HEAD_BYTES", "Conn", "H1Response", "Pool", "head_fields"]

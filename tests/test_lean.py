@@ -23,6 +23,7 @@ import pytest
 import structlog
 from multidict import CIMultiDict
 
+from wa_router import lean as lean_module
 from wa_router.config import LogConfig
 from wa_router.lean import LeanServer
 from wa_router.logging import setup_logging
@@ -517,6 +518,43 @@ async def test_connection_past_the_cap_gets_503_and_a_freed_slot_is_served(
         assert resp.json()["status"] == "connected"
     finally:
         for conn in held:
+            await conn.close()
+
+
+async def test_a_flood_past_the_cap_lingers_boundedly_each_connection_still_answered(
+    sims: list[SimInstance], start_router: StartRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused connection lingers after its 503 (so a reset does not hide the answer), but
+    only so many at once: a flood of them must not take the descriptors the cap keeps."""
+    monkeypatch.setattr(lean_module, "REFUSED_LINGERING_MAX", 2)
+    sims[0].add_session("s1")
+    cfg = pool_config(sims, upstream={"api_key": API_KEY}, server={"max_connections": 1})
+    client, _ = await start_router(cfg)
+    port = client.port
+    assert port is not None and client.server.runner is not None
+    lean = client.server.runner.server
+    assert isinstance(lean, LeanServer)
+    held = await Conn.open(port)
+    refused: list[Conn] = []
+    try:
+        await held.send(request("GET", STATUS, HOST))
+        assert (await held.response()).status == 200
+        for _ in range(6):
+            conn = await Conn.open(port)
+            refused.append(conn)
+            resp = await conn.response()
+            assert (resp.status, resp.error) == (503, "too_many_connections")
+            assert lean.refused_lingering <= 2
+        assert lean.refused_lingering == 2  # the first two linger; the rest were closed
+        for conn in refused:
+            await conn.close()
+        await wait_for(lambda: lean.refused_lingering == 0, what="the lingering ones to end")
+        # The connection the cap counts was never disturbed.
+        await held.send(request("GET", STATUS, HOST))
+        assert (await held.response()).status == 200
+    finally:
+        await held.close()
+        for conn in refused:
             await conn.close()
 
 

@@ -122,6 +122,7 @@ class LeanServer:
         self._control_exact = frozenset({"/metrics", "/healthz", "/readyz", "/admin", wh.path})
         self._control_prefixes = ("/admin/", wh.passthrough_prefix.rstrip("/") + "/")
         self.connections: set[LeanConnection] = set()
+        self.refused_lingering = 0  # connections past the cap, answered, still lingering
         self.closing = False
         # The express lane needs the lean upstream client (it writes to its connections).
         fw = router.forwarder
@@ -133,7 +134,7 @@ class LeanServer:
 
     def __call__(self) -> asyncio.Protocol:
         if len(self.connections) >= self.max_connections:
-            return _Full()
+            return _Full(self)
         return LeanConnection(self)
 
     def whose(self, method: str, path: str) -> Match | None:
@@ -163,6 +164,10 @@ class LeanServer:
 
 # Descriptors kept for what is not a caller connection: upstream pools, the store, files.
 _FD_RESERVE = 256
+# Connections answered 503 past the cap linger after it (see `linger`), at most this many at
+# once; past that, one is closed as soon as its 503 is out: a flood of them must not take
+# the descriptors the cap keeps free.
+REFUSED_LINGERING_MAX = _FD_RESERVE // 4
 
 
 def connection_cap(configured: int) -> int:
@@ -176,8 +181,12 @@ def connection_cap(configured: int) -> int:
 
 
 class _Full(asyncio.Protocol):
-    """Past the connection cap: one 503 and the connection closed (lingering: see
-    `linger`)."""
+    """Past the connection cap: one 503 and the connection closed (lingering, see `linger`,
+    while fewer than `REFUSED_LINGERING_MAX` do)."""
+
+    def __init__(self, server: LeanServer) -> None:
+        self._server = server
+        self._lingering = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
@@ -192,8 +201,19 @@ class _Full(asyncio.Protocol):
             answer_head(reply.status, reply.reason, reply.headers, len(reply.body), True)
         )
         transport.write(reply.body)
-        linger(transport)
+        server = self._server
+        if server.refused_lingering < REFUSED_LINGERING_MAX:
+            server.refused_lingering += 1
+            self._lingering = True
+            linger(transport)
+        else:
+            transport.close()  # the 503 goes out first; what the caller sends may reset it
         log.warning("connection_refused", reason="max_connections")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._lingering:
+            self._lingering = False
+            self._server.refused_lingering -= 1
 
     def data_received(self, data: bytes) -> None:
         pass  # what the caller sent before it read the 503: read, so no reset hides it

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
+import subprocess
 import sys
 import time
 import urllib.request
@@ -67,6 +69,7 @@ class Setup:
     loop: str = "uvloop"
     workers: int = 1
     front: str = "lean"  # wa-router's `server.front`
+    tree: Path | None = None  # where its `wa_router/` comes from (None: the working tree)
 
 
 SETUPS = (
@@ -79,6 +82,29 @@ SETUPS = (
     Setup("wa-2w", "`wa-2w`: wa-router, lean front, --workers 2 (uvloop)", "wa", workers=2),
 )
 WA_SETUPS = tuple(s for s in SETUPS if s.proxy == "wa")
+BASELINE = "wa-base"  # `--baseline REV`: PRIMARY as it was at REV, in the same run
+
+
+def with_baseline(rev: str, tree: Path) -> None:
+    """Add `BASELINE` to the configurations: the same router as `PRIMARY`, its code from
+    `tree` (REV exported there)."""
+    global SETUPS, WA_SETUPS
+    label = f"`{BASELINE}`: wa-router at {rev}, lean front (uvloop)"
+    base = Setup(BASELINE, label, "wa", tree=tree)
+    at = next(i for i, s in enumerate(SETUPS) if s.key == PRIMARY)
+    SETUPS = (*SETUPS[:at], base, *SETUPS[at:])
+    WA_SETUPS = tuple(s for s in SETUPS if s.proxy == "wa")
+
+
+def export_rev(rev: str, into: Path) -> str:
+    """`wa_router/` of git revision `rev` written under `into`; its short hash."""
+    short = subprocess.run(["git", "-C", str(c.REPO), "rev-parse", "--short", rev],
+                           check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(c.REPO), "archive", short, "wa_router"],
+                             check=True, capture_output=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return short
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +116,7 @@ class Plan:
     profile: bool
     smoke: bool
     out: Path
+    baseline: str | None = None  # `--baseline`'s revision, short
 
     def expected_s(self) -> float:
         per_kind = self.warmup_s + 0.1 + len(self.connections) * (self.duration_s + 0.1)
@@ -183,7 +210,8 @@ class Bench:
             return
         port, cores = self.ports[INSTANCES], self.cores.of(setup.workers)
         env = {k: v for k, v in os.environ.items() if not k.startswith("WA_ROUTER_")}
-        env["PYTHONPATH"] = str(c.REPO)
+        # PYTHONPATH comes before the editable install's finder: a baseline tree wins.
+        env["PYTHONPATH"] = str(setup.tree or c.REPO)
         if setup.proxy == "nginx":
             proc = self._nginx(
                 "proxy", cores, port=str(port), upstream=first.removeprefix("http://")
@@ -414,6 +442,23 @@ class Report:
                 added.append(f"- added p99 at c=1, {kind.key} (p99 - direct): {'; '.join(parts)}")
         return [c.md_table(head, rows), "", *added]
 
+    def against_baseline(self) -> str:
+        """`PRIMARY` / `BASELINE`, each figure, each request kind and c."""
+        attrs = [("cpu_us", "CPU/req"), ("sys_us", "of it system"), ("rps", "req/s")]
+        attrs += [("p50_ms", "p50"), ("p99_ms", "p99")]
+        head = ["request", "c", *(f"{name} / {BASELINE}" for _, name in attrs)]
+        head += [f"CPU us/req {BASELINE} -> {PRIMARY}"]
+        rows = []
+        for kind in KINDS:
+            for n in self.plan.connections:
+                med = functools.partial(self.med, kind=kind, n=n)
+                row = [kind.key, str(n)]
+                row += [c.ratio(med(PRIMARY, attr=a), med(BASELINE, attr=a)) for a, _ in attrs]
+                row.append(f"{c.fmt(med(BASELINE, attr='cpu_us'), 1)} -> "
+                           f"{c.fmt(med(PRIMARY, attr='cpu_us'), 1)}")  # fmt: skip
+                rows.append(row)
+        return c.md_table(head, rows)
+
     def targets(self) -> str:
         """The issue's targets for the lean front; the aiohttp front's figure beside it."""
         rows: list[list[str]] = []
@@ -616,7 +661,8 @@ every request through aiohttp, the old path), `--loop` and \
 front, uvloop, one worker) is the one the targets are about; `{AIOHTTP_FRONT}` is the same \
 with `server.front: aiohttp`. `wa-asyncio` is kept (lean front on the stdlib loop): the run \
 stays within about {p.expected_s() / 60:.0f} min with it. The routers run the working \
-tree's `wa_router/` as it is when each one starts.
+tree's `wa_router/` as it is when each one starts (`{BASELINE}`, with `--baseline REV`: that \
+revision's).
 - `errors`: socket errors + non-2xx answers, all rounds: a row with errors is not comparable."""
 
     def render(self, machine: dict[str, str], elapsed_s: float, profile: str) -> str:
@@ -626,6 +672,7 @@ tree's `wa_router/` as it is when each one starts.
                     "works; its numbers mean nothing.", ""]  # fmt: skip
         p, when = self.plan, time.strftime("%Y-%m-%d %H:%M %Z")
         opts = "--smoke" if p.smoke else f"--rounds {p.rounds} --duration {p.duration_s}"
+        opts += f" --baseline {p.baseline}" if p.baseline else ""
         out += [f"`python -m bench throughput {opts}`, {when}, {elapsed_s / 60:.1f} min.", ""]
         for title, table in (("Machine", machine), ("Versions", c.versions())):
             out += [f"### {title}", "", c.md_table(["", ""], table.items()), ""]
@@ -636,6 +683,13 @@ tree's `wa_router/` as it is when each one starts.
         out += [f"### Targets (`{PRIMARY}`: lean front, uvloop, one core; reported, not "
                 "asserted)", "", self.targets(), ""]  # fmt: skip
         out += ["### What it means", "", *self.notes(), ""]
+        if any(key[0] == BASELINE for key in self.samples):
+            base = next(s for s in SETUPS if s.key == BASELINE)
+            out += [f"### The lean front (`{PRIMARY}`) / itself at an earlier revision", ""]
+            out += [f"`{BASELINE}` is {base.label.split(': ', 1)[1]}, started from that "
+                    "revision's `wa_router/` in the same rounds (same upstream, load and "
+                    "pinning): the change in between, measured in one run.", ""]  # fmt: skip
+            out += [self.against_baseline(), ""]
         out += [f"### The lean front (`{PRIMARY}`) / the aiohttp front and the naive proxy", ""]
         out += [*self.fronts(), ""]
         for kind in KINDS:
@@ -654,6 +708,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "not numbers); writes bench/out/throughput-smoke.md unless --out",
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy run")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help=f"also run {PRIMARY} as it was at git revision REV (`{BASELINE}`), interleaved",
+    )
     parser.add_argument("--out", type=Path, help="default: bench/results/throughput.md")
 
 
@@ -668,12 +727,16 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or c.RESULTS / "throughput.md"
         plan = Plan(args.rounds, args.duration, (1, 32, 128), 1, not args.no_profile, False, out)
     conns = ",".join(map(str, plan.connections))
-    print(f"bench throughput: {len(SETUPS)} configurations x {len(KINDS)} request kinds x "
-          f"c={conns}, {plan.rounds} round(s) of {plan.duration_s} s runs: expect about "
-          f"{plan.expected_s() / 60:.1f} min", flush=True)  # fmt: skip
     started, machine = time.monotonic(), c.machine_info()
     cores = c.Cores.pick()
     with TemporaryDirectory(prefix="wa-bench-") as tmp:
+        if args.baseline:
+            rev = export_rev(args.baseline, Path(tmp) / "baseline")
+            with_baseline(rev, Path(tmp) / "baseline")
+            plan = dataclasses.replace(plan, baseline=rev)
+        print(f"bench throughput: {len(SETUPS)} configurations x {len(KINDS)} request kinds "
+              f"x c={conns}, {plan.rounds} round(s) of {plan.duration_s} s runs: expect about "
+              f"{plan.expected_s() / 60:.1f} min", flush=True)  # fmt: skip
         bench = Bench(tools, plan, Path(tmp), cores)
         try:
             bench.start_upstream()

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-PARTS = ("throughput", "pywork", "failover", "herd", "directory", "webhooks")
+PARTS = ("throughput", "pywork", "instructions", "failover", "herd", "directory", "webhooks")
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 

@@ -157,7 +157,7 @@ class H1Response:
         self._heads: bytearray | None = bytearray() if method == "HEAD" else None
         # The bytes fed until the final head was whole, and where the head being parsed
         # starts in them (past the interim ones). llhttp has no callback per field here:
-        # the final head is kept as it came (`head`), and what is needed of it is read
+        # the final head is kept as it came (`raw_head`), and what is needed of it is read
         # from its bytes, which llhttp has checked (CRLF lines, `name:` with no space).
         self._raw = b""
         self._head_at = 0

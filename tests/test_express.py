@@ -67,6 +67,13 @@ RESPONSE_HEADS = {
         (b"X-B", b"2"),
         (b"X-C", b"3"),
     ],
+    # RFC 9110 5.6.1: empty list items name nothing (and must not cost a field or a CRLF).
+    "empty_connection_items": [
+        (b"Connection", b"keep-alive, ,X-A,"),
+        (b"X-A", b"1"),
+        (b"X-B", b"2"),
+    ],
+    "only_empty_connection_items": [(b"Connection", b","), (b"X-B", b"2")],
 }
 
 

@@ -499,9 +499,14 @@ def _pieces(data: bytes, size: int) -> list[bytes]:
         [INTERIM + FINAL],
         _pieces(INTERIM + FINAL, 1),
         [INTERIM[:30], INTERIM[30:] + FINAL[:50], FINAL[50:]],
+        # llhttp skips empty lines before a status line (RFC 9112 2.2): so does the head.
+        [b"\r\n\r\n" + FINAL],
+        [INTERIM + b"\r\n" + FINAL],
+        _pieces(b"\r\n" + INTERIM + b"\r\n\n" + FINAL, 3),
     ],
     ids=["one_read", "byte_by_byte", "in_7_byte_reads", "after_interim_heads",
-         "after_interim_heads_byte_by_byte", "interim_and_final_cut_mid_head"],
+         "after_interim_heads_byte_by_byte", "interim_and_final_cut_mid_head",
+         "after_empty_lines", "empty_line_after_interim", "empty_lines_in_3_byte_reads"],
 )  # fmt: skip
 def test_the_final_head_is_read_from_its_bytes_however_they_arrive(pieces: list[bytes]) -> None:
     answer = H1Response(_Stub(), "GET", 1.0)  # type: ignore[arg-type]
@@ -527,6 +532,15 @@ def test_the_final_head_is_read_from_its_bytes_however_they_arrive(pieces: list[
         b"HTTP/1.1 201 Created\r\nX-Powered-By: Express\r\nSet-Cookie: a=1\r\n"
         b"Set-Cookie: b=2 \t\r\nContent-Length: 2\r\n\r\n"
     )
+
+
+def test_an_interim_answer_with_a_body_fails_and_its_body_is_no_head() -> None:
+    # llhttp frames a 199 by its Content-Length; a head inside that body is not the answer's.
+    inner = b"HTTP/1.1 200 OK\r\nSet-Cookie: evil\r\nContent-Length: 0\r\n\r\n"
+    answer = H1Response(_Stub(), "GET", 1.0)  # type: ignore[arg-type]
+    answer.feed(b"HTTP/1.1 199 X\r\nContent-Length: %d\r\n\r\n" % len(inner) + inner + OK)
+    assert answer.failed and not answer.final
+    assert b"evil" not in answer.raw_head
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
@@ -679,6 +693,10 @@ async def test_close_mid_body_is_disconnected(fw: LeanForwarder, answer: bytes, 
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70_000 + b"\r\n\r\n",
+        # An interim answer has no body: had it one, that body could hold a head of its own.
+        b"HTTP/1.1 199 X\r\nContent-Length: 58\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: evil\r\nContent-Length: 0\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
     ],
 )
 @pytest.mark.parametrize("method", ["GET", "HEAD"])

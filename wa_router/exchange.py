@@ -191,6 +191,7 @@ class Fields:
     host: bytes | None = None  # the first Host
     forwarded_for: bytes | None = None  # the first X-Forwarded-For
     connection: bytes = b""  # every Connection field's tokens
+    proxy_connection: bool = False  # a Proxy-Connection came (llhttp reads it as Connection)
     content_length: bytes | None = None
     chunked: bool = False  # a Transfer-Encoding came
     expect_continue: bool = False
@@ -220,6 +221,8 @@ def read_fields(raw: list[tuple[bytes, bytes]]) -> Fields:
             fields.expect_continue |= value.lower() == b"100-continue"
         elif lower == b"upgrade":
             fields.upgrade = True
+        elif lower == b"proxy-connection":
+            fields.proxy_connection = True
     return fields
 
 

@@ -36,6 +36,7 @@ _CODEC = ("utf-8", "surrogateescape")
 _BODYLESS_STATUSES = frozenset({204, 304})
 _ZERO, _ONE = ord("0"), ord("1")  # the minor version digits of HTTP/1.x
 _ZERO_OR_ONE = (_ZERO, _ONE)
+_CR_LF = (ord("\r"), ord("\n"))
 # The fields of a head that frame it or are hop-by-hop (RFC 9110 7.6.1): a proxy relays
 # none of them as they came. Found as they stand in a head llhttp has checked ("\r\nName:
 # value", no space before the colon, no folding), in one pass.
@@ -260,6 +261,8 @@ class H1Response:
         parser = self._parser
         assert parser is not None  # called by it
         raw, at = self._raw, self._head_at
+        while raw[at] in _CR_LF:
+            at += 1  # llhttp skips empty lines before a status line (RFC 9112 2.2)
         # llhttp has just read this head's blank line, and a head holds no other.
         end = raw.index(b"\r\n\r\n", at) + 4
         if end > MAX_HEAD_BYTES:
@@ -290,6 +293,11 @@ class H1Response:
             self._until_close = self.length is None and not chunked
 
     def on_body(self, body: bytes) -> None:
+        if self._interim:
+            # RFC 9110 15.2: a 1xx answer ends with its head. llhttp frames one of 104-199
+            # by its Content-Length; taken as the final answer's, a body could carry a head
+            # of its own.
+            raise httptools.HttpParserError("an interim (1xx) answer with a body")
         self._pieces.append(body)
         self._queued += len(body)
 
@@ -305,7 +313,8 @@ class H1Response:
     def reason_bytes(self) -> bytes:
         """The final head's reason phrase, as it came (llhttp allows a status code of three
         digits only: "HTTP/1.1 200 OK" has it from its 14th byte)."""
-        return self.raw_head[13 : self.raw_head.index(b"\r\n")]
+        head = self.raw_head  # b"" until the final head is parsed
+        return head[13 : head.index(b"\r\n")] if head else b""
 
     @property
     def reason(self) -> str:
@@ -375,7 +384,8 @@ class H1Response:
         if connection:
             named = _NAMED.get(connection)
             if named is None:
-                named = frozenset(t.strip().lower() for t in connection.split(b","))
+                # RFC 9110 5.6.1: empty list items ("keep-alive, ,") name nothing.
+                named = frozenset(t.strip().lower() for t in connection.split(b",")) - {b""}
                 if len(_NAMED) < _NAMED_MAX:
                     _NAMED[connection] = named
             self.named = named

@@ -270,7 +270,7 @@ class LeanConnection(asyncio.Protocol):
         self._body_bytes = 0
         self._mine: Match | None = None
         self._chunked = False
-        self._asks_connection = False  # the request has a Connection field
+        self._asks_connection = False  # the request may ask for its persistence
         self._continue = False  # a 100 Continue owed once the answers before it are out
         self._queue: deque[_Request | _Lend | _Refusal] = deque()
         self._worker: asyncio.Task[None] | None = None
@@ -452,7 +452,9 @@ class LeanConnection(asyncio.Protocol):
                 400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
             )
         self._chunked = fields.chunked
-        self._asks_connection = bool(fields.connection)
+        # Whether llhttp's persistence may come from the request itself (a trailer of a
+        # chunked body may say Connection too): then its version is asked for.
+        self._asks_connection = bool(fields.connection) or fields.proxy_connection or fields.chunked
         has_body = fields.chunked or (length is not None and length.strip() != b"0")
         expect = fields.expect_continue
         self._pending = Inbound(method, path, query, None, b"", self._peer, raw=self._headers)

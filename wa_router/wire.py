@@ -85,7 +85,8 @@ def relay_head(
     llhttp parsed it, status line to blank line; `cuts`, where its hop-by-hop and framing
     fields stand, `H1Response.cuts`): its fields less those and the ones its Connection
     names (`named`), and our own framing. The same answer as `answer_head` writes for
-    `exchange.buffered`, without decoding anything."""
+    `exchange.buffered`, without decoding anything (but for the whitespace around a value,
+    which goes as it came)."""
     line_end = head.index(b"\r\n")
     if cuts:
         parts = []
@@ -103,10 +104,9 @@ def relay_head(
         reason = head[13:line_end] or reason_phrase(status).encode()
         kept = b"HTTP/1.1 %d %s%s" % (status, reason, kept[line_end:])
     if named and not named <= UNRELAYED:  # Connection names fields of its own: rare
-        lines = kept.split(b"\r\n")
-        kept = b"\r\n".join(
-            [lines[0]] + [ln for ln in lines[1:] if ln.partition(b":")[0].lower() not in named]
-        )
+        lines = kept.split(b"\r\n")  # the status line, the fields, "" (kept ends in CRLF)
+        fields = [ln for ln in lines[1:-1] if ln.partition(b":")[0].lower() not in named]
+        kept = b"\r\n".join([lines[0], *fields, b""])
     if close:
         framing = b"Content-Length: %d\r\nConnection: close\r\n\r\n" % length
     elif http10_keep_alive:

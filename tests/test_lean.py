@@ -219,6 +219,19 @@ async def serve(
     return client.port, router
 
 
+async def serve_lean(
+    start_router: StartRouter, sims: list[SimInstance], **server: Any
+) -> tuple[int, LeanServer]:
+    """As `serve`, with these `server` settings; its port and its lean server."""
+    sims[0].add_session("s1")
+    cfg = pool_config(sims, upstream={"api_key": API_KEY}, server=server)
+    client, _ = await start_router(cfg)
+    assert client.port is not None and client.server.runner is not None
+    lean = client.server.runner.server
+    assert isinstance(lean, LeanServer)
+    return client.port, lean
+
+
 # -- 1. framing llhttp refuses, and paths no part of the router takes ---------------------------
 
 _CHUNKED_SEND = chunked(SEND_JSON, 40)
@@ -527,13 +540,7 @@ async def test_a_flood_past_the_cap_lingers_boundedly_each_connection_still_answ
     """A refused connection lingers after its 503 (so a reset does not hide the answer), but
     only so many at once: a flood of them must not take the descriptors the cap keeps."""
     monkeypatch.setattr(lean_module, "REFUSED_LINGERING_MAX", 2)
-    sims[0].add_session("s1")
-    cfg = pool_config(sims, upstream={"api_key": API_KEY}, server={"max_connections": 1})
-    client, _ = await start_router(cfg)
-    port = client.port
-    assert port is not None and client.server.runner is not None
-    lean = client.server.runner.server
-    assert isinstance(lean, LeanServer)
+    port, lean = await serve_lean(start_router, sims, max_connections=1)
     held = await Conn.open(port)
     refused: list[Conn] = []
     try:
@@ -949,13 +956,7 @@ async def test_a_request_read_while_stopping_is_refused_not_sent(
 ) -> None:
     """Half sent when the router begins to stop, whole during the grace: answered 503
     shutting_down and never sent (past the drain nobody would answer it)."""
-    sims[0].add_session("s1")
-    cfg = pool_config(sims, upstream={"api_key": API_KEY}, server={"shutdown_grace_s": 5.0})
-    client, _ = await start_router(cfg)
-    port = client.port
-    assert port is not None and client.server.runner is not None
-    lean = client.server.runner.server
-    assert isinstance(lean, LeanServer)
+    port, lean = await serve_lean(start_router, sims, shutdown_grace_s=5.0)
     warm = await Conn.open(port)
     await warm.send(request("GET", STATUS, HOST))
     assert (await warm.response()).status == 200

@@ -493,8 +493,8 @@ class LeanConnection(asyncio.Protocol):
         parser = self._parser
         persists = parser.should_keep_alive()
         keep = persists and not self._server.closing
-        # A request that persists with no Connection field is HTTP/1.1 (1.0 persists only
-        # when it asks); httptools formats the version string anew at each call.
+        # A request that persists and cannot have asked to (`_asks_connection`) is HTTP/1.1:
+        # 1.0 persists only when asked. httptools formats the version string at each call.
         version = "1.1" if persists and not self._asks_connection else parser.get_http_version()
         if self._mine is None:
             raw = request_bytes(inbound.method, bytes(self._url), version, self._headers, body)

@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from wa_router.exchange import Inbound, buffered, forward_fields, read_fields, upstream_headers
 from wa_router.h1response import H1Response
 from wa_router.lean import LeanServer
+from wa_router.pool import Instance
 from wa_router.runtime import Router
 from wa_router.sim import SimInstance
 from wa_router.wire import answer_head, relay_head
@@ -265,6 +266,16 @@ async def test_requests_pipelined_behind_one_on_the_lane_are_answered_in_order(
     await conn.close()
 
 
+async def warmed(port: int, router: Router) -> tuple[Conn, Instance]:
+    """A connection whose first request found s1's owner, node-0: the next takes the lane."""
+    conn = await Conn.open(port)
+    await conn.send(request("GET", STATUS, HOST))
+    assert (await conn.response()).status == 200
+    inst = router.pool.get("node-0")
+    assert inst is not None
+    return conn, inst
+
+
 @pytestmark_wire
 async def test_a_caller_gone_mid_request_leaves_the_upstream_connection_reusable(
     sims: list[SimInstance], start_router: StartRouter
@@ -272,11 +283,7 @@ async def test_a_caller_gone_mid_request_leaves_the_upstream_connection_reusable
     """The answer is still read to its end, counted, and its connection goes back to the
     pool (none dropped, none opened)."""
     port, router = await serve(start_router, sims)
-    conn = await Conn.open(port)
-    await conn.send(request("GET", STATUS, HOST))
-    assert (await conn.response()).status == 200
-    inst = router.pool.get("node-0")
-    assert inst is not None
+    conn, inst = await warmed(port, router)
     fw = router.forwarder
     pooled = fw.stats()[inst.base]  # type: ignore[attr-defined]
     assert pooled[0] == pooled[1] >= 1  # open, and all idle
@@ -289,13 +296,18 @@ async def test_a_caller_gone_mid_request_leaves_the_upstream_connection_reusable
     assert await express_counts(port) == (1, 0)
 
 
+async def keeping_alive(start_router: StartRouter, sims: list[SimInstance]) -> tuple[int, Conn]:
+    """The router with a 0.3 s keep-alive timeout, and a connection to it."""
+    port, _ = await serve(start_router, sims, server={"keepalive_timeout_s": 0.3})
+    return port, await Conn.open(port)
+
+
 @pytestmark_wire
 async def test_a_connection_idle_after_an_answer_from_the_lane_is_closed_in_time(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:
     """The keep-alive clock runs again after the lane's answer, worker or none."""
-    port, _ = await serve(start_router, sims, server={"keepalive_timeout_s": 0.3})
-    conn = await Conn.open(port)
+    port, conn = await keeping_alive(start_router, sims)
     for _ in range(2):  # the full path (the owner found), then the lane
         await conn.send(request("GET", STATUS, HOST))
         assert (await conn.response()).status == 200
@@ -309,8 +321,7 @@ async def test_a_connection_idle_after_an_answer_from_the_lane_is_closed_in_time
 async def test_a_refusal_on_the_lane_leaves_the_keep_alive_clock_running(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:
-    port, _ = await serve(start_router, sims, server={"keepalive_timeout_s": 0.3})
-    conn = await Conn.open(port)
+    _, conn = await keeping_alive(start_router, sims)
     await conn.send(request("POST", SEND, HOST, body=b"{}"))  # no session id: 400
     answer = await conn.response()
     assert (answer.status, answer.error) == (400, "bad_request")
@@ -324,11 +335,7 @@ async def test_a_hand_over_after_the_caller_left_frees_its_upstream_connection(
     """Timed out on the lane with nobody left to answer: not taken further, its connection
     dropped and its pool slot free (no slot held by nobody)."""
     port, router = await serve_send_timeout(start_router, sims, 0.3)
-    conn = await Conn.open(port)
-    await conn.send(request("GET", STATUS, HOST))
-    assert (await conn.response()).status == 200
-    inst = router.pool.get("node-0")
-    assert inst is not None
+    conn, inst = await warmed(port, router)
     fw = router.forwarder
     sims[0].route_delay_s = {SEND: 1.0}
     await conn.send(request("POST", SEND, HOST, body=json.dumps(send_body("s1")).encode()))

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import structlog
@@ -216,9 +216,7 @@ class Proxy:
                 "which session this request is for",
             )
         if len(raw_path) <= ROUTE_MEMO_PATH:
-            if len(self._routes) >= ROUTE_MEMO:
-                self._routes.clear()
-            self._routes[key] = match
+            _remember(self._routes, key, match)
         return match
 
     def refuse(self, exc: RequestRejected, started: float) -> Reply:
@@ -311,9 +309,7 @@ class Proxy:
                     and len(match.path_session) <= ROUTE_MEMO_PATH
                 ):
                     # Remembered only once checked: a bad id is refused every time.
-                    if len(self._path_ids) >= ROUTE_MEMO:
-                        self._path_ids.clear()
-                    self._path_ids[match.path_session] = call.session
+                    _remember(self._path_ids, match.path_session, call.session)
         if self.keys.upstream_key is not None and self.keys.client_keys:
             # With no client keys nobody gets the upstream key: the probe key is then the
             # caller's own, worked out only if a probe is sent (`_probe_key`).
@@ -583,6 +579,17 @@ class Proxy:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remember(memo: dict[K, V], key: K, value: V) -> None:
+    """Into a bounded memo (`ROUTE_MEMO`): forgotten all at once when full."""
+    if len(memo) >= ROUTE_MEMO:
+        memo.clear()
+    memo[key] = value
 
 
 def _parse_loose(body: bytes, *, strict: bool) -> dict[str, Any] | None:

@@ -535,11 +535,16 @@ async def test_connection_past_the_cap_gets_503_and_a_freed_slot_is_served(
 
 
 async def test_a_flood_past_the_cap_lingers_boundedly_each_connection_still_answered(
-    sims: list[SimInstance], start_router: StartRouter, monkeypatch: pytest.MonkeyPatch
+    sims: list[SimInstance],
+    start_router: StartRouter,
+    monkeypatch: pytest.MonkeyPatch,
+    json_log: io.StringIO,
 ) -> None:
     """A refused connection lingers after its 503 (so a reset does not hide the answer), but
-    only so many at once: a flood of them must not take the descriptors the cap keeps."""
+    only so many at once: a flood of them must not take the descriptors the cap keeps. Each
+    is counted in /metrics; the log says it once, not once per connection."""
     monkeypatch.setattr(lean_module, "REFUSED_LINGERING_MAX", 2)
+    monkeypatch.setattr(lean_module, "REFUSED_LOG_EVERY_S", 1.0)
     port, lean = await serve_lean(start_router, sims, max_connections=1)
     held = await Conn.open(port)
     refused: list[Conn] = []
@@ -559,6 +564,21 @@ async def test_a_flood_past_the_cap_lingers_boundedly_each_connection_still_answ
         # The connection the cap counts was never disturbed.
         await held.send(request("GET", STATUS, HOST))
         assert (await held.response()).status == 200
+        await held.send(request("GET", "/metrics", HOST))
+        metrics = (await held.response()).body.decode()
+        assert (
+            'wa_router_requests_total{route_kind="rejected",status_class="5xx",upstream="none"}'
+            " 6.0" in metrics
+        ), metrics
+
+        def said() -> list[dict[str, Any]]:
+            lines = [json.loads(line) for line in json_log.getvalue().splitlines() if line]
+            return [line for line in lines if line.get("event") == "connection_refused"]
+
+        # The first at once; the rest summed up when the period (1 s here) is over.
+        await wait_for(lambda: sum(line["connections"] for line in said()) == 6, what="six said")
+        assert said()[0]["connections"] == 1
+        assert len(said()) < 6, said()
     finally:
         await held.close()
         for conn in refused:
@@ -1050,3 +1070,27 @@ async def test_a_caller_that_reads_nothing_is_cut_off(
         await wait_for(lambda: not lean.connections, 10, "the caller cut off")
     finally:
         sock.close()
+
+
+async def test_a_lent_answer_during_the_drain_says_the_connection_closes(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """A pool-wide listing (answered by aiohttp) under way when the router begins to stop:
+    its answer says `Connection: close`, so the caller sends nothing more on a connection
+    about to end, and the connection ends after it."""
+    for sim in sims:
+        sim.route_delay_s = {"/api/sessions": 0.5}
+    port, lean = await serve_lean(start_router, sims, shutdown_grace_s=5.0)
+    conn = await Conn.open(port)
+
+    def listings() -> int:
+        return sum(r.path == "/api/sessions" for r in sims[0].received)
+
+    listed = listings()
+    await conn.send(request("GET", f"/api/sessions?api_key={API_KEY}", HOST))
+    await wait_for(lambda: listings() > listed, READ_S, "the listing under way")
+    lean.pre_shutdown()  # what the runner does first when the router stops
+    answer = await conn.response()
+    assert answer.status == 200, answer.body[:200]
+    assert answer.headers.get("Connection", "").lower() == "close", answer.headers
+    assert await conn.closed()

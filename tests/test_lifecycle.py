@@ -93,10 +93,12 @@ def output_of(logs: Path) -> str:
     return "".join(logs.with_suffix(ext).read_text(errors="replace") for ext in (".out", ".err"))
 
 
-def write_config(tmp_path: Path, sims: list[SimInstance], port: int, grace_s: float) -> Path:
+def write_config(
+    tmp_path: Path, sims: list[SimInstance], port: int, grace_s: float, front: str = "lean"
+) -> Path:
     raw = {
         "instances": [{"name": s.name, "url": s.url} for s in sims],
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": grace_s},
+        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": grace_s, "front": front},
     }
     path = tmp_path / "router.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -181,13 +183,15 @@ async def two_sims() -> AsyncIterator[list[SimInstance]]:
 # -- serve: graceful shutdown ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("front", ["lean", "aiohttp"])
 async def test_sigterm_finishes_in_flight_request_and_refuses_new_connections(
-    tmp_path: Path, two_sims: list[SimInstance]
+    tmp_path: Path, two_sims: list[SimInstance], front: str
 ) -> None:
+    """The answer in flight at SIGTERM comes whole, and says the connection ends with it."""
     sim = two_sims[0]
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cfg = write_config(tmp_path, two_sims, port, grace_s=10)
+    cfg = write_config(tmp_path, two_sims, port, grace_s=10, front=front)
     logs = tmp_path / "router"
     async with router_process(cfg, logs) as proc:
         health = await wait_healthy(proc, base, logs)
@@ -198,9 +202,9 @@ async def test_sigterm_finishes_in_flight_request_and_refuses_new_connections(
         loop = asyncio.get_running_loop()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
 
-            async def send() -> tuple[int, dict[str, Any]]:
+            async def send() -> tuple[int, dict[str, Any], str]:
                 async with http.post(f"{base}{SEND}", json=send_body("s1", SECRET_TEXT)) as r:
-                    return r.status, await r.json()
+                    return r.status, await r.json(), r.headers.get("Connection", "")
 
             in_flight = asyncio.create_task(send())
             try:
@@ -212,7 +216,7 @@ async def test_sigterm_finishes_in_flight_request_and_refuses_new_connections(
                 await wait_refused(base, timeout_s=1.0)
                 assert not in_flight.done(), "in-flight request ended before the listener closed"
 
-                status, doc = await asyncio.wait_for(in_flight, 10)
+                status, doc, connection = await asyncio.wait_for(in_flight, 10)
             finally:
                 if not in_flight.done():
                     in_flight.cancel()
@@ -221,6 +225,7 @@ async def test_sigterm_finishes_in_flight_request_and_refuses_new_connections(
         assert status == 200, doc
         assert doc.get("success") is True
         assert doc.get("message_id")
+        assert connection.lower() == "close"
 
         code = await wait_exit(proc, 10)
         assert code == 0, output_of(logs)

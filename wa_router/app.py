@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .admin import add_admin_routes
 from .aio import cancel_and_wait
@@ -360,6 +360,15 @@ async def _drain(app: web.Application) -> None:
             log.warning("router_drain_cancelled", requests=late)
 
 
+async def _closing_said(request: web.Request, response: web.StreamResponse) -> None:
+    """While the router stops, an answer of aiohttp's says the connection ends with it (the
+    caller sends no next request into a closing socket). Its head is formed already when
+    this runs: the field is set here, and `force_close` makes aiohttp close after it."""
+    if request.app[ROUTER].closing:
+        response.force_close()
+        response.headers[hdrs.CONNECTION] = "close"
+
+
 class RouterRunner(web.AppRunner):
     """aiohttp's runner with the lean server in front (`server.front: lean`): the sockets
     it serves speak to `lean.LeanServer`, which hands aiohttp what is not a proxied route."""
@@ -380,6 +389,13 @@ class RouterRunner(web.AppRunner):
         # Duck-typed: the runner only calls it, pre_shutdown() and shutdown().
         return cast(web.Server, LeanServer(server, router, router.config))
 
+    async def cleanup(self) -> None:
+        # Before the listener closes (aiohttp's front) or the lean server's pre_shutdown:
+        # from now every answer says `Connection: close`.
+        if self._app is not None:
+            self._app[ROUTER].closing = True
+        await super().cleanup()
+
 
 def build_app(
     cfg: Config, *, store: Store | None = None, worker: int | None = None
@@ -397,6 +413,7 @@ def build_app(
     app[ROUTER] = router
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_drain)
+    app.on_response_prepare.append(_closing_said)
     wh = cfg.webhooks
     view = view_of(router)
     metrics = Metrics(view)

@@ -123,6 +123,9 @@ class LeanServer:
         self._control_prefixes = ("/admin/", wh.passthrough_prefix.rstrip("/") + "/")
         self.connections: set[LeanConnection] = set()
         self.refused_lingering = 0  # connections past the cap, answered, still lingering
+        self._refused_unlogged = 0  # ...refused since the last `connection_refused` line
+        self._refused_log_at = 0.0  # when the next line may be written
+        self._refused_flush: asyncio.TimerHandle | None = None
         self.closing = False
         # The express lane needs the lean upstream client (it writes to its connections).
         fw = router.forwarder
@@ -147,8 +150,36 @@ class LeanServer:
             return None
         return match
 
+    def refused_connection(self) -> Reply:
+        """One connection refused past the cap: its answer, counted (`wa_router_requests`,
+        rejected 5xx), and logged at most once per `REFUSED_LOG_EVERY_S` with how many it
+        stands for, so a flood of connections is not a flood of log lines as well."""
+        refused = RequestRejected(
+            503, "too_many_connections", "the router has as many connections as it takes"
+        )
+        reply = self.proxy.refuse(refused, time.perf_counter())
+        reply.headers["Retry-After"] = "1"
+        self._refused_unlogged += 1
+        if self.loop.time() >= self._refused_log_at:
+            self._log_refused()
+        elif self._refused_flush is None:
+            self._refused_flush = self.loop.call_at(self._refused_log_at, self._log_refused)
+        return reply
+
+    def _log_refused(self) -> None:
+        self._refused_flush = None
+        if self._refused_unlogged:
+            log.warning(
+                "connection_refused",
+                reason="max_connections",
+                connections=self._refused_unlogged,
+                cap=self.max_connections,
+            )
+            self._refused_unlogged = 0
+            self._refused_log_at = self.loop.time() + REFUSED_LOG_EVERY_S
+
     def pre_shutdown(self) -> None:
-        self.closing = True
+        self.closing = self.router.closing = True
         self.web.pre_shutdown()
         for conn in list(self.connections):
             conn.close_if_idle()
@@ -157,6 +188,9 @@ class LeanServer:
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         if self.lane is not None:
             self.lane.close()
+        if self._refused_flush is not None:
+            self._refused_flush.cancel()
+        self._log_refused()  # what the last period refused, not lost with the timer
         await self.web.shutdown(timeout)
         for conn in list(self.connections):
             conn.abort()
@@ -168,6 +202,7 @@ _FD_RESERVE = 256
 # once; past that, one is closed as soon as its 503 is out: a flood of them must not take
 # the descriptors the cap keeps free.
 REFUSED_LINGERING_MAX = _FD_RESERVE // 4
+REFUSED_LOG_EVERY_S = 10.0  # one `connection_refused` line per this, however many are
 
 
 def connection_cap(configured: int) -> int:
@@ -191,24 +226,18 @@ class _Full(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         transport = cast(asyncio.Transport, transport)
-        reply = error_reply(
-            RequestRejected(
-                503, "too_many_connections", "the router has as many connections as it takes"
-            )
-        )
-        reply.headers["Retry-After"] = "1"
+        server = self._server
+        reply = server.refused_connection()
         transport.write(
             answer_head(reply.status, reply.reason, reply.headers, len(reply.body), True)
         )
         transport.write(reply.body)
-        server = self._server
         if server.refused_lingering < REFUSED_LINGERING_MAX:
             server.refused_lingering += 1
             self._lingering = True
             linger(transport)
         else:
             transport.close()  # the 503 goes out first; what the caller sends may reset it
-        log.warning("connection_refused", reason="max_connections")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._lingering:

@@ -60,6 +60,9 @@ class Router:
     warm: bool = False
     # Requests in flight, so shutdown can wait for them (and only for its grace).
     inflight: InFlight = field(default_factory=InFlight)
+    # Set when the router begins to stop: every answer from then on says the connection
+    # closes with it (`Connection: close`), whichever front or handler gives it.
+    closing: bool = False
     # Set when the grace is over and what is left is cancelled (answering() answers it).
     stopping: bool = False
 

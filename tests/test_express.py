@@ -75,6 +75,15 @@ RESPONSE_HEADS = {
         (b"X-B", b"2"),
     ],
     "only_empty_connection_items": [(b"Connection", b","), (b"X-B", b"2")],
+    # Field names and their tokens in any case (RFC 9110 5.1, 7.6.1).
+    "names_in_upper_and_mixed_case": [
+        (b"CONNECTION", b"Keep-Alive, X-HOP"),
+        (b"KEEP-ALIVE", b"timeout=5"),
+        (b"x-hop", b"1"),
+        (b"Content-LENGTH", b"2"),
+        (b"X-Kept", b"UPPER Value"),
+    ],
+    "chunked_in_upper_case": [(b"TRANSFER-ENCODING", b"CHUNKED"), (b"X-Kept", b"1")],
 }
 
 

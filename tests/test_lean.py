@@ -280,6 +280,19 @@ MALFORMED: dict[str, bytes] = {
     "encoded_nul_in_path": (
         f"GET /api/sessions/s1%00/status?api_key={API_KEY} HTTP/1.1\r\n{HOST}\r\n\r\n"
     ).encode(),
+    # Paths aiohttp answers (admin, Laravel's passthrough) are checked as the proxy's are.
+    "encoded_crlf_in_an_admin_path": f"GET /admin/%0d%0aX HTTP/1.1\r\n{HOST}\r\n\r\n".encode(),
+    "encoded_crlf_in_a_passthrough_path": (
+        "POST /api/whatsapp/sessions/a%0d%0aX-Inj:%201/mark-disconnected HTTP/1.1\r\n"
+        f"{HOST}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+    ).encode(),
+    "dot_segments_in_an_admin_path": (
+        f"GET /admin/%2e%2e/metrics HTTP/1.1\r\n{HOST}\r\n\r\n".encode()
+    ),
+    # RFC 9112 3.2: one Host, and an HTTP/1.1 request has one.
+    "two_hosts": f"GET {STATUS} HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".encode(),
+    "two_hosts_on_a_lent_route": b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    "no_host_in_http_11": f"GET {STATUS} HTTP/1.1\r\nAccept: */*\r\n\r\n".encode(),
 }
 
 
@@ -326,6 +339,55 @@ async def test_malformed_request_after_good_ones_is_refused_after_their_answers(
     finally:
         await conn.close()
     assert len(forwarded(sims[0])) == targets.count(STATUS) and nothing_forwarded(sims[1:])
+
+
+NOT_SERVED: dict[str, tuple[bytes, int, str]] = {
+    # llhttp reads them; nothing here may take them for HTTP/1.x.
+    "http_09_request_line": (f"GET {STATUS}\r\n\r\n".encode(), 505, "http_version_not_supported"),
+    "http_20_request_line": (
+        f"GET {STATUS} HTTP/2.0\r\n{HOST}\r\n\r\n".encode(),
+        505,
+        "http_version_not_supported",
+    ),
+    # Only chunked is decoded: a body sent on without its other coding would be misread.
+    "gzip_then_chunked": (
+        f"POST {SEND} HTTP/1.1\r\n{HOST}\r\nContent-Type: application/json\r\n".encode()
+        + b"Transfer-Encoding: gzip, chunked\r\n\r\n"
+        + chunked(SEND_JSON, 40),
+        501,
+        "transfer_coding_not_supported",
+    ),
+    "gzip_field_then_chunked_field": (
+        f"POST {SEND} HTTP/1.1\r\n{HOST}\r\nContent-Type: application/json\r\n".encode()
+        + b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunked(SEND_JSON, 40),
+        501,
+        "transfer_coding_not_supported",
+    ),
+}
+
+
+@pytest.mark.parametrize(("raw", "status", "error"), NOT_SERVED.values(), ids=NOT_SERVED.keys())
+async def test_a_version_or_coding_not_served_is_refused_and_never_forwarded(
+    sims: list[SimInstance], start_router: StartRouter, raw: bytes, status: int, error: str
+) -> None:
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    try:
+        await conn.send(raw)
+        await conn.refused(status, error)
+    finally:
+        await conn.close()
+    assert nothing_forwarded(sims)
+
+
+async def test_an_http_10_request_needs_no_host(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    port, _ = await serve(start_router, sims)
+    resp, closed = await exchange(port, request("GET", STATUS, version="1.0"))
+    assert resp.status == 200 and resp.json()["status"] == "connected"
+    assert closed
 
 
 # -- 2. absolute-form targets ---------------------------------------------------------------------
@@ -1094,3 +1156,105 @@ async def test_a_lent_answer_during_the_drain_says_the_connection_closes(
     assert answer.status == 200, answer.body[:200]
     assert answer.headers.get("Connection", "").lower() == "close", answer.headers
     assert await conn.closed()
+
+
+# -- answers no instance should give --------------------------------------------------------------
+
+
+class OddInstance:
+    """An instance that answers the callers' requests for `path` (those with
+    X-Forwarded-For) with `answer`, raw bytes; the rest (the router's listings, probes and
+    health checks) it relays to `sim`, one exchange per connection."""
+
+    def __init__(self, sim: SimInstance, path: bytes, answer: bytes) -> None:
+        self.sim, self.path, self.answer = sim, path, answer
+        self.asked = 0
+        self.name = "node-odd"
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head[:-4].split(b"\r\n")
+                fields = {
+                    n.strip().lower(): v.strip()
+                    for n, _, v in (x.partition(b":") for x in lines[1:])
+                }
+                body = await reader.readexactly(int(fields.get(b"content-length", b"0")))
+                if lines[0].split(b" ")[1].startswith(self.path) and b"x-forwarded-for" in fields:
+                    self.asked += 1
+                    writer.write(self.answer)
+                    await writer.drain()
+                    continue
+                kept = [x for x in lines if not x.lower().startswith(b"connection:")]
+                sim_host, sim_port = self.sim.url.removeprefix("http://").split(":")
+                up_reader, up_writer = await asyncio.open_connection(sim_host, int(sim_port))
+                up_writer.write(b"\r\n".join([*kept, b"Connection: close", b"", b""]) + body)
+                writer.write(await up_reader.read())  # the sim's answer, which says close
+                up_writer.close()
+                await writer.drain()
+                return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def serve_odd(
+    start_router: StartRouter, sims: list[SimInstance], path: str, answer: bytes
+) -> tuple[int, OddInstance]:
+    """The router in front of one OddInstance (s1 on the sim behind it); its port."""
+    sims[0].add_session("s1")
+    odd = OddInstance(sims[0], path.encode(), answer)
+    await odd.start()
+    client, _ = await start_router(pool_config([odd], upstream={"api_key": API_KEY}))  # type: ignore[list-item]
+    assert client.port is not None
+    return client.port, odd
+
+
+async def test_a_switch_of_protocols_nobody_asked_for_is_a_502_never_relayed(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """The router never asks an instance to upgrade: a 101 is a broken answer (what follows
+    it is not HTTP), and a send it answered is not sent again."""
+    switched = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nNOT HTTP"
+    )
+    port, odd = await serve_odd(start_router, sims, SEND, switched)
+    try:
+        resp, _ = await exchange(port, request("POST", SEND, HOST, body=SEND_JSON))
+        assert resp.status == 502, resp
+        assert resp.error is not None
+        assert odd.asked == 1
+    finally:
+        await odd.stop()
+
+
+async def test_a_204_goes_back_without_its_content_length(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """RFC 9110 8.6: a 204 has no Content-Length. Relayed with one, a caller would wait
+    for bytes that never come (or take the next answer's for them)."""
+    no_content = b"HTTP/1.1 204 No Content\r\nContent-Length: 2\r\nX-Kept: 1\r\n\r\n"
+    port, odd = await serve_odd(start_router, sims, "/api/sessions/s1/status", no_content)
+    conn = await Conn.open(port)
+    try:
+        await conn.send(request("GET", STATUS, HOST) * 2)
+        for _ in range(2):
+            resp = await conn.response()
+            assert resp.status == 204 and resp.headers.get("X-Kept") == "1", resp
+            assert "Content-Length" not in resp.headers, resp.headers
+        assert odd.asked == 2
+    finally:
+        await conn.close()
+        await odd.stop()

@@ -145,8 +145,13 @@ def error_reply(exc: RequestRejected) -> Reply:
 
 
 def answer_headers(up: UpstreamResponse) -> CIMultiDict[str]:
-    """An instance's answer headers less hop-by-hop ones (and those Connection names)."""
-    return strip_hop_by_hop(up.headers.items(), connection_of(up.headers))
+    """An instance's answer headers less hop-by-hop ones (and those Connection names), and
+    less the Content-Length of a 204 (RFC 9110 8.6: it has none; a caller that trusted
+    one would wait for bytes that never come, or take the next answer's for them)."""
+    headers = strip_hop_by_hop(up.headers.items(), connection_of(up.headers))
+    if up.status == 204:
+        headers.popall("Content-Length", None)
+    return headers
 
 
 def buffered(up: UpstreamResponse, body: bytes) -> Reply:
@@ -194,6 +199,8 @@ class Fields:
     proxy_connection: bool = False  # a Proxy-Connection came (llhttp reads it as Connection)
     content_length: bytes | None = None
     chunked: bool = False  # a Transfer-Encoding came
+    codings: bytes = b""  # ...every Transfer-Encoding field's codings, as one list
+    hosts: int = 0  # how many Host fields came
     expect_continue: bool = False
     upgrade: bool = False
 
@@ -209,7 +216,9 @@ def read_fields(raw: list[tuple[bytes, bytes]]) -> Fields:
             fields.content_length = value
         elif lower == b"transfer-encoding":
             fields.chunked = True
+            fields.codings = value if not fields.codings else fields.codings + b"," + value
         elif lower == b"host":
+            fields.hosts += 1
             if fields.host is None:
                 fields.host = value
         elif lower == b"x-forwarded-for":

@@ -235,6 +235,10 @@ class AiohttpForwarder:
             # Server closed or reset the connection after we started sending: it may have
             # processed the request (RFC 9110 9.2.2 is why only idempotent ones are retried).
             raise Disconnected(instance.name, f"connection lost: {type(exc).__name__}") from None
+        if resp.status == 101:
+            # Never asked for (the router sends no Upgrade): what follows is not HTTP.
+            resp.close()
+            raise Disconnected(instance.name, "malformed response: 101 Switching Protocols")
         return _AiohttpResponse(instance.name, resp)
 
 

@@ -209,7 +209,8 @@ class H1Response:
                 if len(self._raw) + uncut > MAX_HEAD_BYTES:
                     raise httptools.HttpParserError("head too large")
         except httptools.HttpParserUpgrade:
-            pass  # a 101's head is its whole answer; what follows is not HTTP (never reused)
+            # Never asked for (the router sends no Upgrade): what follows is not HTTP.
+            self._error = httptools.HttpParserError("the answer switched protocols")
         except httptools.HttpParserError as exc:
             if self._done:
                 self._stray = True  # not a valid answer after ours: bytes past the answer
@@ -276,7 +277,11 @@ class H1Response:
         status = parser.get_status_code()
         if status < 100:
             raise httptools.HttpParserError(f"bad status code {status}")
-        if status < 200 and status != 101:
+        if status == 101:
+            # RFC 9110 15.2.2: a switch only to what the request asked for, and the router
+            # never asks (it refuses Upgrade). Relayed, its bytes would be another protocol.
+            raise httptools.HttpParserError("101 Switching Protocols, never asked for")
+        if status < 200:
             self._interim = True  # 100 Continue, 103 Early Hints: skipped
             self._head_at = end
             return
@@ -287,9 +292,9 @@ class H1Response:
         chunked = self._framing()
         if self._heads is not None:
             self._done = True  # RFC 9112 6.3 rule 1: a HEAD answer ends with its head
-            self._keep = status != 101 and _persists(raw[at + 7] == _ZERO, self.named)
+            self._keep = _persists(raw[at + 7] == _ZERO, self.named)
             return
-        self._keep = status != 101 and parser.should_keep_alive()
+        self._keep = parser.should_keep_alive()
         if status not in _BODYLESS_STATUSES:
             self._until_close = self.length is None and not chunked
 

@@ -46,7 +46,7 @@ from .express import Request as ExpressRequest
 from .h1 import LeanForwarder
 from .logging import CURRENT_REQUEST
 from .proxy import Call, Sent
-from .rules import Match
+from .rules import Match, check_path
 from .runtime import RequestId, Router, shutdown_cut
 from .wire import (
     BODYLESS_STATUSES,
@@ -144,6 +144,9 @@ class LeanServer:
         """The rule when this request is the lean path's, None when it is aiohttp's; raises
         RequestRejected for a path no part of the router may take."""
         if path in self._control_exact or path.startswith(self._control_prefixes):
+            # The proxy checks its paths (`Proxy.route`); these are checked here, whoever
+            # answers them: Laravel's passthrough too would be handed a %0d%0a.
+            check_path(path)
             return None
         match = self.proxy.route(method, path)
         if match.rule.kind in ("pool_health", "pool_list"):
@@ -480,6 +483,16 @@ class LeanConnection(asyncio.Protocol):
             raise _rejected(
                 400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
             )
+        if fields.hosts != 1:
+            _check_hosts(fields.hosts, self._parser)
+        if fields.chunked and not _only_chunked(fields.codings):
+            # llhttp decodes the chunks and nothing else: a body sent on with another
+            # coding dropped would be read as what it is not (RFC 9112 6.1: 501).
+            raise _rejected(
+                501,
+                "transfer_coding_not_supported",
+                "the router takes no transfer coding but chunked",
+            )
         self._chunked = fields.chunked
         # Whether llhttp's persistence may come from the request itself (a trailer of a
         # chunked body may say Connection too): then its version is asked for.
@@ -525,6 +538,8 @@ class LeanConnection(asyncio.Protocol):
         # A request that persists and cannot have asked to (`_asks_connection`) is HTTP/1.1:
         # 1.0 persists only when asked. httptools formats the version string at each call.
         version = "1.1" if persists and not self._asks_connection else parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            _check_version(version)  # raises: answered, and nothing sent
         if self._mine is None:
             raw = request_bytes(inbound.method, bytes(self._url), version, self._headers, body)
             self._queue.append(_Lend(raw, keep, inbound.method == "HEAD"))
@@ -867,6 +882,31 @@ class LeanConnection(asyncio.Protocol):
             self._close()  # nothing begun: nothing to answer
             return
         self._refuse(RequestRejected(408, "request_timeout", "the request did not arrive in time"))
+
+
+def _check_hosts(hosts: int, parser: httptools.HttpRequestParser) -> None:
+    """RFC 9112 3.2: 400 for more than one Host, or for none in an HTTP/1.1 request (a
+    caller that sends two could have the router route by one and Node read the other)."""
+    if hosts > 1:
+        raise _rejected(400, "bad_request", "the request has more than one Host field")
+    version = parser.get_http_version()
+    _check_version(version)
+    if version == "1.1":
+        raise _rejected(400, "bad_request", "an HTTP/1.1 request needs a Host field")
+
+
+def _check_version(version: str) -> None:
+    # llhttp reads HTTP/0.9 (a request line with no version) and 2.0 request lines too.
+    if version not in ("1.1", "1.0"):
+        raise _rejected(
+            505,
+            "http_version_not_supported",
+            f"HTTP/{version} is not served here: HTTP/1.1 and 1.0 are",
+        )
+
+
+def _only_chunked(codings: bytes) -> bool:
+    return codings.strip().lower() == b"chunked"
 
 
 def _drop(item: _Request) -> None:

@@ -538,8 +538,8 @@ class LeanConnection(asyncio.Protocol):
         # A request that persists and cannot have asked to (`_asks_connection`) is HTTP/1.1:
         # 1.0 persists only when asked. httptools formats the version string at each call.
         version = "1.1" if persists and not self._asks_connection else parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            _check_version(version)  # raises: answered, and nothing sent
+        if version not in _SERVED_VERSIONS:
+            raise _not_served(version)  # answered, and nothing sent
         if self._mine is None:
             raw = request_bytes(inbound.method, bytes(self._url), version, self._headers, body)
             self._queue.append(_Lend(raw, keep, inbound.method == "HEAD"))
@@ -890,19 +890,20 @@ def _check_hosts(hosts: int, parser: httptools.HttpRequestParser) -> None:
     if hosts > 1:
         raise _rejected(400, "bad_request", "the request has more than one Host field")
     version = parser.get_http_version()
-    _check_version(version)
+    if version not in _SERVED_VERSIONS:
+        raise _not_served(version)
     if version == "1.1":
         raise _rejected(400, "bad_request", "an HTTP/1.1 request needs a Host field")
 
 
-def _check_version(version: str) -> None:
-    # llhttp reads HTTP/0.9 (a request line with no version) and 2.0 request lines too.
-    if version not in ("1.1", "1.0"):
-        raise _rejected(
-            505,
-            "http_version_not_supported",
-            f"HTTP/{version} is not served here: HTTP/1.1 and 1.0 are",
-        )
+# llhttp reads HTTP/0.9 (a request line with no version) and 2.0 request lines too.
+_SERVED_VERSIONS = ("1.1", "1.0")
+
+
+def _not_served(version: str) -> _Refused:
+    return _rejected(
+        505, "http_version_not_supported", f"HTTP/{version} is not served here: 1.1 and 1.0 are"
+    )
 
 
 def _only_chunked(codings: bytes) -> bool:

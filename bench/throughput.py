@@ -65,7 +65,7 @@ KINDS = (
 class Setup:
     key: str
     label: str
-    proxy: str  # none | nginx | naive | wa
+    proxy: str  # none | nginx | naive | floor | wa
     loop: str = "uvloop"
     workers: int = 1
     front: str = "lean"  # wa-router's `server.front`
@@ -77,7 +77,7 @@ SETUPS = (
     Setup("nginx", "nginx proxy_pass, keepalive pool", "nginx"),
     Setup("naive", "naive aiohttp proxy (uvloop)", "naive"),
     Setup(AIOHTTP_FRONT, "`wa-aiohttp`: wa-router, aiohttp front (uvloop)", "wa", front="aiohttp"),
-    Setup("wa-asyncio", "`wa-asyncio`: wa-router, lean front, --loop asyncio", "wa", "asyncio"),
+    Setup("floor", "`floor`: bare httptools proxy (uvloop), no routing", "floor"),
     Setup(PRIMARY, "`wa-uvloop`: wa-router, lean front (uvloop)", "wa"),
     Setup("wa-2w", "`wa-2w`: wa-router, lean front, --workers 2 (uvloop)", "wa", workers=2),
 )
@@ -217,9 +217,13 @@ class Bench:
                 "proxy", cores, port=str(port), upstream=first.removeprefix("http://")
             )
         else:
-            if setup.proxy == "naive":
-                code = "import sys; from bench.throughput import naive_proxy; naive_proxy(sys.argv)"
-                argv = [sys.executable, "-c", code, str(port), first]
+            if setup.proxy in ("naive", "floor"):
+                code = {
+                    "naive": "from bench.throughput import naive_proxy as run",
+                    "floor": "from bench.floor import floor_proxy as run",
+                }[setup.proxy]
+                argv = [sys.executable, "-c", f"import sys; {code}; run(sys.argv)"]
+                argv += [str(port), first]
             else:
                 conf = self._wa_conf(port, setup.front)
                 argv = [sys.executable, "-m", "wa_router.cli", "serve", "-c", conf]
@@ -560,7 +564,7 @@ class Report:
                 "measured), so its latency there follows its CPU per request."
             )
         split, parts = [], {}
-        for key in ("nginx", AIOHTTP_FRONT, PRIMARY):
+        for key in ("nginx", "floor", AIOHTTP_FRONT, PRIMARY):
             for k in KINDS:
                 cpu, system = (med(key, k, RPS_CONNS, a) for a in ("cpu_us", "sys_us"))
                 if cpu is not None and system is not None:
@@ -583,6 +587,29 @@ class Report:
                 users, systems = _span(user_x, "{:.0f}x"), _span(sys_x, "{:.1f}x")
                 out[-1] += f" The lean front's user part is {users} nginx's, "
                 out[-1] += f"its system part {systems}."
+        floor, room = [], True
+        for k in KINDS:
+            lean, bare, ng = (parts.get((key, k.key)) for key in (PRIMARY, "floor", "nginx"))
+            if lean and bare and ng:
+                room = room and sum(bare) <= CPU_TARGET * sum(ng)
+                floor.append(
+                    f"{k.key}: floor {sum(bare):.1f} us = {sum(bare) / sum(ng):.2f}x nginx, "
+                    f"wa-router {sum(lean) - sum(bare):.1f} us more, {lean[0] - bare[0]:.1f} "
+                    f"of it user"
+                )
+        if floor:
+            out.append(
+                "- The floor of a Python proxy here (`floor`, `bench/floor.py`: uvloop, "
+                "httptools both ways, bytes passed through, no routing) against what "
+                f"wa-router's features add on top at c={RPS_CONNS}: {'; '.join(floor)}. "
+                + (
+                    f"The floor is within {CPU_TARGET}x nginx's: uvloop, httptools and the "
+                    "kernel leave room for the target, and what misses it is wa-router's own "
+                    "Python, spread over the request path (see Profile)."
+                    if room
+                    else f"Even the floor is over {CPU_TARGET}x nginx's here."
+                )
+            )
         spread = []
         for s in ("nginx", *(w.key for w in WA_SETUPS)):
             for kind in KINDS:
@@ -636,8 +663,8 @@ class Report:
                    "`--workers 2` gets both cores, one of them shared with the load.")  # fmt: skip
         return f"""\
 - Upstream: one nginx `return 200` (75-byte JSON, `worker_processes 1`) on {INSTANCES} ports = \
-the {INSTANCES} instances of the pool. wa-router knows all {INSTANCES}; the nginx and naive \
-proxies forward to the first one (they do no routing).
+the {INSTANCES} instances of the pool. wa-router knows all {INSTANCES}; the nginx, naive \
+and floor proxies forward to the first one (they do no routing).
 - Load: wrk, closed loop, c = {", ".join(map(str, p.connections))} (1 thread for c=1, else 2), \
 {p.duration_s} s per run. bench/wrk/*.lua cycle over {SESSIONS} session ids s0..s{SESSIONS - 1}; \
 their done() prints wrk's latency percentiles as JSON.
@@ -659,8 +686,9 @@ log level warning. Each session is found by rediscovery on first use (nginx answ
 every request through aiohttp, the old path), `--loop` and \
 `--workers`; all use the lean upstream client (`upstream.client: lean`). `{PRIMARY}` (lean \
 front, uvloop, one worker) is the one the targets are about; `{AIOHTTP_FRONT}` is the same \
-with `server.front: aiohttp`. `wa-asyncio` is kept (lean front on the stdlib loop): the run \
-stays within about {p.expected_s() / 60:.0f} min with it. The routers run the working \
+with `server.front: aiohttp`. `floor` (`bench/floor.py`) is the least a Python proxy does: \
+uvloop, httptools both ways, one upstream connection per caller, bytes passed through, no \
+routing. The run takes about {p.expected_s() / 60:.0f} min. The routers run the working \
 tree's `wa_router/` as it is when each one starts (`{BASELINE}`, with `--baseline REV`: that \
 revision's).
 - `errors`: socket errors + non-2xx answers, all rounds: a row with errors is not comparable."""

@@ -116,6 +116,28 @@ async def test_admin_off_without_a_token(
     assert (await client.get("/healthz")).status == 200
 
 
+async def test_a_control_path_asked_with_another_method_is_a_405(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    client, router = await started(sims, start_router)
+    webhooks = router.config.webhooks.path
+    for method, path, allow in (
+        ("DELETE", "/metrics", "GET, HEAD"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("PUT", "/readyz", "GET, HEAD"),
+        ("GET", webhooks, "POST"),
+    ):
+        resp = await client.request(method, path)
+        assert resp.status == 405, (method, path)
+        assert resp.headers["Allow"] == allow
+        body = await resp.json()
+        assert body["error"] == "method_not_allowed" and body["allowed"] == allow.split(", ")
+    assert (await client.get("/metrics")).status == 200
+    assert all(
+        s.count() == s.count("GET", "/health") + s.count("GET", "/api/sessions") for s in sims
+    )  # none of them was forwarded
+
+
 async def test_healthz_and_readyz(sims: list[SimInstance], start_router: StartRouter) -> None:
     client, router = await started(sims, start_router)
     resp = await client.get("/healthz")
@@ -419,6 +441,8 @@ def registered(app: web.Application) -> dict[str, set[str]]:
             # JSON, no token, nothing a client calls), so not in the document; they are
             # tested in test_statuspage.py.
             continue
+        if route.method == "*":
+            continue  # a path's other methods: its 405 (`admin.only`), not an endpoint
         if path.startswith("/admin/") or path in ("/healthz", "/readyz"):
             out.setdefault(path, set()).add(route.method)
     return out

@@ -371,11 +371,31 @@ async def _admin_off(request: web.Request) -> web.Response:
     return json_error(RequestRejected(404, "admin_off", "the admin API is off: set admin.token"))
 
 
+def only(*methods: str) -> Handler:
+    """The other methods of a control path (registered after its own, as "*"): 405 with
+    Allow, where the proxy's catch-all would say "no route rule matches"."""
+    allowed = list(methods)
+
+    async def not_allowed(request: web.Request) -> web.Response:
+        refused = RequestRejected(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.path}",
+            allowed=allowed,
+        )
+        refused.headers["Allow"] = ", ".join(allowed)
+        return json_error(refused)
+
+    return not_allowed
+
+
 def add_admin_routes(app: web.Application, view: RouterView, control: Control) -> None:
     """Register /healthz, /readyz and /admin/*; before the proxy's catch-all."""
     # add_get: HEAD too, which some load balancers probe with.
     app.router.add_get("/healthz", healthz)
+    app.router.add_route("*", "/healthz", only("GET", "HEAD"))
     app.router.add_get("/readyz", _readyz(view))
+    app.router.add_route("*", "/readyz", only("GET", "HEAD"))
     token = view.config().admin.token
     if token is None:
         app.router.add_route("*", ADMIN_FALLBACK, _admin_off)

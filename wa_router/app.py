@@ -10,7 +10,7 @@ from typing import Any, cast
 import structlog
 from aiohttp import hdrs, web
 
-from .admin import add_admin_routes
+from .admin import add_admin_routes, only
 from .aio import cancel_and_wait
 from .apikeys import KeyPolicy
 from .backlog import Backlog, SqliteBacklog
@@ -422,7 +422,9 @@ def build_app(
     router.parking.observe_wait = metrics.observe_park
     app[METRICS] = metrics
     app.router.add_get("/metrics", metrics.handle)
+    app.router.add_route("*", "/metrics", only("GET", "HEAD"))
     app.router.add_post(wh.path, router.webhooks.intake)
+    app.router.add_route("*", wh.path, only("POST"))
     app.router.add_route(
         "*",
         wh.passthrough_prefix.rstrip("/") + "/{tail:.*}",

@@ -158,7 +158,30 @@ def test_the_forwarded_fields_are_the_full_paths(case: str) -> None:
     inbound = Inbound("GET", "/p", "", CIMultiDict(pairs), b"", "192.0.2.7")
     want = b"".join(f"{k}: {v}\r\n".encode() for k, v in upstream_headers(inbound).items())
     raw = [(k.encode(), v.encode()) for k, v in pairs]
-    assert forward_fields(read_fields(raw), "192.0.2.7") == want
+    assert forward_fields(read_fields(raw), b"192.0.2.7") == want
+
+
+# Whether the front has more to check than a body's length (`Fields.unusual`).
+UNUSUAL = [
+    ([(b"Host", b"h")], False),
+    ([(b"Host", b"h"), (b"Content-Length", b"2"), (b"Content-Type", b"a/b")], False),
+    ([(b"host", b"h"), (b"X-Forwarded-For", b"192.0.2.1")], False),
+    ([], True),  # no Host
+    ([(b"Host", b"h"), (b"HOST", b"h")], True),
+    ([(b"Host", b"h"), (b"Transfer-Encoding", b"chunked")], True),
+    ([(b"Host", b"h"), (b"connection", b"close")], True),
+    ([(b"Host", b"h"), (b"Expect", b"100-continue")], True),
+    ([(b"Host", b"h"), (b"Upgrade", b"websocket")], True),
+    ([(b"Host", b"h"), (b"Proxy-Connection", b"keep-alive")], True),
+    ([(b"Host", b"h"), (b"Keep-Alive", b"timeout=5")], True),
+]
+
+
+@pytest.mark.parametrize(("raw", "unusual"), UNUSUAL)
+def test_fields_say_when_the_front_has_more_to_check(
+    raw: list[tuple[bytes, bytes]], unusual: bool
+) -> None:
+    assert read_fields(raw).unusual is unusual
 
 
 # -- on the wire ---------------------------------------------------------------------------------

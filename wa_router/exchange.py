@@ -203,20 +203,22 @@ class Fields:
     hosts: int = 0  # how many Host fields came
     expect_continue: bool = False
     upgrade: bool = False
+    # Any of the fields above but Content-Length and one Host came (a Transfer-Encoding,
+    # Connection, Expect, Upgrade, Proxy-Connection, or no Host or two): the front has
+    # something to check. Most requests have none, and are checked once, by this.
+    unusual: bool = False
 
 
 def read_fields(raw: list[tuple[bytes, bytes]]) -> Fields:
     forward: list[bytes] = []
     fields = Fields(forward)
+    unusual = False
     for name, value in raw:
         lower = name.lower()
         if lower not in DROP_REQUEST_BYTES:
             forward.append(b"%s: %s\r\n" % (name, value))
         elif lower == b"content-length":
             fields.content_length = value
-        elif lower == b"transfer-encoding":
-            fields.chunked = True
-            fields.codings = value if not fields.codings else fields.codings + b"," + value
         elif lower == b"host":
             fields.hosts += 1
             if fields.host is None:
@@ -224,31 +226,38 @@ def read_fields(raw: list[tuple[bytes, bytes]]) -> Fields:
         elif lower == b"x-forwarded-for":
             if fields.forwarded_for is None:
                 fields.forwarded_for = value
-        elif lower == b"connection":
-            fields.connection = value if not fields.connection else fields.connection + b"," + value
-        elif lower == b"expect":
-            fields.expect_continue |= value.lower() == b"100-continue"
-        elif lower == b"upgrade":
-            fields.upgrade = True
-        elif lower == b"proxy-connection":
-            fields.proxy_connection = True
+        else:
+            unusual = True
+            if lower == b"transfer-encoding":
+                fields.chunked = True
+                fields.codings = value if not fields.codings else fields.codings + b"," + value
+            elif lower == b"connection":
+                fields.connection = (
+                    value if not fields.connection else fields.connection + b"," + value
+                )
+            elif lower == b"expect":
+                fields.expect_continue |= value.lower() == b"100-continue"
+            elif lower == b"upgrade":
+                fields.upgrade = True
+            elif lower == b"proxy-connection":
+                fields.proxy_connection = True
+    fields.unusual = unusual or fields.hosts != 1
     return fields
 
 
-def forward_fields(fields: Fields, peer: str, scheme: str = "http") -> bytes:
+def forward_fields(fields: Fields, peer: bytes) -> bytes:
     """The header lines that go upstream, as bytes: the caller's (`fields.forward`) less
-    what Connection names, plus X-Forwarded-*. The same fields as `upstream_headers` makes,
-    in the same order, for the express lane."""
+    what Connection names, plus X-Forwarded-* (`peer`: the caller's address, encoded). The
+    same fields as `upstream_headers` makes, in the same order, for the express lane (whose
+    callers come over plain http)."""
     lines = fields.forward
     if fields.connection:
         named = {t.strip().lower() for t in fields.connection.split(b",")}
         lines = [ln for ln in lines if ln.partition(b":")[0].lower() not in named]
     prior = fields.forwarded_for
-    me = peer.encode(*CODEC)
-    xff = prior + b", " + me if prior else me
-    host = fields.host or b""
+    xff = prior + b", " + peer if prior else peer
     lines.append(
-        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
-        % (xff, scheme.encode(), host)
+        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
+        % (xff, fields.host or b"")
     )
     return b"".join(lines)

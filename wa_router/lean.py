@@ -33,6 +33,7 @@ from .delegate import Lent, answer_by_aiohttp, request_bytes
 from .errors import RequestRejected, UpstreamError
 from .exchange import (
     Answer,
+    Fields,
     Inbound,
     Reply,
     Streamed,
@@ -275,6 +276,7 @@ class LeanConnection(asyncio.Protocol):
         "_parser",
         "_paused",
         "_peer",
+        "_peer_bytes",
         "_pending",
         "_queue",
         "_server",
@@ -295,6 +297,7 @@ class LeanConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._peer = ""
+        self._peer_bytes = b""
         self._url: bytes | bytearray = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
@@ -331,6 +334,7 @@ class LeanConnection(asyncio.Protocol):
         self._server.connections.add(self)
         peer = transport.get_extra_info("peername")
         self._peer = peer[0] if isinstance(peer, tuple) and peer else ""
+        self._peer_bytes = self._peer.encode(*CODEC)
         self._arm(self._server.server_cfg.header_timeout_s, "header_timeout")
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -479,6 +483,20 @@ class LeanConnection(asyncio.Protocol):
         # llhttp has checked it is one number; only its size is ours to refuse.
         if length is not None and int(length) > self._server.max_body:
             raise _Refused(_too_large(self._server.max_body))
+        has_body = length is not None and length.strip() != b"0"
+        if fields.unusual:
+            has_body = self._check_unusual(fields, has_body)
+        else:
+            self._chunked = self._asks_connection = False
+        self._pending = Inbound(method, path, query, None, b"", self._peer, raw=self._headers)
+        if self._mine is not None and self._server.lane is not None:
+            self._fields = forward_fields(fields, self._peer_bytes)
+        if has_body:
+            self._head_done_at = self._loop.time()
+
+    def _check_unusual(self, fields: Fields, has_body: bool) -> bool:
+        """The checks of the fields most requests do not have (`Fields.unusual`); whether
+        the request has a body."""
         if fields.upgrade:
             raise _rejected(
                 400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
@@ -497,19 +515,14 @@ class LeanConnection(asyncio.Protocol):
         # Whether llhttp's persistence may come from the request itself (a trailer of a
         # chunked body may say Connection too): then its version is asked for.
         self._asks_connection = bool(fields.connection) or fields.proxy_connection or fields.chunked
-        has_body = fields.chunked or (length is not None and length.strip() != b"0")
-        expect = fields.expect_continue
-        self._pending = Inbound(method, path, query, None, b"", self._peer, raw=self._headers)
-        if self._mine is not None and self._server.lane is not None:
-            self._fields = forward_fields(fields, self._peer)
-        if has_body:
-            self._head_done_at = self._loop.time()
-        if expect and has_body and self._parser.get_http_version() == "1.1":
+        has_body = has_body or fields.chunked
+        if fields.expect_continue and has_body and self._parser.get_http_version() == "1.1":
             # After the answers before it: a 100 ahead of them would read as theirs.
             if self._queue or self._busy:
                 self._continue = True
             elif self._transport is not None:
                 self._transport.write(CONTINUE)
+        return has_body
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)

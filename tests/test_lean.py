@@ -367,17 +367,35 @@ NOT_SERVED: dict[str, tuple[bytes, int, str]] = {
 }
 
 
+@pytest.mark.parametrize("front", ["lean", "aiohttp"])
 @pytest.mark.parametrize(("raw", "status", "error"), NOT_SERVED.values(), ids=NOT_SERVED.keys())
 async def test_a_version_or_coding_not_served_is_refused_and_never_forwarded(
-    sims: list[SimInstance], start_router: StartRouter, raw: bytes, status: int, error: str
+    sims: list[SimInstance],
+    start_router: StartRouter,
+    raw: bytes,
+    status: int,
+    error: str,
+    front: str,
 ) -> None:
-    port, _ = await serve(start_router, sims)
+    # Both fronts: aiohttp's parser serves these as it reads them (`refusals.py`).
+    port, _ = await serve(start_router, sims, server={"front": front})
     conn = await Conn.open(port)
     try:
         await conn.send(raw)
-        await conn.refused(status, error)
+        answer = await conn.read_to_end()  # the router closes after it
     finally:
         await conn.close()
+    # One answer. Its status line says HTTP/1.1 on the lean front; aiohttp's repeats the
+    # request's version (HTTP/0.9, HTTP/2.0): the status and the JSON are what count.
+    status_line, _, rest = answer.partition(b"\r\n")
+    head, _, body = rest.partition(b"\r\n\r\n")
+    if front == "aiohttp" and b"Transfer-Encoding: gzip\r\nTransfer-Encoding" in raw:
+        # aiohttp's parser refuses a second Transfer-Encoding field itself, before the
+        # router sees the request: its own 400, in plain text.
+        assert int(status_line.split(b" ")[1]) == 400, answer
+    else:
+        assert int(status_line.split(b" ")[1]) == status, answer
+        assert b"application/json" in head and json.loads(body)["error"] == error
     assert nothing_forwarded(sims)
 
 
@@ -826,11 +844,12 @@ UPGRADES = {
 }
 
 
+@pytest.mark.parametrize("front", ["lean", "aiohttp"])
 @pytest.mark.parametrize("headers", UPGRADES.values(), ids=UPGRADES.keys())
 async def test_upgrade_is_refused_with_a_clear_4xx(
-    sims: list[SimInstance], start_router: StartRouter, headers: tuple[str, ...]
+    sims: list[SimInstance], start_router: StartRouter, headers: tuple[str, ...], front: str
 ) -> None:
-    port, _ = await serve(start_router, sims)
+    port, _ = await serve(start_router, sims, server={"front": front})
     resp, closed = await exchange(port, request("GET", STATUS, HOST, *headers))
     assert 400 <= resp.status < 500 and resp.status != 404, resp
     assert resp.error == "upgrade_refused"

@@ -47,6 +47,13 @@ from .express import Request as ExpressRequest
 from .h1 import LeanForwarder
 from .logging import CURRENT_REQUEST
 from .proxy import Call, Sent
+from .refusals import (
+    SERVED_VERSIONS,
+    coding_refusal,
+    hosts_refusal,
+    not_served,
+    upgrade_refused,
+)
 from .rules import Match, check_path
 from .runtime import RequestId, Router, shutdown_cut
 from .wire import (
@@ -380,11 +387,7 @@ class LeanConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse(
-                RequestRejected(
-                    400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
-                )
-            )
+            self._refuse(upgrade_refused())
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, _Refused):
@@ -498,19 +501,13 @@ class LeanConnection(asyncio.Protocol):
         """The checks of the fields most requests do not have (`Fields.unusual`); whether
         the request has a body."""
         if fields.upgrade:
-            raise _rejected(
-                400, "upgrade_refused", "the router does not switch protocols (Upgrade)"
-            )
+            raise _Refused(upgrade_refused())
         if fields.hosts != 1:
-            _check_hosts(fields.hosts, self._parser)
-        if fields.chunked and not _only_chunked(fields.codings):
-            # llhttp decodes the chunks and nothing else: a body sent on with another
-            # coding dropped would be read as what it is not (RFC 9112 6.1: 501).
-            raise _rejected(
-                501,
-                "transfer_coding_not_supported",
-                "the router takes no transfer coding but chunked",
-            )
+            refused = hosts_refusal(fields.hosts, self._parser.get_http_version())
+            if refused is not None:
+                raise _Refused(refused)
+        if fields.chunked and (refused := coding_refusal(fields.codings)) is not None:
+            raise _Refused(refused)
         self._chunked = fields.chunked
         # Whether llhttp's persistence may come from the request itself (a trailer of a
         # chunked body may say Connection too): then its version is asked for.
@@ -551,8 +548,8 @@ class LeanConnection(asyncio.Protocol):
         # A request that persists and cannot have asked to (`_asks_connection`) is HTTP/1.1:
         # 1.0 persists only when asked. httptools formats the version string at each call.
         version = "1.1" if persists and not self._asks_connection else parser.get_http_version()
-        if version not in _SERVED_VERSIONS:
-            raise _not_served(version)  # answered, and nothing sent
+        if version not in SERVED_VERSIONS:
+            raise _Refused(not_served(version))  # answered, and nothing sent
         if self._mine is None:
             raw = request_bytes(inbound.method, bytes(self._url), version, self._headers, body)
             self._queue.append(_Lend(raw, keep, inbound.method == "HEAD"))
@@ -895,32 +892,6 @@ class LeanConnection(asyncio.Protocol):
             self._close()  # nothing begun: nothing to answer
             return
         self._refuse(RequestRejected(408, "request_timeout", "the request did not arrive in time"))
-
-
-def _check_hosts(hosts: int, parser: httptools.HttpRequestParser) -> None:
-    """RFC 9112 3.2: 400 for more than one Host, or for none in an HTTP/1.1 request (a
-    caller that sends two could have the router route by one and Node read the other)."""
-    if hosts > 1:
-        raise _rejected(400, "bad_request", "the request has more than one Host field")
-    version = parser.get_http_version()
-    if version not in _SERVED_VERSIONS:
-        raise _not_served(version)
-    if version == "1.1":
-        raise _rejected(400, "bad_request", "an HTTP/1.1 request needs a Host field")
-
-
-# llhttp reads HTTP/0.9 (a request line with no version) and 2.0 request lines too.
-_SERVED_VERSIONS = ("1.1", "1.0")
-
-
-def _not_served(version: str) -> _Refused:
-    return _rejected(
-        505, "http_version_not_supported", f"HTTP/{version} is not served here: 1.1 and 1.0 are"
-    )
-
-
-def _only_chunked(codings: bytes) -> bool:
-    return codings.strip().lower() == b"chunked"
 
 
 def _drop(item: _Request) -> None:

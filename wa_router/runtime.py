@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from .config import Config
@@ -32,6 +33,7 @@ from .parking import Parking
 from .pool import Pool
 from .profiles import Profile
 from .proxy import Proxy
+from .refusals import head_refusal
 from .stores import Store
 from .stores.base import Source
 from .stream_backlog import StreamBacklog
@@ -39,6 +41,7 @@ from .stream_relay import StreamRelay
 from .sync import Syncer, SyncReport
 from .views import DeliveryReading, RouterView
 from .webhooks import Webhooks
+from .wire import CODEC
 
 
 @dataclass(slots=True)
@@ -201,6 +204,12 @@ def answering(router: Router) -> Middleware:
         token = CURRENT_REQUEST.set(RequestId(request))
         sent = HEAD_SENT.set(False)
         try:
+            if (refused := _refused_head(request)) is not None:
+                log.info("request_refused", reason=refused.code, status=refused.status)
+                router.proxy.refuse(refused, time.perf_counter())  # counted, as the lean's
+                answer = json_error(refused)
+                answer.force_close()
+                return answer
             return await handler(request)
         except RequestRejected as exc:
             return json_error(exc)
@@ -222,3 +231,17 @@ def answering(router: Router) -> Middleware:
             router.inflight.discard(task)
 
     return run
+
+
+def _refused_head(request: web.Request) -> RequestRejected | None:
+    """`refusals.head_refusal` for a request aiohttp's parser read (the lean front checks
+    the same as it parses). aiohttp refuses two Hosts, and none in 1.1, itself; it serves
+    HTTP/0.9 and 2.0 request lines, and decodes chunks under any other transfer coding."""
+    fields = request.headers
+    codings = fields.getall(hdrs.TRANSFER_ENCODING, None)
+    return head_refusal(
+        f"{request.version.major}.{request.version.minor}",
+        len(fields.getall(hdrs.HOST, ())),
+        ",".join(codings).encode(*CODEC) if codings else None,
+        hdrs.UPGRADE in fields,
+    )

@@ -290,6 +290,23 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all, stolen) clock ticks of every CPU since boot (/proc/stat; (0, 0) unreadable).
+    Stolen: while this machine, a VM, was ready to run and its host ran something else."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return 0, 0
+    ticks = [int(x) for x in first[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks), ticks[7] if len(ticks) > 7 else 0
+
+
+def stolen_share(before: tuple[int, int], after: tuple[int, int]) -> str:
+    """The share of the CPU time between two `cpu_ticks` readings that the host took."""
+    total, stolen = (b - a for a, b in zip(before, after, strict=True))
+    return f"{stolen / total:.1%} of all CPU time" if total > 0 else "unknown"
+
+
 def tool_version(argv: Sequence[str]) -> str:
     try:
         out = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)

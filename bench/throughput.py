@@ -132,6 +132,9 @@ class Sample:
     cpu_us: float | None  # proxy CPU per request; None for `direct`
     sys_us: float | None  # the system (kernel) part of it
     errors: int  # socket errors + non-2xx answers
+    # wa-router's own p99 over the run: its request-duration histogram (from the request
+    # read to its answer written), as the bound of the bucket it falls in; None: not wa
+    inside_p99_ms: float | None = None
 
     def line(self) -> str:
         return (f"{self.rps:>8,.0f} req/s  p50 {self.p50_ms:6.2f} ms  p99 {self.p99_ms:7.2f} ms  "
@@ -160,6 +163,34 @@ def lane_counts(url: str) -> tuple[float, float, float]:
             elif s.name == "wa_router_requests_total" and s.labels.get("route_kind") == "session":
                 session += s.value
     return relayed, handed, session
+
+
+def duration_buckets(url: str) -> dict[float, float]:
+    """A wa-router's session requests by duration so far, as its /metrics has them
+    (`wa_router_request_duration_seconds`: bucket bound in s -> requests, cumulative)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if (
+                s.name == "wa_router_request_duration_seconds_bucket"
+                and s.labels.get("route_kind") == "session"
+            ):
+                out[float(s.labels["le"])] = s.value
+    return out
+
+
+def bucket_p99_ms(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The bound of the bucket the 99th percentile of the requests between two readings
+    falls in (None: no requests)."""
+    grown = {le: n - before.get(le, 0.0) for le, n in after.items()}
+    total = grown.get(float("inf"), 0.0)
+    if not total:
+        return None
+    return next(1e3 * le for le in sorted(grown) if grown[le] >= 0.99 * total)
 
 
 def _vs(value: float | None, nginx: float | None, digits: int) -> str:
@@ -266,7 +297,7 @@ class Bench:
                     self.warm(url)
                     for kind in KINDS:
                         for n in self.plan.connections:
-                            s = self.one(url, pid, kind, n)
+                            s = self.one(url, pid, kind, n, wa=setup.proxy == "wa")
                             samples.setdefault((setup.key, kind.key, n), []).append(s)
                             where = f"round {rnd + 1}/{self.plan.rounds} {setup.key:<10}"
                             print(f"{where} {kind.key:<4} c={n:<3} {s.line()}", flush=True)
@@ -274,7 +305,8 @@ class Bench:
                         self.lanes.setdefault(setup.key, []).append(lane_counts(url))
         return samples
 
-    def one(self, url: str, pid: int | None, kind: Kind, conns: int) -> Sample:
+    def one(self, url: str, pid: int | None, kind: Kind, conns: int, wa: bool = False) -> Sample:
+        buckets = duration_buckets(url) if wa else {}
         before = c.tree_cpu_split_s(pid) if pid else (0.0, 0.0)
         res = self.wrk(url, kind, conns, self.plan.duration_s)
         errors = res.socket_errors + res.non_2xx
@@ -282,7 +314,9 @@ class Bench:
             return Sample(res.rps, res.p50_ms, res.p99_ms, None, None, errors)
         user, system = (b - a for a, b in zip(before, c.tree_cpu_split_s(pid), strict=True))
         per = 1e6 / res.requests
-        return Sample(res.rps, res.p50_ms, res.p99_ms, (user + system) * per, system * per, errors)
+        inside = bucket_p99_ms(buckets, duration_buckets(url)) if wa else None
+        cpu, sys_us = (user + system) * per, system * per
+        return Sample(res.rps, res.p50_ms, res.p99_ms, cpu, sys_us, errors, inside)
 
     def profile(self) -> Profile:
         """py-spy on the lean wa-router process (`PRIMARY`) during one extra c=32 run per
@@ -624,6 +658,21 @@ class Report:
                 f"c >= 32 varied by up to {worst[0]:.0%} of its median ({worst[1]}); "
                 "differences below that between two rows of one run are not findings."
             )
+        inside = []
+        for kind in KINDS:
+            wrk_p99 = med(PRIMARY, kind, P99_CONNS, "p99_ms")
+            own = self.values(PRIMARY, kind, P99_CONNS, "inside_p99_ms")
+            if wrk_p99 is not None and own:
+                inside.append(f"{kind.key} {wrk_p99:.1f} ms against <= {max(own):g} ms")
+        if inside:
+            out.append(
+                f"- p99 at c={P99_CONNS} as wrk sees it against {PRIMARY}'s own (its "
+                "`wa_router_request_duration_seconds`, from the request read to its answer "
+                "written; the bound of the bucket, the worst round): "
+                f"{'; '.join(inside)}. Where wrk's is far above the router's, the time was "
+                "spent before the router read the request or after it wrote the answer, not "
+                "in its handling of the request."
+            )
         p99 = []
         for s in ("nginx", *(w.key for w in WA_SETUPS)):
             for kind in KINDS:
@@ -756,6 +805,7 @@ def run(args: argparse.Namespace) -> int:
         plan = Plan(args.rounds, args.duration, (1, 32, 128), 1, not args.no_profile, False, out)
     conns = ",".join(map(str, plan.connections))
     started, machine = time.monotonic(), c.machine_info()
+    ticks = c.cpu_ticks()
     cores = c.Cores.pick()
     with TemporaryDirectory(prefix="wa-bench-") as tmp:
         if args.baseline:
@@ -777,6 +827,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     machine["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     machine["busy processes at end (not the bench)"] = c.busy_others()
+    machine["stolen by the VM's host during the run"] = c.stolen_share(ticks, c.cpu_ticks())
     print(text := Report(plan, cores, samples, bench.lanes).render(machine, elapsed, prof.text))
     plan.out.parent.mkdir(parents=True, exist_ok=True)
     plan.out.write_text(text)

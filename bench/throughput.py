@@ -188,9 +188,9 @@ def bucket_p99_ms(before: dict[float, float], after: dict[float, float]) -> floa
     falls in (None: no requests)."""
     grown = {le: n - before.get(le, 0.0) for le, n in after.items()}
     total = grown.get(float("inf"), 0.0)
-    if not total:
-        return None
-    return next(1e3 * le for le in sorted(grown) if grown[le] >= 0.99 * total)
+    if total <= 0 or min(grown.values()) < 0:
+        return None  # nothing between them, or not the same process's histogram
+    return next((1e3 * le for le in sorted(grown) if grown[le] >= 0.99 * total), None)
 
 
 def _vs(value: float | None, nginx: float | None, digits: int) -> str:
@@ -297,7 +297,9 @@ class Bench:
                     self.warm(url)
                     for kind in KINDS:
                         for n in self.plan.connections:
-                            s = self.one(url, pid, kind, n, wa=setup.proxy == "wa")
+                            # One worker: with more, each /metrics is one worker's.
+                            own = setup.proxy == "wa" and setup.workers == 1
+                            s = self.one(url, pid, kind, n, wa=own)
                             samples.setdefault((setup.key, kind.key, n), []).append(s)
                             where = f"round {rnd + 1}/{self.plan.rounds} {setup.key:<10}"
                             print(f"{where} {kind.key:<4} c={n:<3} {s.line()}", flush=True)

@@ -126,6 +126,7 @@ async def test_a_control_path_asked_with_another_method_is_a_405(
         ("POST", "/healthz", "GET, HEAD"),
         ("PUT", "/readyz", "GET, HEAD"),
         ("GET", webhooks, "POST"),
+        ("GET", webhooks + "/", "POST"),  # another spelling of it, as Laravel routes it
     ):
         resp = await client.request(method, path)
         assert resp.status == 405, (method, path)

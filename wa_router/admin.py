@@ -39,7 +39,7 @@ from aiohttp.typedefs import Handler
 
 from .bearer import bearer_token, token_matches
 from .errors import RequestRejected
-from .httpio import json_error
+from .httpio import json_error, method_not_allowed
 from .openapi import openapi_document
 from .pool import Instance, State
 from .statuspage import REDIRECT_FROM, page_handlers, redirect
@@ -167,12 +167,7 @@ class Admin:
     def guarded(self, handler: JsonHandler) -> Handler:
         async def run(request: web.Request) -> web.StreamResponse:
             self._authorize(request)
-            try:
-                return await handler(request)
-            except RequestRejected as exc:
-                if exc.status == 405:
-                    exc.headers["Allow"] = ", ".join(exc.extra.get("allowed", []))
-                raise
+            return await handler(request)
 
         return run
 
@@ -210,12 +205,7 @@ class Admin:
     async def fallback(self, request: web.Request) -> web.Response:
         allowed = allowed_methods(((m, p) for m, p, _ in self.routes), request.path)
         if allowed:
-            raise RequestRejected(
-                405,
-                "method_not_allowed",
-                f"{request.method} is not allowed on {request.path}",
-                allowed=allowed,
-            )
+            raise method_not_allowed(request, allowed)
         raise RequestRejected(
             404,
             "not_found",
@@ -377,14 +367,7 @@ def only(*methods: str) -> Handler:
     allowed = list(methods)
 
     async def not_allowed(request: web.Request) -> web.Response:
-        refused = RequestRejected(
-            405,
-            "method_not_allowed",
-            f"{request.method} is not allowed on {request.path}",
-            allowed=allowed,
-        )
-        refused.headers["Allow"] = ", ".join(allowed)
-        return json_error(refused)
+        return json_error(method_not_allowed(request, allowed))
 
     return not_allowed
 

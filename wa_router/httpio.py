@@ -139,6 +139,19 @@ def json_error(exc: RequestRejected) -> web.Response:
     )
 
 
+def method_not_allowed(request: web.Request, allowed: list[str]) -> RequestRejected:
+    """405 for a path the router serves, asked with another method: `allowed` in the JSON
+    and in `Allow` (RFC 9110 15.5.6)."""
+    refused = RequestRejected(
+        405,
+        "method_not_allowed",
+        f"{request.method} is not allowed on {request.path}",
+        allowed=allowed,
+    )
+    refused.headers["Allow"] = ", ".join(allowed)
+    return refused
+
+
 def payload_too_large(limit: int) -> RequestRejected:
     return RequestRejected(
         413, "payload_too_large", f"the request body is over {limit} bytes", limit_bytes=limit

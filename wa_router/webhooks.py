@@ -39,7 +39,7 @@ from .events import (
 )
 from .forward import Forwarder, UpstreamRequest
 from .gate import REFUSE, WEBHOOK, decide_path
-from .httpio import forward_headers, json_error, read_body, relay
+from .httpio import forward_headers, json_error, method_not_allowed, read_body, relay
 from .laravel_view import DROP, HOLD, RELAY, Held, Holding, relayed_headers, verdict
 from .pool import Pool, State
 from .replay import Memory, SharedKV
@@ -368,9 +368,7 @@ class Webhooks:
         if decision.kind == WEBHOOK:
             if request.method == "POST":
                 return await self.intake(request)
-            return json_error(
-                RequestRejected(405, "method_not_allowed", "webhooks are POSTed", reason="method")
-            )
+            return json_error(method_not_allowed(request, ["POST"]))
         if decision.kind == REFUSE:
             self.stats.events[("passthrough", "refused")] += 1
             log.warning("laravel_call_refused", method=request.method, reason=decision.reason)

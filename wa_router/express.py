@@ -38,19 +38,54 @@ TICK_S = 0.1  # how often the lane looks for requests past their read timeout
 IDLE_TICKS = 50  # ...and how many ticks it goes on with none on the lane before it stops
 
 
-class Request(Protocol):
-    """A proxied request read whole by the lean front, as the lane needs it."""
+class Request(Inbound):
+    """A proxied request read whole by the lean front: the `Inbound` the proxy reads, and
+    what the lane and the front need of it besides (one object per request)."""
 
-    inbound: Inbound
-    match: Match
-    started: float  # perf_counter at its arrival
-    keep_alive: bool
-    http10: bool
-    method: bytes
-    target: bytes  # the path and query as the caller sent them
-    fields: bytes  # its header lines as they go upstream (X-Forwarded-* included)
-    call: Call | None
-    sent: Sent | None
+    __slots__ = (
+        "call",
+        "fields",
+        "http10",
+        "keep_alive",
+        "match",
+        "raw_method",
+        "sent",
+        "started",
+        "target",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query_string: str,
+        peer: str,
+        raw: list[tuple[bytes, bytes]],
+        match: Match,
+        started: float,
+        raw_method: bytes,
+        target: bytes,
+        fields: bytes,
+    ) -> None:
+        # Inbound's fields set here, not by its __init__: one call less per request.
+        self.method = method
+        self.path = path
+        self.query_string = query_string
+        self._headers = None
+        self.raw = raw
+        self.body = b""
+        self.peer = peer
+        self.scheme = "http"
+        self._query = None
+        self.match = match
+        self.started = started  # perf_counter at its arrival
+        self.raw_method = raw_method  # the method as it came
+        self.target = target  # the path and query as the caller sent them
+        self.fields = fields  # its header lines as they go upstream (X-Forwarded-* included)
+        self.keep_alive = True  # both set once the request is read whole
+        self.http10 = False
+        self.call: Call | None = None  # prepared by the lane
+        self.sent: Sent | None = None  # ...and the attempt it made
 
 
 class Caller(Protocol):
@@ -74,27 +109,23 @@ class Lane:
         self.loop = asyncio.get_running_loop()
         self.not_here = proxy.profile.not_here_statuses
         self.stats = proxy.stats
-        self._sweeper: asyncio.TimerHandle | None = None
+        self.sweeper: asyncio.TimerHandle | None = None
         self._idle_ticks = 0
 
     # One timer for every request on the lane, not one each (a timer made and cancelled per
-    # request cost ~2 us): it ticks while requests are on the lane, and a request whose read
-    # timeout has passed is timed out at the next tick (so up to `TICK_S` late).
+    # request cost ~2 us): it ticks while requests are on the lane (each Express adds itself
+    # to `inflight.quick` and starts `sweeper` when it is not running), and a request whose
+    # read timeout has passed is timed out at the next tick (so up to `TICK_S` late).
 
-    def watch(self, ex: Express) -> None:
-        self.inflight.quick.add(ex)
-        if self._sweeper is None:
-            self._sweeper = self.loop.call_later(TICK_S, self._sweep)
-
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
         quick = self.inflight.quick
         if not quick:
             self._idle_ticks += 1
             if self._idle_ticks > IDLE_TICKS:
-                self._sweeper = None
+                self.sweeper = None
                 return
         # Rescheduled first: a failure below must not stop the timeouts of the rest.
-        self._sweeper = self.loop.call_later(TICK_S, self._sweep)
+        self.sweeper = self.loop.call_later(TICK_S, self.sweep)
         if quick:
             self._idle_ticks = 0
             now = self.loop.time()
@@ -103,9 +134,9 @@ class Lane:
                 ex.answer.time_out()  # the answer tells `on_news`, which hands over
 
     def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
 
     def start(self, caller: Caller, req: Request) -> Express | Reply | None:
         """The request on its way (an Express), the caller's answer when the request cannot
@@ -113,7 +144,7 @@ class Lane:
         prepared here)."""
         proxy = self.proxy
         try:
-            call = proxy.prepare(req.inbound, req.match)
+            call = proxy.prepare(req, req.match)
         except RequestRejected as exc:
             reply = error_reply(exc)
             proxy.count(None, reply.status, req.started)
@@ -127,7 +158,7 @@ class Lane:
         inst, entry = where
         rule = call.match.rule
         answer = self.forwarder.write(
-            inst, req.method, req.target, req.fields, call.body, rule.read_timeout_s
+            inst, req.raw_method, req.target, req.fields, call.body, rule.read_timeout_s
         )
         if answer is None:
             return None  # no idle connection: the full way waits for one, or opens one
@@ -180,7 +211,9 @@ class Express:
         self._finished: asyncio.Future[None] | None = None
         inst.inflight += 1
         answer.listener = self.on_news
-        lane.watch(self)
+        lane.inflight.quick.add(self)  # watched by the lane's one timer (`Lane.sweep`)
+        if lane.sweeper is None:
+            lane.sweeper = lane.loop.call_later(TICK_S, lane.sweep)
 
     def on_news(self) -> None:
         """Called by the answer whenever bytes, the end, an error or the timeout came."""
@@ -190,14 +223,15 @@ class Express:
             return
         if not answer.final:
             return
+        lane = self.lane
         if not self.head_seen:
             self.head_seen = True
             self.inst.inflight -= 1
-            self.lane.proxy.answered_by(self.inst, self.started)
+            lane.proxy.answered_by(self.inst, self.started)
             status = answer.status
             length = answer.length
             if (
-                status in self.lane.not_here  # the full way reads it and decides
+                status in lane.not_here  # the full way reads it and decides
                 or status < 200
                 or status in (204, 304)
                 or length is None  # framed by chunks or by the close: streamed
@@ -205,18 +239,19 @@ class Express:
             ):
                 self._hand_over()
                 return
-        if answer.done:
-            self._relay()
-
-    def _relay(self) -> None:
-        self._end()
-        answer, req = self.answer, self.req
+        if not answer.done:
+            return
+        # Relayed: the whole answer is here, and plain.
+        answer.listener = None
+        lane.inflight.quick.discard(self)
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(None)
+        req = self.req
         body = answer.body()
-        keep = req.keep_alive and not self.lane.closing.closing
+        keep = req.keep_alive and not lane.closing.closing
         head = relay_head(
             answer.status,
             answer.raw_head,
-            answer.cuts,
             answer.named,
             len(body),
             not keep,
@@ -224,8 +259,8 @@ class Express:
         )
         answer.release()
         self.call.answered = True
-        self.lane.stats.express["relayed"] += 1
-        self.lane.proxy.count(self.call, answer.status, req.started)
+        lane.stats.express["relayed"] += 1
+        lane.proxy.count(self.call, answer.status, req.started)
         self.caller.express_done(head + body if body else head, keep)
 
     def _hand_over(self) -> None:

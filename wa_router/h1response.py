@@ -4,7 +4,7 @@ llhttp (httptools' `HttpResponseParser`, one per answer) parses each answer as i
 arrive, in `data_received`: the body into a queue that `read()` and `chunks()` take from
 (reading pauses while the queue is over a high-water mark). llhttp calls back once per head,
 not once per field: the final head is kept as it came (`raw_head`), its framing read from it
-in one pass (`cuts`, `length`, `named`), and `fields`/`headers` only for whoever asks.
+in one pass (`length`, `named`), and `fields`/`headers` only for whoever asks.
 Body framing is llhttp's (RFC 9112 6.3: Content-Length, chunked with extensions ignored and
 trailers dropped, or until close); it refuses Content-Length together with
 Transfer-Encoding, bare CR or LF, obsolete line folding and the like. An answer is then
@@ -43,12 +43,15 @@ _CR_LF = (ord("\r"), ord("\n"))
 # (the same length, so the spans are the head's; matched so, the regex runs faster than
 # with IGNORECASE, and every value it reads is compared in lower case anyway).
 UNRELAYED = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length"}
-_UNRELAYED_LINES = re.compile(
-    rb"\r\n(%s):[ \t]*([^\r]*)" % b"|".join(re.escape(n) for n in sorted(UNRELAYED))
-)
+_UNRELAYED_NAMES = b"|".join(re.escape(n) for n in sorted(UNRELAYED))
+_UNRELAYED_LINES = re.compile(rb"\r\n(%s):[ \t]*([^\r]*)" % _UNRELAYED_NAMES)
+# The same lines in a head as it came, to cut them out of it in one call (`wire.relay_head`):
+# bytes patterns fold ASCII case only, so it matches where the lower-case pass matched.
+UNRELAYED_FIELDS = re.compile(rb"\r\n(?:%s):[^\r]*" % _UNRELAYED_NAMES, re.IGNORECASE)
 # What a Connection value names, by value (most answers say "keep-alive"); bounded.
 _NAMED: dict[bytes, frozenset[bytes]] = {}
 _NAMED_MAX = 64
+_NOTHING_NAMED: frozenset[bytes] = frozenset()
 
 
 class Pool(Protocol):
@@ -121,10 +124,8 @@ class H1Response:
     __slots__ = (
         "_closed",
         "_conn",
-        "_done",
         "_error",
         "_fields",
-        "_final",
         "_head_at",
         "_headers",
         "_heads",
@@ -140,7 +141,9 @@ class H1Response:
         "_until_close",
         "_waiter",
         "_whole",
-        "cuts",
+        "done",
+        "failed",
+        "final",
         "length",
         "listener",
         "named",
@@ -167,15 +170,17 @@ class H1Response:
         self._fields: list[tuple[bytes, bytes]] | None = None
         self._headers: CIMultiDictProxy[str] | None = None
         self.length: int | None = None  # the final head's Content-Length, if it has one
-        self.named: frozenset[bytes] = frozenset()  # what its Connection fields name
-        self.cuts: list[tuple[int, int]] = []  # where its UNRELAYED fields stand in it
+        self.named: frozenset[bytes] = _NOTHING_NAMED  # what its Connection fields name
         # Told of every news (bytes, the end, an error) when no one awaits it: the lean
         # front's express lane (`express.py`) reads answers so, with no task.
         self.listener: Callable[[], None] | None = None
         self._timed_out = False
         self._interim = False  # in a 1xx interim answer, skipped
-        self._final = False  # the final head is parsed: status, reason, headers are set
-        self._done = False  # the whole answer is parsed
+        # Read by the caller, written here only (attributes, not properties: the express
+        # lane reads them at every news).
+        self.final = False  # the final head is parsed: status, reason, headers are set
+        self.done = False  # the whole answer is parsed
+        self.failed = False  # a wait for it would raise: parse error, cut, or timed out
         self._keep = False
         self._until_close = False
         self._stray = False  # bytes came past the answer
@@ -190,7 +195,7 @@ class H1Response:
     # -- fed by the connection ----------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        if self._done:
+        if self.done:
             self._stray = True  # the stream is out of step: never reused
             return
         if self._error is not None:
@@ -199,25 +204,27 @@ class H1Response:
             if self._parser is None:
                 return  # released: nothing is read any more
             if self._heads is None:
-                if not self._final:
+                if not self.final:
                     self._raw += data  # the first piece is kept, not copied
                 self._parser.feed_data(data)
             else:
                 self._feed_heads(data)
-            if not self._final:  # all heads of one answer are bounded, interim ones too
+            if not self.final:  # all heads of one answer are bounded, interim ones too
                 uncut = len(self._heads) if self._heads is not None else 0
                 if len(self._raw) + uncut > MAX_HEAD_BYTES:
                     raise httptools.HttpParserError("head too large")
         except httptools.HttpParserUpgrade:
             # Never asked for (the router sends no Upgrade): what follows is not HTTP.
             self._error = httptools.HttpParserError("the answer switched protocols")
+            self.failed = True
         except httptools.HttpParserError as exc:
-            if self._done:
+            if self.done:
                 self._stray = True  # not a valid answer after ours: bytes past the answer
             else:
                 # A check of ours raised in a callback: llhttp reports "callback error".
                 own = exc.__context__
                 self._error = own if isinstance(own, httptools.HttpParserError) else exc
+                self.failed = True
         if self._queued > _HIGH_WATER and self._conn is not None:
             self._conn.pause()
         self._wake(True)
@@ -230,7 +237,7 @@ class H1Response:
         pending = self._heads
         assert pending is not None
         pending += data
-        while not self._final:
+        while not self.final:
             end = pending.find(b"\r\n\r\n")
             if end < 0:
                 return
@@ -244,18 +251,19 @@ class H1Response:
 
     def ended(self, exc: Exception | None) -> None:
         """EOF (None) or the connection lost (`exc` when reset)."""
-        if self._done or self._closed is not None:
+        if self.done or self._closed is not None:
             return
-        if exc is None and self._final and self._until_close:
-            self._done = True  # a body framed by the close: this was its end
+        if exc is None and self.final and self._until_close:
+            self.done = True  # a body framed by the close: this was its end
         else:
             self._closed = Closed(exc)  # a reset: we cannot tell the end from a cut
+            self.failed = True
         self._wake(True)
 
     # -- httptools' callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._done:
+        if self.done:
             self._stray = True
             raise httptools.HttpParserError("bytes past the answer")  # stop parsing them
 
@@ -286,12 +294,12 @@ class H1Response:
             self._head_at = end
             return
         self.status = status
-        self._final = True
+        self.final = True
         self.raw_head = raw[at:end]
         self._raw = b""
         chunked = self._framing()
         if self._heads is not None:
-            self._done = True  # RFC 9112 6.3 rule 1: a HEAD answer ends with its head
+            self.done = True  # RFC 9112 6.3 rule 1: a HEAD answer ends with its head
             self._keep = _persists(raw[at + 7] == _ZERO, self.named)
             return
         self._keep = parser.should_keep_alive()
@@ -311,7 +319,7 @@ class H1Response:
         if self._interim:
             self._interim = False
         else:
-            self._done = True
+            self.done = True
 
     # -- read by the caller ---------------------------------------------------------------------
 
@@ -343,49 +351,28 @@ class H1Response:
             self._headers = CIMultiDictProxy(md)
         return self._headers
 
-    @property
-    def final(self) -> bool:
-        """The final head is parsed."""
-        return self._final
-
-    @property
-    def done(self) -> bool:
-        """The whole answer is parsed."""
-        return self._done
-
-    @property
-    def failed(self) -> bool:
-        """A wait for it would raise: a parse error, the connection cut, or timed out."""
-        return self._error is not None or self._closed is not None or self._timed_out
-
     def time_out(self) -> None:
         """The read timeout ran out while nobody waited (the express lane's own timer):
         the next wait raises it, as a wait that timed out itself would have."""
-        self._timed_out = True
+        self._timed_out = self.failed = True
         self._wake(False)
 
     async def head(self) -> None:
         """Until the final head is parsed."""
-        while not self._final:
+        while not self.final:
             await self._wait(Phase.HEAD)
 
     def _framing(self) -> bool:
-        """The final head's Content-Length, what its Connection fields name, where its
-        unrelayed fields stand, and whether its body is chunked (the last transfer coding,
-        RFC 9112 6.3 rule 4, as llhttp judges it); with neither a length nor chunks, the
-        body runs until the close."""
+        """The final head's Content-Length, what its Connection fields name, and whether
+        its body is chunked (the last transfer coding, RFC 9112 6.3 rule 4, as llhttp judges
+        it); with neither a length nor chunks, the body runs until the close."""
         connection = codings = b""
-        cuts = self.cuts
-        for m in _UNRELAYED_LINES.finditer(self.raw_head.lower()):
-            cuts.append(m.span())
-            name = m.group(1)
+        for name, value in _UNRELAYED_LINES.findall(self.raw_head.lower()):
             if name == b"content-length":
-                self.length = int(m.group(2))  # llhttp has checked it is one number
+                self.length = int(value)  # llhttp has checked it is one number
             elif name == b"connection":
-                value = m.group(2)
                 connection += b"," + value if connection else value
             elif name == b"transfer-encoding":
-                value = m.group(2)
                 codings += b"," + value if codings else value
         if connection:
             named = _NAMED.get(connection)
@@ -405,7 +392,7 @@ class H1Response:
 
     async def read(self) -> bytes:
         if self._whole is None:
-            if self._done:
+            if self.done:
                 # The common case: the whole answer came with the head. No future, no task.
                 self._whole = self._take() if self._pieces else b""
             else:
@@ -417,7 +404,7 @@ class H1Response:
             while True:
                 if self._pieces:
                     yield self._take()
-                elif self._done or self._conn is None:
+                elif self.done or self._conn is None:
                     return
                 else:
                     await self._wait(Phase.BODY)
@@ -433,7 +420,7 @@ class H1Response:
         self._conn = None
         conn.answer = None
         # Bytes past the answer mean the stream is out of step: never reuse it.
-        if self._done and self._keep and not (self._pieces or self._stray or conn.closed):
+        if self.done and self._keep and not (self._pieces or self._stray or conn.closed):
             conn.pool.put(conn)
         else:
             conn.pool.drop(conn)
@@ -443,8 +430,9 @@ class H1Response:
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         pieces.clear()
         self._queued = 0
-        if self._conn is not None:
-            self._conn.resume()
+        conn = self._conn
+        if conn is not None and conn.paused:
+            conn.resume()
         return data
 
     async def _wait(self, phase: Phase) -> None:
@@ -496,4 +484,4 @@ def _persists(http10: bool, named: frozenset[bytes]) -> bool:
     return b"keep-alive" in named if http10 else b"close" not in named
 
 
-__all__ = ["MAX_HEAD_BYTES", "Conn", "H1Response", "Pool", "head_fields"]
+__all__ = ["MAX_HEAD_BYTES", "UNRELAYED_FIELDS", "Conn", "H1Response", "Pool", "head_fields"]

@@ -42,11 +42,9 @@ from .exchange import (
     forward_fields,
     read_fields,
 )
-from .express import Express, Lane
-from .express import Request as ExpressRequest
+from .express import Express, Lane, Request
 from .h1 import LeanForwarder
 from .logging import CURRENT_REQUEST
-from .proxy import Call, Sent
 from .refusals import (
     SERVED_VERSIONS,
     coding_refusal,
@@ -80,20 +78,6 @@ class _Refused(Exception):
 
     def __init__(self, rejected: RequestRejected) -> None:
         self.rejected = rejected
-
-
-@dataclass(slots=True)
-class _Request:
-    inbound: Inbound
-    match: Match
-    started: float
-    keep_alive: bool
-    http10: bool
-    method: bytes
-    target: bytes  # the path and query as the caller sent them
-    fields: bytes  # the header lines as they go upstream (see `forward_fields`)
-    call: Call | None = None  # prepared by the express lane
-    sent: Sent | None = None  # ...and the attempt it made
 
 
 @dataclass(slots=True)
@@ -271,14 +255,12 @@ class LeanConnection(asyncio.Protocol):
         "_continue",
         "_deadline",
         "_express",
-        "_fields",
         "_head_bytes",
         "_head_done_at",
         "_headers",
         "_lent",
         "_lingering",
         "_loop",
-        "_method",
         "_mine",
         "_parser",
         "_paused",
@@ -286,9 +268,9 @@ class LeanConnection(asyncio.Protocol):
         "_peer_bytes",
         "_pending",
         "_queue",
+        "_request",
         "_server",
         "_started",
-        "_target",
         "_timer",
         "_transport",
         "_url",
@@ -314,7 +296,7 @@ class LeanConnection(asyncio.Protocol):
         self._chunked = False
         self._asks_connection = False  # the request may ask for its persistence
         self._continue = False  # a 100 Continue owed once the answers before it are out
-        self._queue: deque[_Request | _Lend | _Refusal] = deque()
+        self._queue: deque[Request | _Lend | _Refusal] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None  # the idle worker waits on it
         self._busy = False  # a request is being answered
@@ -330,8 +312,7 @@ class LeanConnection(asyncio.Protocol):
         self._lent: Lent | None = None
         self._started = 0.0
         self._pending: Inbound | None = None
-        self._fields = b""
-        self._method = self._target = b""  # the request's, as they came
+        self._request: Request | None = None  # the proxied request being read
         self._express: Express | None = None  # a request on the express lane
 
     # -- the transport -------------------------------------------------------------------
@@ -365,7 +346,7 @@ class LeanConnection(asyncio.Protocol):
         # A request being answered finishes (its upstream answer is released); nothing
         # more is read or written.
         for item in self._queue:
-            if isinstance(item, _Request):
+            if isinstance(item, Request):
                 _drop(item)
         self._queue.clear()
 
@@ -427,10 +408,9 @@ class LeanConnection(asyncio.Protocol):
         self._body = []
         self._body_bytes = 0
         self._mine = None
-        self._chunked = False
         self._started = time.perf_counter()
         self._begun_at = self._loop.time()
-        self._disarm()  # the idle connection's keep-alive clock stops
+        self._deadline = _NEVER  # the idle connection's keep-alive clock stops (`_disarm`)
 
     def on_url(self, url: bytes) -> None:
         have = self._url
@@ -457,7 +437,7 @@ class LeanConnection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        raw_method = self._method = self._parser.get_method()
+        raw_method = self._parser.get_method()
         method = raw_method.decode("ascii")
         if method == "CONNECT":  # a tunnel: llhttp completes it as a message, then upgrades
             raise _rejected(400, "upgrade_refused", "the router does not open tunnels (CONNECT)")
@@ -474,7 +454,7 @@ class LeanConnection(asyncio.Protocol):
             # where the request goes. A fragment never goes anywhere.
             raw_path, raw_query = parsed.path or b"/", parsed.query
         # The target as it goes upstream: path and query as sent (a fragment never goes).
-        self._target = raw_path + b"?" + raw_query if raw_query else raw_path
+        target = raw_path + b"?" + raw_query if raw_query else raw_path
         path = raw_path.decode(*CODEC)
         query = raw_query.decode(*CODEC) if raw_query else ""
         try:
@@ -491,9 +471,18 @@ class LeanConnection(asyncio.Protocol):
             has_body = self._check_unusual(fields, has_body)
         else:
             self._chunked = self._asks_connection = False
-        self._pending = Inbound(method, path, query, None, b"", self._peer, raw=self._headers)
-        if self._mine is not None and self._server.lane is not None:
-            self._fields = forward_fields(fields, self._peer_bytes)
+        mine = self._mine
+        if mine is None:
+            self._pending = Inbound(method, path, query, None, b"", self._peer, raw=self._headers)
+            self._request = None
+        else:
+            lane_fields = (
+                forward_fields(fields, self._peer_bytes) if self._server.lane is not None else b""
+            )
+            self._pending = self._request = Request(
+                method, path, query, self._peer, self._headers, mine, self._started,
+                raw_method, target, lane_fields,
+            )  # fmt: skip
         if has_body:
             self._head_done_at = self._loop.time()
 
@@ -530,11 +519,11 @@ class LeanConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._head_bytes = 0
         self._continue = False  # the body came: no 100 is owed any more
-        self._disarm()
+        self._deadline = _NEVER  # `_disarm`
         if self._server.closing:
             # Read while the router stops: not sent anywhere, and the caller hears so
             # (past the drain nobody would answer it).
-            self._pending = None
+            self._pending = self._request = None
             self._refuse(shutdown_cut())
             return
         inbound = self._pending
@@ -550,22 +539,21 @@ class LeanConnection(asyncio.Protocol):
         version = "1.1" if persists and not self._asks_connection else parser.get_http_version()
         if version not in SERVED_VERSIONS:
             raise _Refused(not_served(version))  # answered, and nothing sent
-        if self._mine is None:
+        item = self._request
+        if item is None:
             raw = request_bytes(inbound.method, bytes(self._url), version, self._headers, body)
             self._queue.append(_Lend(raw, keep, inbound.method == "HEAD"))
         else:
-            inbound.body = body
-            method, target = self._method, self._target
-            item = _Request(
-                inbound, self._mine, self._started, keep, version == "1.0", method, target,
-                self._fields,
-            )  # fmt: skip
+            self._request = None
+            item.body = body
+            item.keep_alive = keep
+            item.http10 = version == "1.0"
             lane = self._server.lane
             if (
                 lane is not None
                 and not self._queue
                 and not self._busy
-                and method != b"HEAD"  # its answer announces a body it has not: the full way
+                and item.raw_method != b"HEAD"  # its answer announces a body it has not
                 and (self._writable is None or self._writable.done())
                 and self._express_start(lane, item)
             ):
@@ -578,7 +566,7 @@ class LeanConnection(asyncio.Protocol):
 
     # -- answering, in order -------------------------------------------------------------
 
-    def _express_start(self, lane: Lane, item: _Request) -> bool:
+    def _express_start(self, lane: Lane, item: Request) -> bool:
         """Whether the request is taken: on the express lane, or answered already."""
         got = lane.start(self, item)
         if got is None:
@@ -615,12 +603,13 @@ class LeanConnection(asyncio.Protocol):
         if self._queue:
             self._kick()  # what was pipelined behind it
         elif not self._head_bytes:
-            self._arm(self._server.server_cfg.keepalive_timeout_s, "keepalive_timeout")
+            keepalive_s = self._server.server_cfg.keepalive_timeout_s
+            self._arm_at(self._loop.time() + keepalive_s, "keepalive_timeout")
 
-    def express_fallback(self, request: ExpressRequest) -> None:
+    def express_fallback(self, request: Request) -> None:
         """The express lane hands the request over: answered first, by the worker, which
         counts as in flight from now (a shutdown waits for it)."""
-        assert isinstance(request, _Request)
+        assert isinstance(request, Request)
         self._express = None
         self._busy = False
         if self._closed:
@@ -682,7 +671,7 @@ class LeanConnection(asyncio.Protocol):
                     task = asyncio.current_task(self._loop)
                     assert task is not None
                     router.inflight.add(task)
-                    token = CURRENT_REQUEST.set(RequestId(item.inbound))
+                    token = CURRENT_REQUEST.set(RequestId(item))
                     try:
                         keep = await self._answer(item)
                     finally:
@@ -730,12 +719,12 @@ class LeanConnection(asyncio.Protocol):
             self._lent = None
         return keep and item.keep_alive and not self._server.closing
 
-    async def _answer(self, item: _Request) -> bool:
+    async def _answer(self, item: Request) -> bool:
         """Answer one request; whether the connection stays open."""
         head_sent = False
         try:
             answer: Answer = await self._server.proxy.answer(
-                item.inbound, item.match, item.started, call=item.call, sent=item.sent
+                item, item.match, item.started, call=item.call, sent=item.sent
             )
             keep = item.keep_alive and not self._server.closing
             if isinstance(answer, Reply):
@@ -761,12 +750,12 @@ class LeanConnection(asyncio.Protocol):
                 self._write_reply(error_reply(failed), item, False)
             return False
 
-    def _write_reply(self, reply: Reply, item: _Request | None, keep: bool) -> None:
+    def _write_reply(self, reply: Reply, item: Request | None, keep: bool) -> None:
         transport = self._transport
         if transport is None or self._closed:
             return
         http10 = item is not None and item.http10
-        head_only = item is not None and item.inbound.method == "HEAD"
+        head_only = item is not None and item.method == "HEAD"
         head = answer_head(
             reply.status,
             reply.reason,
@@ -784,13 +773,13 @@ class LeanConnection(asyncio.Protocol):
         if self._transport is not None:
             linger(self._transport)
 
-    async def _stream(self, answer: Streamed, item: _Request, keep: bool) -> bool:
+    async def _stream(self, answer: Streamed, item: Request, keep: bool) -> bool:
         up = answer.upstream
         transport = self._transport
         try:
             if transport is None or self._closed:
                 return False
-            bodyless = item.inbound.method == "HEAD" or up.status in BODYLESS_STATUSES
+            bodyless = item.method == "HEAD" or up.status in BODYLESS_STATUSES
             headers = answer_headers(up)
             if bodyless:
                 transport.write(
@@ -894,7 +883,7 @@ class LeanConnection(asyncio.Protocol):
         self._refuse(RequestRejected(408, "request_timeout", "the request did not arrive in time"))
 
 
-def _drop(item: _Request) -> None:
+def _drop(item: Request) -> None:
     """A queued request that will not be answered: an attempt the express lane made is
     released (its connection dropped, its pool slot freed)."""
     if item.sent is not None:

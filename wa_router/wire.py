@@ -9,7 +9,7 @@ from http import HTTPStatus
 
 from multidict import CIMultiDict
 
-from .h1response import UNRELAYED
+from .h1response import UNRELAYED, UNRELAYED_FIELDS
 
 BODYLESS_STATUSES = frozenset({204, 304})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -74,7 +74,6 @@ def chunk(data: bytes) -> bytes:
 def relay_head(
     status: int,
     head: bytes,
-    cuts: list[tuple[int, int]],
     named: frozenset[bytes],
     length: int,
     close: bool,
@@ -82,23 +81,13 @@ def relay_head(
     http10_keep_alive: bool = False,
 ) -> bytes:
     """The head of an instance's answer read whole, as bytes from its bytes (`head` as
-    llhttp parsed it, status line to blank line; `cuts`, where its hop-by-hop and framing
-    fields stand, `H1Response.cuts`): its fields less those and the ones its Connection
-    names (`named`), and our own framing. The same answer as `answer_head` writes for
-    `exchange.buffered`, without decoding anything (but for the whitespace around a value,
-    which goes as it came)."""
-    line_end = head.index(b"\r\n")
-    if cuts:
-        parts = []
-        at = 0
-        for start, end in cuts:
-            parts.append(head[at:start])
-            at = end
-        parts.append(head[at:-2])
-        kept = b"".join(parts)
-    else:
-        kept = head[:-2]
-    if line_end <= 13 or not head.startswith(b"HTTP/1.1 "):
+    llhttp parsed it, status line to blank line): its fields less the hop-by-hop and framing
+    ones (`UNRELAYED_FIELDS`) and the ones its Connection names (`named`), and our own
+    framing. The same answer as `answer_head` writes for `exchange.buffered`, without
+    decoding anything (but for the whitespace around a value, which goes as it came)."""
+    kept = UNRELAYED_FIELDS.sub(b"", head)[:-2]
+    line_end = kept.index(b"\r\n")
+    if line_end <= 13 or not kept.startswith(b"HTTP/1.1 "):
         # HTTP/1.0, or no reason: our status line ("HTTP/1.1 200 OK" has the reason from
         # its 14th byte).
         reason = head[13:line_end] or reason_phrase(status).encode()

@@ -123,7 +123,7 @@ def test_the_relayed_head_is_the_full_paths(
     answer = parsed(status, reason, RESPONSE_HEADS[case], body)
     full = buffered(answer, answer.body())
     want = answer_head(full.status, full.reason, full.headers, len(body), close)
-    got = relay_head(answer.status, answer.raw_head, answer.named, len(body), close)
+    got = relay_head(answer.status, answer.kept_head, answer.named, len(body), close)
     assert got == want
 
 

@@ -251,7 +251,7 @@ class Express:
         keep = req.keep_alive and not lane.closing.closing
         head = relay_head(
             answer.status,
-            answer.raw_head,
+            answer.kept_head,
             answer.named,
             len(body),
             not keep,

@@ -39,15 +39,14 @@ _ZERO_OR_ONE = (_ZERO, _ONE)
 _CR_LF = (ord("\r"), ord("\n"))
 # The fields of a head that frame it or are hop-by-hop (RFC 9110 7.6.1): a proxy relays
 # none of them as they came. Found as they stand in a head llhttp has checked ("\r\nName:
-# value", no space before the colon, no folding), in one pass over the head in lower case
-# (the same length, so the spans are the head's; matched so, the regex runs faster than
-# with IGNORECASE, and every value it reads is compared in lower case anyway).
+# value", no space before the colon, no folding), by one split of the head at them: the
+# pieces between are the relayed head, and each cut gives its name and value. (One call:
+# it costs less than a lower-case pass for the values plus another to cut them out.)
 UNRELAYED = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length"}
-_UNRELAYED_NAMES = b"|".join(re.escape(n) for n in sorted(UNRELAYED))
-_UNRELAYED_LINES = re.compile(rb"\r\n(%s):[ \t]*([^\r]*)" % _UNRELAYED_NAMES)
-# The same lines in a head as it came, to cut them out of it in one call (`wire.relay_head`):
-# bytes patterns fold ASCII case only, so it matches where the lower-case pass matched.
-UNRELAYED_FIELDS = re.compile(rb"\r\n(?:%s):[^\r]*" % _UNRELAYED_NAMES, re.IGNORECASE)
+_UNRELAYED_SPLIT = re.compile(
+    rb"\r\n(%s):[ \t]*([^\r]*)" % b"|".join(re.escape(n) for n in sorted(UNRELAYED)),
+    re.IGNORECASE,  # bytes patterns fold ASCII case only
+)
 # What a Connection value names, by value (most answers say "keep-alive"); bounded.
 _NAMED: dict[bytes, frozenset[bytes]] = {}
 _NAMED_MAX = 64
@@ -144,6 +143,7 @@ class H1Response:
         "done",
         "failed",
         "final",
+        "kept_head",
         "length",
         "listener",
         "named",
@@ -151,6 +151,10 @@ class H1Response:
         "status",
     )
     status: int
+    # The callbacks it does not have, said so: httptools looks each one up when a parser is
+    # made (one per answer), and a lookup that fails raises and clears an AttributeError
+    # (~4 of them per answer, about 5% of the request's instructions).
+    on_header = on_status = on_chunk_header = on_chunk_complete = None
 
     def __init__(self, conn: Conn, method: str, read_s: float) -> None:
         self._conn: Conn | None = conn
@@ -167,6 +171,7 @@ class H1Response:
         self._raw = b""
         self._head_at = 0
         self.raw_head = b""  # the final head, status line to blank line
+        self.kept_head = b""  # ...less its UNRELAYED fields and its blank line
         self._fields: list[tuple[bytes, bytes]] | None = None
         self._headers: CIMultiDictProxy[str] | None = None
         self.length: int | None = None  # the final head's Content-Length, if it has one
@@ -367,12 +372,17 @@ class H1Response:
         its body is chunked (the last transfer coding, RFC 9112 6.3 rule 4, as llhttp judges
         it); with neither a length nor chunks, the body runs until the close."""
         connection = codings = b""
-        for name, value in _UNRELAYED_LINES.findall(self.raw_head.lower()):
+        parts = _UNRELAYED_SPLIT.split(self.raw_head)  # kept, name, value, kept, ...
+        self.kept_head = b"".join(parts[::3])[:-2]
+        for name, value in zip(parts[1::3], parts[2::3], strict=True):
+            name = name.lower()
             if name == b"content-length":
                 self.length = int(value)  # llhttp has checked it is one number
             elif name == b"connection":
+                value = value.lower()
                 connection += b"," + value if connection else value
             elif name == b"transfer-encoding":
+                value = value.lower()
                 codings += b"," + value if codings else value
         if connection:
             named = _NAMED.get(connection)
@@ -484,4 +494,4 @@ def _persists(http10: bool, named: frozenset[bytes]) -> bool:
     return b"keep-alive" in named if http10 else b"close" not in named
 
 
-__all__ = ["MAX_HEAD_BYTES", "UNRELAYED_FIELDS", "Conn", "H1Response", "Pool", "head_fields"]
+__all__ = ["MAX_HEAD_BYTES", "Conn", "H1Response", "Pool", "head_fields"]

@@ -9,7 +9,7 @@ from http import HTTPStatus
 
 from multidict import CIMultiDict
 
-from .h1response import UNRELAYED, UNRELAYED_FIELDS
+from .h1response import UNRELAYED
 
 BODYLESS_STATUSES = frozenset({204, 304})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -73,24 +73,24 @@ def chunk(data: bytes) -> bytes:
 
 def relay_head(
     status: int,
-    head: bytes,
+    kept: bytes,
     named: frozenset[bytes],
     length: int,
     close: bool,
     *,
     http10_keep_alive: bool = False,
 ) -> bytes:
-    """The head of an instance's answer read whole, as bytes from its bytes (`head` as
-    llhttp parsed it, status line to blank line): its fields less the hop-by-hop and framing
-    ones (`UNRELAYED_FIELDS`) and the ones its Connection names (`named`), and our own
-    framing. The same answer as `answer_head` writes for `exchange.buffered`, without
-    decoding anything (but for the whitespace around a value, which goes as it came)."""
-    kept = UNRELAYED_FIELDS.sub(b"", head)[:-2]
+    """The head of an instance's answer read whole, as bytes from its bytes (`kept`: its
+    head as llhttp parsed it less the hop-by-hop and framing fields and the blank line,
+    `H1Response.kept_head`): those fields, less the ones its Connection names (`named`),
+    and our own framing. The same answer as `answer_head` writes for `exchange.buffered`,
+    without decoding anything (but for the whitespace around a value, which goes as it
+    came)."""
     line_end = kept.index(b"\r\n")
     if line_end <= 13 or not kept.startswith(b"HTTP/1.1 "):
         # HTTP/1.0, or no reason: our status line ("HTTP/1.1 200 OK" has the reason from
         # its 14th byte).
-        reason = head[13:line_end] or reason_phrase(status).encode()
+        reason = kept[13:line_end] or reason_phrase(status).encode()
         kept = b"HTTP/1.1 %d %s%s" % (status, reason, kept[line_end:])
     if named and not named <= UNRELAYED:  # Connection names fields of its own: rare
         lines = kept.split(b"\r\n")  # the status line, the fields, "" (kept ends in CRLF)

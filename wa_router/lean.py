@@ -250,7 +250,6 @@ class LeanConnection(asyncio.Protocol):
         "_body",
         "_body_bytes",
         "_busy",
-        "_chunked",
         "_closed",
         "_continue",
         "_deadline",
@@ -293,7 +292,6 @@ class LeanConnection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._mine: Match | None = None
-        self._chunked = False
         self._asks_connection = False  # the request may ask for its persistence
         self._continue = False  # a 100 Continue owed once the answers before it are out
         self._queue: deque[Request | _Lend | _Refusal] = deque()
@@ -470,7 +468,7 @@ class LeanConnection(asyncio.Protocol):
         if fields.unusual:
             has_body = self._check_unusual(fields, has_body)
         else:
-            self._chunked = self._asks_connection = False
+            self._asks_connection = False
         mine = self._mine
         if mine is None:
             self._pending = Inbound(method, path, query, None, b"", self._peer, raw=self._headers)
@@ -497,7 +495,6 @@ class LeanConnection(asyncio.Protocol):
                 raise _Refused(refused)
         if fields.chunked and (refused := coding_refusal(fields.codings)) is not None:
             raise _Refused(refused)
-        self._chunked = fields.chunked
         # Whether llhttp's persistence may come from the request itself (a trailer of a
         # chunked body may say Connection too): then its version is asked for.
         self._asks_connection = bool(fields.connection) or fields.proxy_connection or fields.chunked

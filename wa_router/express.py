@@ -259,6 +259,7 @@ class Express:
         )
         answer.release()
         self.call.answered = True
+        req.call = None  # its Call refers to it: the pair is freed now, not by the collector
         lane.stats.express["relayed"] += 1
         lane.proxy.count(self.call, answer.status, req.started)
         self.caller.express_done(head + body if body else head, keep)
@@ -298,6 +299,7 @@ class Express:
         self.answer.release()  # not read to its end: the connection is dropped
         reply = error_reply(shutdown_cut())
         self.lane.proxy.count(self.call, reply.status, self.req.started)
+        self.req.call = None  # see `on_news`
         head = answer_head(reply.status, reply.reason, reply.headers, len(reply.body), True)
         self.caller.express_done(head + reply.body, False)
 

@@ -720,8 +720,12 @@ class LeanConnection(asyncio.Protocol):
         """Answer one request; whether the connection stays open."""
         head_sent = False
         try:
+            call, sent = item.call, item.sent
+            # The Call refers to the request: unlinked, the pair is freed by reference
+            # counting when the answer is out, not by the cycle collector.
+            item.call = item.sent = None
             answer: Answer = await self._server.proxy.answer(
-                item, item.match, item.started, call=item.call, sent=item.sent
+                item, item.match, item.started, call=call, sent=sent
             )
             keep = item.keep_alive and not self._server.closing
             if isinstance(answer, Reply):
@@ -883,6 +887,7 @@ class LeanConnection(asyncio.Protocol):
 def _drop(item: Request) -> None:
     """A queued request that will not be answered: an attempt the express lane made is
     released (its connection dropped, its pool slot freed)."""
+    item.call = None  # (see `_answer`)
     if item.sent is not None:
         item.sent.response.release()
         item.sent = None

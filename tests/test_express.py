@@ -409,3 +409,22 @@ async def test_a_shutdown_waits_for_a_request_handed_over_from_the_lane(
     answer = await conn.response()
     assert answer.status == 200, answer.body
     assert answer.headers.get("Connection") == "close"  # stopping: not kept alive
+
+
+def test_a_lane_request_is_an_inbound_with_every_field_set() -> None:
+    # `express.Request` sets Inbound's fields itself (one call less per request): a field
+    # Inbound gains later must be set there too, or the proxy reading it would fail.
+    from wa_router.express import Request
+
+    match = object()
+    req = Request(
+        "GET", "/api/sessions/s1/status", "api_key=k", "127.0.0.1",
+        [(b"Host", b"h")], match, 1.0, b"GET", b"/api/sessions/s1/status?api_key=k", b"",  # type: ignore[arg-type]
+    )  # fmt: skip
+    plain = Inbound("GET", "/api/sessions/s1/status", "api_key=k", None, b"", "127.0.0.1",
+                    raw=[(b"Host", b"h")])  # fmt: skip
+    for name in Inbound.__slots__:
+        assert getattr(req, name) == getattr(plain, name), name
+    assert req.path_qs == plain.path_qs and dict(req.headers) == dict(plain.headers)
+    for name in Request.__slots__:
+        getattr(req, name)  # set: reading it does not raise

@@ -828,6 +828,32 @@ async def test_pipelined_requests_across_the_handover_are_answered_in_order(
         assert len(got) == 1 and got[0].json == json.loads(SEND_JSON)
 
 
+async def test_a_head_in_pieces_then_the_next_request_each_have_their_own_target_and_fields(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """A request's head written in pieces (its method alone, its target cut in two, a
+    fragment), then another on the same connection: each goes where its own target says,
+    with its own fields only (a request begins with its target's first bytes)."""
+    port, _ = await serve(start_router, sims)
+    sims[1].add_session("s2")
+    conn = await Conn.open(port)
+    try:
+        first = request("GET", STATUS + "#part", HOST, "X-Trace: first")
+        for at, end in ((0, 3), (3, 10), (10, 24), (24, len(first))):
+            await conn.send(first[at:end])
+        resp = await conn.response()
+        assert resp.status == 200 and resp.json()["status"] == "connected", resp
+        await conn.send(request("GET", f"/api/sessions/s2/status?api_key={API_KEY}", HOST))
+        resp = await conn.response()
+        assert resp.status == 200 and resp.json()["status"] == "connected", resp
+    finally:
+        await conn.close()
+    (one,) = forwarded(sims[0], "GET", "/api/sessions/s1/status")
+    assert one.query == {"api_key": API_KEY} and one.headers.get("X-Trace") == "first"
+    (two,) = forwarded(sims[1], "GET", "/api/sessions/s2/status")
+    assert "X-Trace" not in two.headers
+
+
 UPGRADES = {
     "websocket": (
         "Connection: Upgrade",

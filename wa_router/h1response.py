@@ -232,7 +232,13 @@ class H1Response:
                 self.failed = True
         if self._queued > _HIGH_WATER and self._conn is not None:
             self._conn.pause()
-        self._wake(True)
+        # `_wake(True)`, inline: once per answer at least.
+        w = self._waiter
+        if w is not None:
+            if not w.done():
+                w.set_result(True)
+        elif self.listener is not None:
+            self.listener()
 
     def _feed_heads(self, data: bytes) -> None:
         # A HEAD answer announces a body it does not have, and httptools gives no way to tell

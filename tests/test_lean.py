@@ -1041,6 +1041,34 @@ async def test_connect_gets_one_refusal_and_reaches_nothing(
     await conn.close()
 
 
+async def test_a_refusal_after_an_idle_gap_is_timed_from_its_own_bytes(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """A request refused before its target (a bad method) is timed from when it came, not
+    from the start of the request before it on the connection: once, the idle gap between
+    them was in the rejected request's duration."""
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    try:
+        await conn.send(request("GET", STATUS, HOST))
+        assert (await conn.response()).status == 200
+        idle_s = 0.6
+        # The gap is what is under test (a caller pausing between requests), not a wait for
+        # something to happen: nothing is expected of the router during it.
+        await asyncio.sleep(idle_s)
+        await conn.send(b"BREW / HTTP/1.1\r\nHost: r\r\n\r\n")
+        await conn.refused(400, "bad_request")
+    finally:
+        await conn.close()
+    resp, _ = await exchange(port, request("GET", "/metrics", HOST, "Connection: close"))
+    lines = resp.body.decode().splitlines()
+    name = "wa_router_request_duration_seconds"
+    count = [v for v in lines if v.startswith(f'{name}_count{{route_kind="rejected"}}')]
+    total = [v for v in lines if v.startswith(f'{name}_sum{{route_kind="rejected"}}')]
+    assert [float(v.rsplit(" ", 1)[1]) for v in count] == [1.0], lines
+    assert float(total[0].rsplit(" ", 1)[1]) < idle_s / 2, total
+
+
 async def test_http10_keep_alive_is_said_on_a_head_answer(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:

@@ -538,6 +538,9 @@ class LeanConnection(asyncio.Protocol):
         version = "1.1" if persists and not self._asks_connection else parser.get_http_version()
         if version not in SERVED_VERSIONS:
             raise _Refused(not_served(version))  # answered, and nothing sent
+        # The request carries its start from here on; a request refused before its target
+        # (a bad method next on this connection) must not be timed from this one's start.
+        self._started = 0.0
         item = self._request
         if item is None:
             raw = request_bytes(inbound.method, bytes(url), version, headers, body)

@@ -113,21 +113,34 @@ async def _run(
 ) -> None:
     """Serve until SIGTERM/SIGINT, then stop as aiohttp's run_app does: the listener closed,
     idle connections closed, the app's drain (the grace), what is left cut."""
+    loop = asyncio.get_running_loop()
+    router = app[ROUTER]
+    serving = False
+
+    def hup() -> None:
+        # SIGHUP (logrotate, systemctl reload) re-reads the config instead of ending the
+        # process; until the router serves it is kept, as `serve` keeps it before the loop.
+        if serving:
+            reload(router, config_path)
+        else:
+            asked.append(signal.SIGHUP)
+
+    # The loop takes SIGHUP first, before it has a wakeup fd for any other signal: a SIGHUP
+    # once reached both `serve`'s early handler and, through that fd, the loop's, and one
+    # signal reloaded twice. Now both only keep it until the router serves.
+    loop.add_signal_handler(signal.SIGHUP, hup)
     # The grace is applied by the app's drain; shutdown_timeout only bounds aiohttp's last
     # wait for its own connections.
     runner = RouterRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
         await web.SockSite(runner, sock).start()
-        # SIGHUP (logrotate, systemctl reload) re-reads the config instead of ending the
-        # process; one that came while starting is applied now.
-        loop.add_signal_handler(signal.SIGHUP, reload, app[ROUTER], config_path)
-        if asked:
-            reload(app[ROUTER], config_path)
+        serving = True
+        if asked:  # one or more that came while starting: applied once, now
+            reload(router, config_path)
         await stop.wait()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):

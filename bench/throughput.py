@@ -241,7 +241,10 @@ class Bench:
             return
         port, cores = self.ports[INSTANCES], self.cores.of(setup.workers)
         env = {k: v for k, v in os.environ.items() if not k.startswith("WA_ROUTER_")}
-        # PYTHONPATH comes before the editable install's finder: a baseline tree wins.
+        # Which wa_router runs is PYTHONPATH's say alone: `python -P` keeps the working
+        # directory (the repo, `Proc`'s cwd) off the front of sys.path, where it shadowed
+        # a baseline tree (so `wa-base` once ran the working tree), and PYTHONPATH comes
+        # before the editable install's finder.
         env["PYTHONPATH"] = str(setup.tree or c.REPO)
         if setup.proxy == "nginx":
             proc = self._nginx(
@@ -253,11 +256,11 @@ class Bench:
                     "naive": "from bench.throughput import naive_proxy as run",
                     "floor": "from bench.floor import floor_proxy as run",
                 }[setup.proxy]
-                argv = [sys.executable, "-c", f"import sys; {code}; run(sys.argv)"]
+                argv = [sys.executable, "-P", "-c", f"import sys; {code}; run(sys.argv)"]
                 argv += [str(port), first]
             else:
                 conf = self._wa_conf(port, setup.front)
-                argv = [sys.executable, "-m", "wa_router.cli", "serve", "-c", conf]
+                argv = [sys.executable, "-P", "-m", "wa_router.cli", "serve", "-c", conf]
                 argv += ["--loop", setup.loop, "--workers", str(setup.workers)]
             proc = c.Proc(setup.key, [*c.pinned(cores, self.cores.taskset), *argv], self.tmp, env)
         url = f"http://127.0.0.1:{port}"

@@ -42,9 +42,12 @@ def verify(
         raise _unauthorized("future_timestamp", f"{TIMESTAMP} is ahead by over {window_s:g} s")
     # Compare with every secret (rotation), constant-time each (RFC 2104 says nothing of
     # timing; hmac.compare_digest is what keeps the comparison from leaking a prefix).
+    # On bytes: compare_digest refuses a str that is not ASCII (a TypeError, once a 500),
+    # and a header may carry any byte (surrogatepass encodes every str).
+    presented = sig.encode("utf-8", "surrogatepass")
     good = False
     for secret in secrets:
-        good |= hmac.compare_digest(sign(secret, ts_raw, body), sig)
+        good |= hmac.compare_digest(sign(secret, ts_raw, body).encode(), presented)
     if not good:
         raise _unauthorized("bad_signature", "the signature does not match the body")
     return ts

@@ -111,6 +111,19 @@ CASES = [
         error="Session not connected. Current status: qr_scanning",
     ),
     Case(
+        # Once a 404 "on none of the instances asked", which a caller takes for "gone".
+        "unknown session, its QR not scanned yet: sent where it is, its own 400 the answer",
+        {
+            "node-0": elsewhere(),
+            "node-1": {SEND: NOT_CONNECTED, STATUS: SCANNING},
+            "node-2": elsewhere(),
+        },
+        400,
+        ["node-1"],
+        error="Session not connected. Current status: qr_scanning",
+        owner=None,
+    ),
+    Case(
         "unknown session: looked for, then sent where it is",
         {"node-0": elsewhere(), "node-1": elsewhere(), "node-2": {SEND: SENT, STATUS: CONNECTED}},
         200,

@@ -132,7 +132,14 @@ class Resolver:
             # Only suspect (one failed connect, say) and nobody else has the session:
             # trying it beats answering "not found" for a live session.
             return Known(owner=believed.name), found
-        return Known(expected_back=self._expected_back(session, believed, found)), found
+        if self._expected_back(session, believed, found):
+            return Known(expected_back=True), found
+        if found.owner is not None and found.owner.name != excluded:
+            # It holds the session, not connected and not about to be (its QR not scanned
+            # yet): it says so itself, and its check comes before anything is sent. Its
+            # answer, not a 404 "on none of the instances asked" that reads as "gone".
+            return Known(owner=found.owner.name), found
+        return Known(), found
 
     def _usable(self, name: str | None) -> Instance | None:
         inst = self.pool.get(name) if name is not None else None

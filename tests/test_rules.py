@@ -71,6 +71,10 @@ def route(
         ("GET", "/api/sessions/a%40b/status", None, ("session", "a@b", 60)),
         ("GET", "/nothing/here", None, ("no_rule", None, 0)),
         ("POST", "/health", None, ("no_rule", None, 0)),
+        # HEAD is GET without the content (RFC 9110 9.3.2): wherever GET goes, HEAD goes.
+        ("HEAD", "/api/sessions", None, ("pool_list", None, 60)),
+        ("HEAD", "/api/messages/s3/validate", None, ("session", "s3", 30)),
+        ("HEAD", "/api/sessions/s1/status", None, ("session", "s1", 60)),
     ],
 )
 def test_blazz_rules(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -99,6 +99,10 @@ class PoolRoutes:
                 "no instance of the pool can take this request now",
                 errors=skipped,
             )
+        if caller.method == "HEAD":
+            # The merge needs each instance's list: asked with GET, the body left out of
+            # the answer by aiohttp (RFC 9110 9.3.2).
+            caller = replace(caller, method="GET")
         answers = await self._ask(targets, caller, self._probe_timeout_s)
         for a in answers:
             if a.http_status in (401, 403):

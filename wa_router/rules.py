@@ -82,10 +82,12 @@ class RuleTable:
         key = (method, n)
         found = self._by_shape.get(key)
         if found is None:
+            # HEAD is GET without the content (RFC 9110 9.3.2): a rule for GET takes it.
+            methods = (method, "GET") if method == "HEAD" else (method,)
             found = tuple(
                 r
                 for r in self.rules
-                if (not r.methods or method in r.methods)
+                if (not r.methods or any(m in r.methods for m in methods))
                 and (n == len(r.segments) or (n > len(r.segments) and r.rest))
             )
             if len(self._by_shape) < 4096:  # methods and lengths callers make up: bounded

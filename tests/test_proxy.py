@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from multidict import CIMultiDict
+
 from wa_router.sim import SimInstance
 
 from .conftest import (
@@ -365,6 +367,23 @@ async def test_logs_carry_no_message_text_phone_or_key(
             assert secret not in out
     finally:
         structlog.reset_defaults()
+
+
+async def test_a_wait_preference_on_a_second_prefer_line_is_heard(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """`Prefer: handling=strict` then `Prefer: wait=0`: one field in two lines (RFC 9110
+    5.3). The caller that said not to wait gets its 503 at once (once, only the first line
+    was read, and it waited the whole parking time)."""
+    sims[0].add_session("quiet")
+    client, _ = await start_router(pool_config(sims))
+    body = send_body("quiet")
+    assert (await client.post("/api/messages/send", json=body)).status == 200
+    await sims[0].stop()  # its owner is down: it would wait for it
+    prefer = CIMultiDict([("Prefer", "handling=strict"), ("Prefer", "wait=0")])
+    resp = await client.post("/api/messages/send", json=body, headers=prefer)
+    doc = await resp.json()
+    assert resp.status == 503 and "Prefer: wait=0" in doc["message"], doc
 
 
 async def test_log_lines_carry_the_request_id(

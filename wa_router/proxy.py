@@ -505,7 +505,9 @@ class Proxy:
         """How long this request may wait for its session: its route's (bounded by the
         caller's own timeout for it), or less when the caller says `Prefer: wait=N`."""
         if call.wait_s is None:
-            asked = prefer_wait_s(call.request.headers.get("Prefer"))
+            # Every Prefer line (RFC 9110 5.3: lines of one field join with commas): the
+            # `wait` may be on the second (once, only the first was read).
+            asked = prefer_wait_s(", ".join(call.request.headers.getall("Prefer", ())))
             cap = call.rule.max_wait_s
             cap = self.parking_cfg.max_wait_s if cap is None else cap
             call.wait_s = cap if asked is None else min(cap, asked)

@@ -466,6 +466,21 @@ async def test_head_over_the_limit_is_refused_and_closed(
     assert nothing_forwarded(sims)
 
 
+async def test_a_lent_request_with_many_fields_under_the_head_limit_is_answered(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """200 fields, 3 KiB: under limits.max_header_bytes, so aiohttp answers it too (once,
+    its own cap of 128 fields answered a plain-text 400, its status line HTTP/1.0)."""
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    try:
+        await conn.send(request("GET", "/healthz", HOST, *(f"X-Pad-{i}: a" for i in range(200))))
+        resp = await conn.response()
+        assert (resp.status, resp.json()) == (200, {"status": "alive"}), resp
+    finally:
+        await conn.close()
+
+
 async def test_content_length_over_the_limit_is_413_before_the_body_is_sent(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:
@@ -478,6 +493,23 @@ async def test_content_length_over_the_limit_is_413_before_the_body_is_sent(
     finally:
         await conn.close()
     assert nothing_forwarded(sims)
+
+
+@pytest.mark.parametrize("path", ["/api/whatsapp/webhooks/webjs", "/api/whatsapp/accounts/active"])
+async def test_a_webhook_over_its_own_limit_is_413_before_any_100_continue(
+    sims: list[SimInstance], start_router: StartRouter, path: str
+) -> None:
+    """Webhooks and Laravel's passthrough take 1 MiB (webhooks.max_body_bytes), less than
+    the proxied routes' limit: a body over it is refused from its Content-Length (once, a
+    100 Continue asked for the 2 MB first and aiohttp refused them once read)."""
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    try:
+        head = f"POST {path} HTTP/1.1\r\n{HOST}\r\nContent-Type: application/json\r\n"
+        await conn.send(f"{head}Expect: 100-continue\r\nContent-Length: 2000000\r\n\r\n".encode())
+        await conn.refused(413, "payload_too_large")
+    finally:
+        await conn.close()
 
 
 async def test_chunked_body_growing_past_the_limit_is_413(
@@ -706,6 +738,61 @@ async def test_head_has_no_body_and_keeps_content_length(
     assert [r.method for r in forwarded(sims[0])] == ["GET", "HEAD", "GET"]
 
 
+async def test_head_goes_wherever_get_goes_pool_wide_too(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """HEAD is GET without the content (RFC 9110 9.3.2): the pool-wide list answers it
+    (once, "no route rule matches"), with no body, and the connection goes on."""
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    try:
+        listing = f"/api/sessions?api_key={API_KEY}"
+        await conn.send(request("HEAD", listing, HOST))
+        head = await conn.response(head_only=True)
+        assert head.status == 200 and head.headers["Content-Type"].startswith("application/json")
+        await conn.send(request("GET", listing, HOST))
+        got = await conn.response()
+        assert got.status == 200 and "s1" in got.body.decode(), got
+    finally:
+        await conn.close()
+
+
+HEAD_REFUSED: dict[str, tuple[bytes, int]] = {
+    "no_route": (f"HEAD /nothing HTTP/1.1\r\n{HOST}\r\n\r\n".encode(), 400),
+    "too_large": (
+        f"HEAD {STATUS} HTTP/1.1\r\n{HOST}\r\nContent-Length: 99999999\r\n\r\n".encode(),
+        413,
+    ),
+    "coding_not_served": (
+        f"HEAD {STATUS} HTTP/1.1\r\n{HOST}\r\nTransfer-Encoding: gzip\r\n\r\n".encode(),
+        501,
+    ),
+    "version_not_served": (
+        f"HEAD {STATUS} HTTP/2.0\r\n{HOST}\r\n\r\n".encode(),
+        505,
+    ),
+}
+
+
+@pytest.mark.parametrize(("raw", "status"), HEAD_REFUSED.values(), ids=HEAD_REFUSED.keys())
+async def test_a_refused_head_request_gets_a_head_and_no_body(
+    sims: list[SimInstance], start_router: StartRouter, raw: bytes, status: int
+) -> None:
+    """RFC 9110 9.3.2: an answer to HEAD has no content, refusals too (once, the JSON body
+    followed the head, and a client reads it as the next answer)."""
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    try:
+        await conn.send(raw)
+        resp = await conn.response(head_only=True)
+        assert resp.status == status, resp
+        assert resp.headers["Content-Type"].startswith("application/json")
+        assert await conn.closed()  # and nothing after the head
+    finally:
+        await conn.close()
+    assert nothing_forwarded(sims)
+
+
 async def test_expect_100_continue_gets_100_before_the_answer(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:
@@ -868,6 +955,47 @@ UPGRADES = {
     ),
     "upgrade_without_connection": ("Upgrade: websocket",),
 }
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+async def test_a_caller_that_half_closes_after_its_send_still_gets_the_answer(
+    sims: list[SimInstance], start_router: StartRouter, version: str
+) -> None:
+    """A caller may shut its sending side once its request is out and read on (RFC 9112
+    9.6). The send went to Node, so its answer must come back: lost, the caller would retry
+    and the message go out twice. (Once, the EOF closed the connection unanswered.)"""
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    try:
+        await conn.send(request("POST", SEND, HOST, body=SEND_JSON, version=version))
+        conn.writer.write_eof()
+        resp = await conn.response()
+        assert resp.status == 200 and resp.json().get("success") is True, resp
+        assert await conn.closed()
+    finally:
+        await conn.close()
+    assert len(forwarded(sims[0], "POST", SEND)) == 1
+
+
+async def test_after_a_half_close_what_came_whole_is_answered_in_order_and_the_rest_dropped(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """Pipelined: a proxied request, one aiohttp answers, and the start of a third, then
+    the caller's EOF. The two whole ones are answered in order; the third, cut short, goes
+    nowhere; then the router closes."""
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    try:
+        cut = request("GET", STATUS, HOST)[:20]
+        await conn.send(request("GET", STATUS, HOST) + request("GET", "/healthz", HOST) + cut)
+        conn.writer.write_eof()
+        first, second = await conn.response(), await conn.response()
+        assert first.json().get("status") == "connected", first
+        assert (second.status, second.json()) == (200, {"status": "alive"}), second
+        assert await conn.closed()
+    finally:
+        await conn.close()
+    assert len(forwarded(sims[0])) == 1 and nothing_forwarded(sims[1:])
 
 
 @pytest.mark.parametrize("front", ["lean", "aiohttp"])

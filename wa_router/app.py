@@ -379,6 +379,11 @@ class RouterRunner(web.AppRunner):
         limit = app[ROUTER].config.limits.max_header_bytes
         kwargs.setdefault("max_line_size", limit)
         kwargs.setdefault("max_field_size", limit)
+        if app[ROUTER].config.server.front == "lean":
+            # Nor its count of fields (128: once a plain-text 400, on HTTP/1.0): the head's
+            # size, checked already, bounds it. (aiohttp's front keeps the count: there it
+            # is what bounds a head of fields each up to the field limit.)
+            kwargs.setdefault("max_headers", limit)
         super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:

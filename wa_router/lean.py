@@ -94,6 +94,7 @@ class _Lend:
 class _Refusal:
     rejected: RequestRejected
     started: float
+    head_only: bool  # the refused request is a HEAD: its answer has no body
 
 
 def _rejected(status: int, code: str, message: str) -> _Refused:
@@ -114,6 +115,10 @@ class LeanServer:
         wh = cfg.webhooks
         self._control_exact = frozenset({"/metrics", "/healthz", "/readyz", "/admin", wh.path})
         self._control_prefixes = ("/admin/", wh.passthrough_prefix.rstrip("/") + "/")
+        # Webhooks and Laravel's passthrough take smaller bodies: refused here from their
+        # Content-Length too, before a 100 Continue asks for the body (`body_limit`).
+        self._hook_paths = (wh.path, wh.passthrough_prefix.rstrip("/") + "/")
+        self._hook_max_body = min(wh.max_body_bytes, self.max_body)
         self.connections: set[LeanConnection] = set()
         self.refused_lingering = 0  # connections past the cap, answered, still lingering
         self._refused_unlogged = 0  # ...refused since the last `connection_refused` line
@@ -145,6 +150,10 @@ class LeanServer:
         if match.rule.kind in ("pool_health", "pool_list"):
             return None
         return match
+
+    def body_limit(self, path: str) -> int:
+        """The largest body a request for `path` that aiohttp answers may have."""
+        return self._hook_max_body if path.startswith(self._hook_paths) else self.max_body
 
     def refused_connection(self) -> Reply:
         """One connection refused past the cap: its answer, counted (`wa_router_requests`,
@@ -254,6 +263,7 @@ class LeanConnection(asyncio.Protocol):
         "_closed",
         "_continue",
         "_deadline",
+        "_eof",
         "_express",
         "_head_bytes",
         "_head_done_at",
@@ -261,6 +271,7 @@ class LeanConnection(asyncio.Protocol):
         "_lent",
         "_lingering",
         "_loop",
+        "_max_body",
         "_parser",
         "_paused",
         "_peer",
@@ -291,6 +302,7 @@ class LeanConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._body: list[bytes] = []
         self._body_bytes = 0
+        self._max_body = server.max_body  # the request's own (`body_limit`)
         self._asks_connection = False  # the request may ask for its persistence
         self._continue = False  # a 100 Continue owed once the answers before it are out
         self._queue: deque[Request | _Lend | _Refusal] = deque()
@@ -306,6 +318,7 @@ class LeanConnection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._closed = False
         self._lingering = False  # answered a refusal: what arrives now is dropped
+        self._eof = False  # the caller has sent all it will: closed once answered
         self._lent: Lent | None = None
         self._started = 0.0
         self._pending: Inbound | None = None
@@ -383,6 +396,19 @@ class LeanConnection(asyncio.Protocol):
                 else:
                     self._arm_at(self._head_done_at + cfg.body_timeout_s, "body_timeout")
 
+    def eof_received(self) -> bool:
+        """The caller has sent all it will. A half-close (RFC 9112 9.6): it may still read,
+        so what it sent whole is answered first (a send relayed, its answer lost, would be
+        sent again by a caller that retries); then the connection closes. A request the EOF
+        cut short is never taken anywhere."""
+        if not (self._busy or self._queue or self._express is not None):
+            return False  # nothing owed: the transport closes
+        self._eof = True
+        self._head_bytes = 0  # a request begun is never whole now
+        self._pending = self._request = None
+        self._disarm()  # no request is read any more: no head, body or keep-alive clock
+        return True  # the transport stays open for the answers
+
     @property
     def mid_request(self) -> bool:
         """A request has begun and is not read whole yet."""
@@ -459,9 +485,11 @@ class LeanConnection(asyncio.Protocol):
             raise _Refused(exc) from None
         fields = read_fields(self._headers)
         length = fields.content_length
+        server = self._server
+        limit = self._max_body = server.max_body if mine is not None else server.body_limit(path)
         # llhttp has checked it is one number; only its size is ours to refuse.
-        if length is not None and int(length) > self._server.max_body:
-            raise _Refused(_too_large(self._server.max_body))
+        if length is not None and int(length) > limit:
+            raise _Refused(_too_large(limit))
         has_body = length is not None and length.strip() != b"0"
         if fields.unusual:
             has_body = self._check_unusual(fields, has_body)
@@ -506,8 +534,8 @@ class LeanConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
-        if self._body_bytes > self._server.max_body:
-            raise _Refused(_too_large(self._server.max_body))
+        if self._body_bytes > self._max_body:
+            raise _Refused(_too_large(self._max_body))
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -517,12 +545,11 @@ class LeanConnection(asyncio.Protocol):
         if self._server.closing:
             # Read while the router stops: not sent anywhere, and the caller hears so
             # (past the drain nobody would answer it).
-            self._pending = self._request = None
             self._refuse(shutdown_cut())
+            self._pending = self._request = None
             return
         inbound = self._pending
         assert inbound is not None
-        self._pending = None
         # What the next request gathers starts anew here (see `on_message_begin`).
         url, headers = self._url, self._headers
         self._url = b""
@@ -538,6 +565,7 @@ class LeanConnection(asyncio.Protocol):
         version = "1.1" if persists and not self._asks_connection else parser.get_http_version()
         if version not in SERVED_VERSIONS:
             raise _Refused(not_served(version))  # answered, and nothing sent
+        self._pending = None  # (kept until here: a refusal above reads its method)
         # The request carries its start from here on; a request refused before its target
         # (a bad method next on this connection) must not be timed from this one's start.
         self._started = 0.0
@@ -596,7 +624,7 @@ class LeanConnection(asyncio.Protocol):
         behind it, else the keep-alive clock: a waiting worker armed nothing since)."""
         if self._closed or self._transport is None:
             return
-        if not keep:
+        if not keep or (self._eof and not self._queue):
             self._close()
             return
         if self._continue and not self._queue:
@@ -643,7 +671,7 @@ class LeanConnection(asyncio.Protocol):
         try:
             while not self._closed:
                 if not queue:
-                    if self._server.closing:
+                    if self._server.closing or self._eof:
                         self._close()
                         return
                     if not self._head_bytes:
@@ -756,12 +784,14 @@ class LeanConnection(asyncio.Protocol):
                 self._write_reply(error_reply(failed), item, False)
             return False
 
-    def _write_reply(self, reply: Reply, item: Request | None, keep: bool) -> None:
+    def _write_reply(
+        self, reply: Reply, item: Request | None, keep: bool, *, head_only: bool = False
+    ) -> None:
         transport = self._transport
         if transport is None or self._closed:
             return
         http10 = item is not None and item.http10
-        head_only = item is not None and item.method == "HEAD"
+        head_only = head_only or (item is not None and item.method == "HEAD")
         head = answer_head(
             reply.status,
             reply.reason,
@@ -774,7 +804,7 @@ class LeanConnection(asyncio.Protocol):
 
     def _write_refusal(self, refusal: _Refusal) -> None:
         reply = self._server.proxy.refuse(refusal.rejected, refusal.started)
-        self._write_reply(reply, None, False)
+        self._write_reply(reply, None, False, head_only=refusal.head_only)
         self._disarm()
         if self._transport is not None:
             linger(self._transport)
@@ -841,10 +871,14 @@ class LeanConnection(asyncio.Protocol):
     def _refuse(self, rejected: RequestRejected) -> None:
         """Answer after what is already queued, then close; what arrives now is dropped."""
         log.info("request_refused", reason=rejected.code, status=rejected.status)
+        # llhttp knows the method once the target has begun (or the head was read whole).
+        begun = self._head_bytes > 0 or self._pending is not None
+        head_only = begun and self._parser.get_method() == b"HEAD"
         self._lingering = True
         self._head_bytes = 0
         self._disarm()
-        self._queue.append(_Refusal(rejected, self._started or time.perf_counter()))
+        started = self._started or time.perf_counter()
+        self._queue.append(_Refusal(rejected, started, head_only))
         self._kick()
 
     def _close(self) -> None:

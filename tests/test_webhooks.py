@@ -318,6 +318,26 @@ async def test_unknown_instance_url_is_not_learned_but_still_relayed(
     assert [e["data"]["session_id"] for e in laravel.events] == ["u1"]
 
 
+@pytest.mark.parametrize("session", ["a/b", "s" * 300, "a b"])
+async def test_a_session_id_no_request_may_name_is_not_learned_but_still_relayed(
+    sims: list[SimInstance],
+    laravel: Laravel,
+    start_router: StartRouter,
+    tmp_path: Path,
+    session: str,
+) -> None:
+    """Signed (the pool's own), but an id a request naming it would get a 400 for: once it
+    went into the directory. Laravel still hears the event; the directory does not."""
+    client, router = await routed_hooks(start_router, hook_config(sims, laravel, tmp_path), sims)
+    code, _ = await post_hook(
+        client, "session_ready", {"session_id": session}, instance_url=local(sims[1])
+    )
+    assert code == 200
+    assert await router.directory.lookup(session) is None
+    assert router.webhooks.stats.bad_session_id == 1
+    assert [e["data"]["session_id"] for e in laravel.events] == [session]
+
+
 async def test_laravel_refusal_goes_back_to_node_and_is_not_queued(
     sims: list[SimInstance], laravel: Laravel, start_router: StartRouter, tmp_path: Path
 ) -> None:

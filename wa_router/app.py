@@ -162,10 +162,11 @@ def build_router(
     # Whoever stores a connected owner (webhook, discovery, sync, another router through
     # the store) releases the requests waiting for that session.
     directory.on_connected(parking.wake)
+    ids = SessionIdPolicy(cfg.limits.session_id_max_length, cfg.limits.session_id_pattern)
     proxy = Proxy(
         profile=profile,
         rules=RuleTable(profile.rules),
-        ids=SessionIdPolicy(cfg.limits.session_id_max_length, cfg.limits.session_id_pattern),
+        ids=ids,
         keys=KeyPolicy(profile, cfg.upstream.api_key, cfg.upstream.client_keys),
         pool=pool,
         directory=directory,
@@ -197,6 +198,7 @@ def build_router(
         forwarder=forwarder,
         backlog=backlog,
         deliverer=deliverer,
+        ids=ids,
     )
     webhooks.on_hint = parking.kick
     webhooks.probe_key = cfg.upstream.api_key

@@ -132,6 +132,14 @@ class SessionIdPolicy:
         self.max_length = max_length
         self.pattern = re.compile(pattern)
 
+    def accepts(self, value: str) -> bool:
+        """Whether a session id named elsewhere (a webhook) is one a request could name."""
+        try:
+            self.check(value, "")
+        except RequestRejected:
+            return False
+        return True
+
     def check(self, value: str, where: str) -> str:
         if not value:
             raise RequestRejected(400, "bad_request", f"the session id in {where} is empty")

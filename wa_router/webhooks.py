@@ -44,6 +44,7 @@ from .laravel_view import DROP, HOLD, RELAY, Held, Holding, relayed_headers, ver
 from .pool import Pool, State
 from .replay import Memory, SharedKV
 from .retry import failure_answer
+from .rules import SessionIdPolicy
 from .signing import INSTANCE_URL, SIGNATURE, TIMESTAMP, sign, verify
 from .stores.base import Source
 
@@ -67,6 +68,7 @@ class WebhookStats:
     queued: int = 0
     learned: int = 0
     unknown_instance: int = 0
+    bad_session_id: int = 0  # signed, but naming an id no request may: not learned
 
 
 class Webhooks:
@@ -84,8 +86,10 @@ class Webhooks:
         seen_shared: SharedKV | None = None,
         breaker: Breaker | None = None,
         clock: Callable[[], float] = time.time,
+        ids: SessionIdPolicy | None = None,
     ) -> None:
         self.cfg = cfg
+        self._ids = ids
         self._pool = pool
         self._directory = directory
         self._discovery = discovery
@@ -264,6 +268,13 @@ class Webhooks:
         inst = self._pool.by_url(instance_url) if instance_url else None
         what = learning(event, self.cfg.forget_reasons)
         if what is None or event.session is None:
+            return False
+        if self._ids is not None and not self._ids.accepts(event.session):
+            # Signed, so from the pool; but an id no request may name (`a/b`, 300
+            # characters) is not learned: relayed to Laravel, never in the directory. The
+            # id itself is not logged (it may hold anything).
+            self.stats.bad_session_id += 1
+            log.warning("webhook_session_id_refused", webhook_event=event.name)
             return False
         action, status = what
         # The observation time is the webhook's own timestamp, so a late retry never beats

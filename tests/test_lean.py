@@ -813,6 +813,22 @@ async def test_expect_100_continue_gets_100_before_the_answer(
     assert "Expect" not in got[0].headers
 
 
+async def test_no_100_continue_for_a_session_id_the_request_is_refused_for(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """The session id in the path is known bad from the head: refused before the body is
+    asked for (once, 100 Continue came first, then the 400 once the body was sent)."""
+    port, _ = await serve(start_router, sims)
+    conn = await Conn.open(port)
+    try:
+        head = f"POST /api/sessions/a%2Fb/reconnect HTTP/1.1\r\n{HOST}\r\n"
+        await conn.send(f"{head}Expect: 100-continue\r\nContent-Length: 30\r\n\r\n".encode())
+        await conn.refused(400, "bad_request")
+    finally:
+        await conn.close()
+    assert nothing_forwarded(sims)
+
+
 async def test_100_continue_comes_after_the_answers_before_it(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import cast
+from urllib.parse import unquote
 
 import httptools
 import structlog
@@ -492,7 +493,7 @@ class LeanConnection(asyncio.Protocol):
             raise _Refused(_too_large(limit))
         has_body = length is not None and length.strip() != b"0"
         if fields.unusual:
-            has_body = self._check_unusual(fields, has_body)
+            has_body = self._check_unusual(fields, has_body, mine)
         else:
             self._asks_connection = False
         if mine is None:
@@ -509,7 +510,7 @@ class LeanConnection(asyncio.Protocol):
         if has_body:
             self._head_done_at = self._loop.time()
 
-    def _check_unusual(self, fields: Fields, has_body: bool) -> bool:
+    def _check_unusual(self, fields: Fields, has_body: bool, mine: Match | None) -> bool:
         """The checks of the fields most requests do not have (`Fields.unusual`); whether
         the request has a body."""
         if fields.upgrade:
@@ -525,6 +526,13 @@ class LeanConnection(asyncio.Protocol):
         self._asks_connection = bool(fields.connection) or fields.proxy_connection or fields.chunked
         has_body = has_body or fields.chunked
         if fields.expect_continue and has_body and self._parser.get_http_version() == "1.1":
+            if mine is not None and mine.path_session is not None:
+                # A session id the request would be refused for: refused now, rather than
+                # asking for a body only to refuse it once read.
+                try:
+                    self._server.proxy.ids.check(unquote(mine.path_session), "the path")
+                except RequestRejected as exc:
+                    raise _Refused(exc) from None
             # After the answers before it: a 100 ahead of them would read as theirs.
             if self._queue or self._busy:
                 self._continue = True

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -991,6 +992,34 @@ async def test_a_caller_that_half_closes_after_its_send_still_gets_the_answer(
     finally:
         await conn.close()
     assert len(forwarded(sims[0], "POST", SEND)) == 1
+
+
+@pytest.mark.parametrize("how", ["close", "half_close", "reset"])
+async def test_a_send_waiting_for_its_session_is_given_up_when_its_caller_goes(
+    sims: list[SimInstance], start_router: StartRouter, how: str
+) -> None:
+    """A send parked (its owner down) whose caller closes, half-closes or resets: given up,
+    never sent later to nobody, since a caller that retries would have it sent twice. (A
+    half-closed caller gets no answer: nothing was sent, its retry is the only send.)"""
+    port, router = await serve(start_router, sims)
+    resp, _ = await exchange(port, request("POST", SEND, HOST, "Connection: close", body=SEND_JSON))
+    assert resp.status == 200
+    await sims[0].stop()  # s1's owner is down: the next send waits for it
+    conn = await Conn.open(port)
+    try:
+        await conn.send(request("POST", SEND, HOST, body=SEND_JSON))
+        await wait_for(lambda: router.parking.parked == 1, 5, "the send parked")
+        if how == "half_close":
+            conn.writer.write_eof()
+            assert await conn.closed()  # and nothing was written
+        elif how == "reset":
+            sock = conn.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        await conn.close()
+    await wait_for(lambda: router.parking.parked == 0, 5, "the parked send given up")
+    assert router.parking.stats.outcomes["abandoned"] == 1
+    assert router.parking.stats.outcomes["woken"] == 0
 
 
 async def test_after_a_half_close_what_came_whole_is_answered_in_order_and_the_rest_dropped(

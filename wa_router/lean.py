@@ -338,6 +338,7 @@ class LeanConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._abandon_parked()
         # The parser holds this connection (its callbacks), and this connection the parser:
         # the cycle is broken here so both are freed now, not by the cycle collector.
         self._parser = _SPENT_PARSER
@@ -404,11 +405,28 @@ class LeanConnection(asyncio.Protocol):
         cut short is never taken anywhere."""
         if not (self._busy or self._queue or self._express is not None):
             return False  # nothing owed: the transport closes
+        if self._abandon_parked():
+            return False  # closed: connection_lost drops what is queued behind it
         self._eof = True
         self._head_bytes = 0  # a request begun is never whole now
         self._pending = self._request = None
         self._disarm()  # no request is read any more: no head, body or keep-alive clock
         return True  # the transport stays open for the answers
+
+    def _abandon_parked(self) -> bool:
+        """The caller went away (its EOF, or the connection lost) while the request being
+        answered waits for its session, sent nowhere yet: it is given up, not sent later
+        to nobody (a caller that retries would have it sent twice). A half-closed caller
+        waiting for a parked request gets no answer, and nothing was sent: its retry is
+        the only send. A request already sent is answered (`eof_received`)."""
+        worker = self._worker
+        if worker is None or not self._busy or worker.cancelling():
+            return False
+        if not self._server.router.parking.holds(worker):
+            return False
+        worker.cancel()
+        log.info("request_dropped", reason="caller_gone_while_waiting")
+        return True
 
     @property
     def mid_request(self) -> bool:

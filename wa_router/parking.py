@@ -38,6 +38,7 @@ WOKEN = "woken"  # its session is connected somewhere: it is sent there
 TIMEOUT = "timeout"  # waited its whole wait
 FULL = "full"  # a cap refused it
 SHUTDOWN = "shutdown"  # the router is stopping
+ABANDONED = "abandoned"  # cancelled (its caller went away): never sent, to nobody
 
 
 class Unparked(Exception):
@@ -86,6 +87,7 @@ class Parking:
         self._clock = clock
         self._lots: dict[str, _Lot] = {}
         self._total = 0
+        self._tasks: set[asyncio.Task[object]] = set()  # those awaiting `wait` now
         self._closed = False
         self._kick = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -97,6 +99,10 @@ class Parking:
     def parked(self) -> int:
         """Requests waiting now."""
         return self._total
+
+    def holds(self, task: asyncio.Task[object]) -> bool:
+        """Whether `task` waits here now (its request not sent anywhere yet)."""
+        return task in self._tasks
 
     def waiting(self, session: str) -> bool:
         """Whether requests for `session` wait already: a newer one queues behind them."""
@@ -123,9 +129,15 @@ class Parking:
         lot.waiters.append(fut)
         self._total += 1
         started = self._clock()
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
             async with asyncio.timeout(timeout_s):
                 instance = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            self._leave(None, ABANDONED, self._clock() - started)  # counted, then gone
+            raise
         except TimeoutError:
             raise self._leave(
                 Unparked(TIMEOUT, f"not back within {timeout_s:g} s", self._clock() - started)
@@ -134,6 +146,8 @@ class Parking:
             exc.waited_s = self._clock() - started
             raise self._leave(exc) from None
         finally:
+            if task is not None:
+                self._tasks.discard(task)
             self._remove(session, lot, fut)
         self._leave(None, WOKEN, self._clock() - started)
         return instance

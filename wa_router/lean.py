@@ -23,7 +23,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import cast
-from urllib.parse import unquote
 
 import httptools
 import structlog
@@ -53,7 +52,7 @@ from .refusals import (
     not_served,
     upgrade_refused,
 )
-from .rules import Match, check_path
+from .rules import Match, check_path, path_session
 from .runtime import RequestId, Router, shutdown_cut
 from .wire import (
     BODYLESS_STATUSES,
@@ -115,10 +114,11 @@ class LeanServer:
         self.max_connections = connection_cap(cfg.server.max_connections)
         wh = cfg.webhooks
         self._control_exact = frozenset({"/metrics", "/healthz", "/readyz", "/admin", wh.path})
-        self._control_prefixes = ("/admin/", wh.passthrough_prefix.rstrip("/") + "/")
+        passthrough = wh.passthrough_prefix.rstrip("/") + "/"
+        self._control_prefixes = ("/admin/", passthrough)
         # Webhooks and Laravel's passthrough take smaller bodies: refused here from their
         # Content-Length too, before a 100 Continue asks for the body (`body_limit`).
-        self._hook_paths = (wh.path, wh.passthrough_prefix.rstrip("/") + "/")
+        self._hook_paths = (wh.path, passthrough)
         self._hook_max_body = min(wh.max_body_bytes, self.max_body)
         self.connections: set[LeanConnection] = set()
         self.refused_lingering = 0  # connections past the cap, answered, still lingering
@@ -548,7 +548,7 @@ class LeanConnection(asyncio.Protocol):
                 # A session id the request would be refused for: refused now, rather than
                 # asking for a body only to refuse it once read.
                 try:
-                    self._server.proxy.ids.check(unquote(mine.path_session), "the path")
+                    path_session(mine.path_session, self._server.proxy.ids)
                 except RequestRejected as exc:
                     raise _Refused(exc) from None
             # After the answers before it: a 100 ahead of them would read as theirs.

@@ -178,6 +178,11 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
     return doc
 
 
+def path_session(segment: str, policy: SessionIdPolicy) -> str:
+    """The session id in a path segment, decoded and checked (RequestRejected(400))."""
+    return policy.check(unquote(segment), "the path")
+
+
 def extract_session(
     match: Match,
     policy: SessionIdPolicy,
@@ -191,7 +196,7 @@ def extract_session(
     src = rule.session_in
     if src == "path":
         assert match.path_session is not None
-        return policy.check(unquote(match.path_session), "the path")
+        return path_session(match.path_session, policy)
     where = {"body": "body field", "query": "query parameter", "header": "header"}[src]
     where = f"{where} {rule.field!r}"
     value: object

@@ -33,6 +33,7 @@ from wa_router.sim import SimInstance
 from wa_router.sim.models import Received
 
 from .conftest import API_KEY, FRONT, StartRouter, pool_config, send_body, wait_for
+from .test_metrics import samples, value
 
 # The lean front's own answers: nothing to test when every request goes through aiohttp.
 pytestmark = pytest.mark.skipif(FRONT == "aiohttp", reason="WA_TEST_FRONT=aiohttp")
@@ -857,6 +858,35 @@ async def test_100_continue_comes_after_the_answers_before_it(
         await conn.close()
 
 
+async def test_a_100_continue_owed_is_not_sent_once_the_caller_half_closes(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """As above (a HEAD first: answered by the connection's worker, not the express lane),
+    but the caller half-closes after the POST's head: its body never comes, so the HEAD's
+    answer is the last thing written (a stray 100 after it, then the close, would read as
+    the start of an answer cut short)."""
+    port, lean = await serve_lean(start_router, sims)
+    resp, _ = await exchange(port, request("GET", STATUS, HOST, "Connection: close"))
+    assert resp.status == 200  # s1 is known on sims[0] now
+    sims[0].pause()
+    conn = await Conn.open(port)
+    try:
+        post = request("POST", SEND, HOST, "Expect: 100-continue", body=SEND_JSON)
+        await conn.send(request("HEAD", STATUS, HOST))
+        await wait_for(lambda: len(forwarded(sims[0])) == 2, READ_S, "the HEAD sent")
+        await conn.send(post[: -len(SEND_JSON)])
+        conn.writer.write_eof()
+        await wait_for(lambda: any(c.half_closed for c in lean.connections), READ_S, "the EOF")
+        sims[0].resume()
+        first = await conn.response(head_only=True)
+        assert first.status == 200, first
+        assert first.headers.get("Connection") == "close"
+        assert await conn.closed()
+    finally:
+        await conn.close()
+    assert not forwarded(sims[0], "POST")
+
+
 async def test_chunked_request_body_is_forwarded_whole(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:
@@ -999,13 +1029,53 @@ async def test_a_caller_that_half_closes_after_its_send_still_gets_the_answer(
     assert len(forwarded(sims[0], "POST", SEND)) == 1
 
 
+async def leave(conn: Conn, how: str) -> Response | None:
+    """The caller goes away: closes, resets, or half-closes (then reads what comes)."""
+    if how == "half_close":
+        conn.writer.write_eof()
+        resp = await conn.response()
+        assert await conn.closed()
+        return resp
+    if how == "reset":
+        sock = conn.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await conn.close()
+    return None
+
+
+def told_nothing_was_sent(resp: Response | None, how: str) -> None:
+    """A caller that can still read hears that its send waits no more and went nowhere."""
+    if how != "half_close":
+        return
+    assert resp is not None and resp.status == 503, resp
+    doc = resp.json()
+    assert (doc["error"], doc["reason"]) == ("session_unavailable", "caller_closed"), doc
+    assert "Nothing was sent" in doc["message"] and resp.headers.get("Connection") == "close"
+
+
+async def metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    resp, _ = await exchange(port, request("GET", "/metrics", HOST, "Connection: close"))
+    assert resp.status == 200, resp
+    return samples(resp.body.decode())
+
+
+async def sent_once_more_when_back(port: int, sims: list[SimInstance], before: int) -> None:
+    """s1 comes back on sims[0]: a new send gets there, and it is the only one (the send
+    given up is never sent)."""
+    await sims[0].start()
+    sims[0].add_session("s1", notify=True)
+    resp, _ = await exchange(port, request("POST", SEND, HOST, "Connection: close", body=SEND_JSON))
+    assert resp.status == 200, resp
+    assert len(forwarded(sims[0], "POST", SEND)) == before + 1
+
+
 @pytest.mark.parametrize("how", ["close", "half_close", "reset"])
 async def test_a_send_waiting_for_its_session_is_given_up_when_its_caller_goes(
     sims: list[SimInstance], start_router: StartRouter, how: str
 ) -> None:
     """A send parked (its owner down) whose caller closes, half-closes or resets: given up,
-    never sent later to nobody, since a caller that retries would have it sent twice. (A
-    half-closed caller gets no answer: nothing was sent, its retry is the only send.)"""
+    never sent later to nobody, since a caller that retries would have it sent twice. A
+    half-closed caller, which may still read, hears 503: nothing was sent."""
     port, router = await serve(start_router, sims)
     resp, _ = await exchange(port, request("POST", SEND, HOST, "Connection: close", body=SEND_JSON))
     assert resp.status == 200
@@ -1014,17 +1084,61 @@ async def test_a_send_waiting_for_its_session_is_given_up_when_its_caller_goes(
     try:
         await conn.send(request("POST", SEND, HOST, body=SEND_JSON))
         await wait_for(lambda: router.parking.parked == 1, 5, "the send parked")
-        if how == "half_close":
-            conn.writer.write_eof()
-            assert await conn.closed()  # and nothing was written
-        elif how == "reset":
-            sock = conn.writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        told_nothing_was_sent(await leave(conn, how), how)
     finally:
         await conn.close()
     await wait_for(lambda: router.parking.parked == 0, 5, "the parked send given up")
-    assert router.parking.stats.outcomes["abandoned"] == 1
-    assert router.parking.stats.outcomes["woken"] == 0
+    m = await metrics(port)
+    assert value(m, "wa_router_parked_total", outcome="abandoned") == 1
+    assert value(m, "wa_router_parked_total", outcome="woken") == 0
+    await sent_once_more_when_back(port, sims, 1)
+
+
+@pytest.mark.parametrize("how", ["close", "half_close", "reset"])
+async def test_a_send_whose_caller_goes_while_its_session_is_looked_for_never_waits(
+    sims: list[SimInstance], start_router: StartRouter, how: str
+) -> None:
+    """The caller goes while the router looks for its session (the owner refused the
+    connection; the others are slow to say they do not have it): the send is not parked
+    when the search comes back empty, so it is never sent later to nobody. (Once, only a
+    send already waiting at the moment the caller left was given up.)"""
+    port, lean = await serve_lean(start_router, sims)
+    router = lean.router
+    resp, _ = await exchange(port, request("POST", SEND, HOST, "Connection: close", body=SEND_JSON))
+    assert resp.status == 200
+    await sims[0].stop()
+    for sim in sims[1:]:
+        sim.pause()  # they take the rediscovery's questions and answer only once resumed
+    asked = [len(sim.received) for sim in sims[1:]]
+    conn = await Conn.open(port)
+    try:
+        await conn.send(request("POST", SEND, HOST, body=SEND_JSON))
+        await wait_for(
+            lambda: any(len(s.received) > n for s, n in zip(sims[1:], asked, strict=True)),
+            5,
+            "the session looked for",
+        )
+        if how == "half_close":
+            conn.writer.write_eof()
+            await wait_for(lambda: any(c.half_closed for c in lean.connections), 5, "the EOF")
+        else:
+            await leave(conn, how)
+            await wait_for(lambda: not lean.connections, 5, "the caller gone")
+        for sim in sims[1:]:
+            sim.resume()
+        if how == "half_close":
+            told_nothing_was_sent(await conn.response(), how)
+            assert await conn.closed()
+    finally:
+        await conn.close()
+    await wait_for(
+        lambda: router.proxy.stats.unavailable["caller_closed"] == 1, 5, "the send given up"
+    )
+    m = await metrics(port)
+    assert value(m, "wa_router_session_unavailable_total", reason="caller_closed") == 1
+    assert router.parking.parked == 0 and not router.parking.stats.outcomes
+    assert nothing_forwarded(sims[1:])
+    await sent_once_more_when_back(port, sims, 1)
 
 
 async def test_after_a_half_close_what_came_whole_is_answered_in_order_and_the_rest_dropped(

@@ -5,6 +5,8 @@
 503 no_healthy_instance  nobody could be asked
 503 session_unavailable  it is expected back but is not connected anywhere yet (or the
                          wait was refused): names the owner and its state, Retry-After
+503 caller_gone          the caller's connection closed before the request was sent (no
+                         one reads it: for the log line and the counters)
 """
 
 from __future__ import annotations
@@ -60,7 +62,18 @@ def not_on_rediscovered(session: str, instance: str) -> RequestRejected:
     )
 
 
+def caller_gone(session: str) -> RequestRejected:
+    return RequestRejected(
+        503,
+        "caller_gone",
+        "the caller's connection closed before the request was sent; nothing was sent",
+        session=session,
+    )
+
+
+CALLER_CLOSED = "caller_closed"  # a session_unavailable reason
 _REASONS = {
+    CALLER_CLOSED: "the caller closed its side of the connection, so it is not kept waiting",
     "timeout": "did not come back within the wait",
     "full": "too many requests wait for sessions already",
     "shutdown": "the router is shutting down",

@@ -35,6 +35,8 @@ class Inbound:
         "_headers",
         "_query",
         "body",
+        "caller_gone",
+        "may_wait",
         "method",
         "path",
         "peer",
@@ -66,6 +68,11 @@ class Inbound:
         self.peer = peer  # the caller's address ("" when unknown)
         self.scheme = scheme
         self._query: dict[str, str] | None = None
+        # What the front knows of the caller (the lean one tells; aiohttp's does not):
+        # its connection closed, so nothing more is sent for it; or it half-closed, so it
+        # is not kept waiting for its session (it could leave unseen meanwhile).
+        self.caller_gone = False
+        self.may_wait = True
 
     @property
     def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]:

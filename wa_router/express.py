@@ -77,6 +77,8 @@ class Request(Inbound):
         self.peer = peer
         self.scheme = "http"
         self._query = None
+        self.caller_gone = False
+        self.may_wait = True
         self.match = match
         self.started = started  # perf_counter at its arrival
         self.raw_method = raw_method  # the method as it came

@@ -256,6 +256,7 @@ class _Full(asyncio.Protocol):
 
 class LeanConnection(asyncio.Protocol):
     __slots__ = (
+        "_answering",
         "_asks_connection",
         "_begun_at",
         "_body",
@@ -325,6 +326,7 @@ class LeanConnection(asyncio.Protocol):
         self._pending: Inbound | None = None
         self._request: Request | None = None  # the proxied request being read
         self._express: Express | None = None  # a request on the express lane
+        self._answering: Request | None = None  # the worker's request now
 
     # -- the transport -------------------------------------------------------------------
 
@@ -338,6 +340,9 @@ class LeanConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._answering is not None:
+            self._answering.caller_gone = True  # sent nowhere more: nobody would read it
+            self._answering.may_wait = False
         self._abandon_parked()
         # The parser holds this connection (its callbacks), and this connection the parser:
         # the cycle is broken here so both are freed now, not by the cycle collector.
@@ -402,31 +407,35 @@ class LeanConnection(asyncio.Protocol):
         """The caller has sent all it will. A half-close (RFC 9112 9.6): it may still read,
         so what it sent whole is answered first (a send relayed, its answer lost, would be
         sent again by a caller that retries); then the connection closes. A request the EOF
-        cut short is never taken anywhere."""
+        cut short is never taken anywhere. Nor is a request kept waiting for its session
+        now: the caller could leave unseen meanwhile (after a half-close, only a write
+        finds out), and its send would go out to nobody. It hears 503, nothing sent."""
         if not (self._busy or self._queue or self._express is not None):
             return False  # nothing owed: the transport closes
-        if self._abandon_parked():
-            return False  # closed: connection_lost drops what is queued behind it
         self._eof = True
+        self._continue = False  # no body comes now: no 100 Continue is owed
         self._head_bytes = 0  # a request begun is never whole now
         self._pending = self._request = None
         self._disarm()  # no request is read any more: no head, body or keep-alive clock
+        if self._answering is not None:
+            self._answering.may_wait = False
+        self._abandon_parked()
         return True  # the transport stays open for the answers
 
-    def _abandon_parked(self) -> bool:
+    def _abandon_parked(self) -> None:
         """The caller went away (its EOF, or the connection lost) while the request being
-        answered waits for its session, sent nowhere yet: it is given up, not sent later
-        to nobody (a caller that retries would have it sent twice). A half-closed caller
-        waiting for a parked request gets no answer, and nothing was sent: its retry is
-        the only send. A request already sent is answered (`eof_received`)."""
+        answered waits for its session, sent nowhere yet: the wait ends now (the proxy
+        answers 503 `caller_closed`, written if the caller can still read), so the request
+        is not sent later to nobody (a caller that retries would have it sent twice). A
+        request already sent is answered."""
         worker = self._worker
-        if worker is None or not self._busy or worker.cancelling():
-            return False
-        if not self._server.router.parking.holds(worker):
-            return False
-        worker.cancel()
-        log.info("request_dropped", reason="caller_gone_while_waiting")
-        return True
+        if worker is not None and self._busy and self._server.router.parking.abandon(worker):
+            log.info("request_dropped", reason="caller_gone_while_waiting")
+
+    @property
+    def half_closed(self) -> bool:
+        """The caller has sent all it will, and is still owed answers."""
+        return self._eof
 
     @property
     def mid_request(self) -> bool:
@@ -674,6 +683,8 @@ class LeanConnection(asyncio.Protocol):
             _drop(request)
             log.info("request_dropped", reason="caller_gone")
             return
+        if self._eof:
+            request.may_wait = False  # (see `eof_received`)
         self._queue.appendleft(request)
         self._kick()
         if self._worker is not None:
@@ -728,9 +739,11 @@ class LeanConnection(asyncio.Protocol):
                     assert task is not None
                     router.inflight.add(task)
                     token = CURRENT_REQUEST.set(RequestId(item))
+                    self._answering = item
                     try:
                         keep = await self._answer(item)
                     finally:
+                        self._answering = None
                         CURRENT_REQUEST.reset(token)
                         router.inflight.discard(task)
                 self._busy = False
@@ -783,10 +796,14 @@ class LeanConnection(asyncio.Protocol):
             # The Call refers to the request: unlinked, the pair is freed by reference
             # counting when the answer is out, not by the cycle collector.
             item.call = item.sent = None
+            if self._eof:
+                item.may_wait = False  # (see `eof_received`)
             answer: Answer = await self._server.proxy.answer(
                 item, item.match, item.started, call=call, sent=sent
             )
+            # After a half-close, the last answer says the connection ends with it.
             keep = item.keep_alive and not self._server.closing
+            keep = keep and not (self._eof and not self._queue)
             if isinstance(answer, Reply):
                 self._write_reply(answer, item, keep)
                 return keep
@@ -814,7 +831,8 @@ class LeanConnection(asyncio.Protocol):
         self, reply: Reply, item: Request | None, keep: bool, *, head_only: bool = False
     ) -> None:
         transport = self._transport
-        if transport is None or self._closed:
+        # Closing: a shutdown's cut, or an abort, since the worker was woken to answer.
+        if transport is None or self._closed or transport.is_closing():
             return
         http10 = item is not None and item.http10
         head_only = head_only or (item is not None and item.method == "HEAD")

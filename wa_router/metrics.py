@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from .bearer import bearer_token, token_matches
 from .errors import RequestRejected
 from .httpio import json_error
-from .parking import FULL, SHUTDOWN, TIMEOUT, WOKEN
+from .parking import ABANDONED, FULL, SHUTDOWN, TIMEOUT, WOKEN
 from .pool import State
 from .views import RouterView
 
@@ -219,7 +219,7 @@ class RouterCollector(Collector):
             "Requests that waited for their session, by how the wait ended",
             labels=["outcome"],
         )
-        for outcome in (WOKEN, TIMEOUT, FULL, SHUTDOWN):
+        for outcome in (WOKEN, TIMEOUT, FULL, SHUTDOWN, ABANDONED):
             left.add_metric([outcome], v.parking.outcomes.get(outcome, 0))
         yield left
         unavailable = CounterMetricFamily(

@@ -38,11 +38,11 @@ WOKEN = "woken"  # its session is connected somewhere: it is sent there
 TIMEOUT = "timeout"  # waited its whole wait
 FULL = "full"  # a cap refused it
 SHUTDOWN = "shutdown"  # the router is stopping
-ABANDONED = "abandoned"  # cancelled (its caller went away): never sent, to nobody
+ABANDONED = "abandoned"  # its caller went away (`abandon`, or cancelled): never sent
 
 
 class Unparked(Exception):
-    """The request will not be sent: `reason` is TIMEOUT, FULL or SHUTDOWN."""
+    """The request will not be sent: `reason` is TIMEOUT, FULL, SHUTDOWN or ABANDONED."""
 
     def __init__(self, reason: str, detail: str, waited_s: float = 0.0) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -87,7 +87,7 @@ class Parking:
         self._clock = clock
         self._lots: dict[str, _Lot] = {}
         self._total = 0
-        self._tasks: set[asyncio.Task[object]] = set()  # those awaiting `wait` now
+        self._tasks: dict[asyncio.Task[object], asyncio.Future[str]] = {}  # awaiting `wait`
         self._closed = False
         self._kick = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -100,9 +100,15 @@ class Parking:
         """Requests waiting now."""
         return self._total
 
-    def holds(self, task: asyncio.Task[object]) -> bool:
-        """Whether `task` waits here now (its request not sent anywhere yet)."""
-        return task in self._tasks
+    def abandon(self, task: asyncio.Task[object]) -> bool:
+        """`task`'s caller went away while its request waits here, sent nowhere yet: the
+        wait ends with Unparked(ABANDONED), so it is never sent later to nobody (a caller
+        that retries would have it sent twice). Whether `task` was waiting."""
+        fut = self._tasks.get(task)
+        if fut is None or fut.done():
+            return False
+        fut.set_exception(Unparked(ABANDONED, "the caller went away"))
+        return True
 
     def waiting(self, session: str) -> bool:
         """Whether requests for `session` wait already: a newer one queues behind them."""
@@ -131,7 +137,7 @@ class Parking:
         started = self._clock()
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(task)
+            self._tasks[task] = fut
         try:
             async with asyncio.timeout(timeout_s):
                 instance = await asyncio.shield(fut)
@@ -147,7 +153,7 @@ class Parking:
             raise self._leave(exc) from None
         finally:
             if task is not None:
-                self._tasks.discard(task)
+                self._tasks.pop(task, None)
             self._remove(session, lot, fut)
         self._leave(None, WOKEN, self._clock() - started)
         return instance

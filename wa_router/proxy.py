@@ -20,6 +20,8 @@ from multidict import CIMultiDict
 
 from . import retry
 from .answers import (
+    CALLER_CLOSED,
+    caller_gone,
     no_healthy_instance,
     not_found_answer,
     not_on_rediscovered,
@@ -39,7 +41,7 @@ from .errors import (
 from .exchange import Answer, Inbound, Reply, buffered, error_reply, upstream_headers
 from .forward import Forwarder, PendingResponse, UpstreamRequest, UpstreamResponse
 from .httpio import read_body, send_answer, settle
-from .parking import Parking, Unparked, prefer_wait_s
+from .parking import ABANDONED, Parking, Unparked, prefer_wait_s
 from .pool import Instance, Pool, State
 from .pooled import PoolRoutes
 from .profiles import Profile
@@ -407,6 +409,9 @@ class Proxy:
                     )
                     error = ConnectFailed(target.name, "did not say whether it holds the session")
                     target = None
+            if target is not None and call.request.caller_gone and sent is None:
+                # Nobody would read the answer; a caller that retries would have it twice.
+                raise caller_gone(session)
             if target is not None:
                 sends_left -= 1
                 call.target = target.name
@@ -471,6 +476,8 @@ class Proxy:
                     self.stats.retries += 1
                 continue
             if step.action is Action.PARK:
+                if not call.request.may_wait:
+                    raise self._unavailable(call, ask, CALLER_CLOSED)
                 parks_left -= 1
                 try:
                     name = await self.parking.wait(
@@ -478,7 +485,8 @@ class Proxy:
                     )
                 except Unparked as exc:
                     call.parked_s += exc.waited_s
-                    raise self._unavailable(call, ask, exc.reason) from None
+                    reason = CALLER_CLOSED if exc.reason == ABANDONED else exc.reason
+                    raise self._unavailable(call, ask, reason) from None
                 call.parked_s += time.monotonic() - now
                 target, outcome, failed = self.pool.get(name), None, None
                 continue

@@ -887,6 +887,27 @@ async def test_a_100_continue_owed_is_not_sent_once_the_caller_half_closes(
     assert not forwarded(sims[0], "POST")
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xef\xbb\xbf" + SEND_JSON,  # a byte order mark
+        # A text cut mid-emoji, as JavaScript's JSON.stringify writes it.
+        SEND_JSON[:-1] + b', "caption": "\\ud83d"}',
+    ],
+    ids=["bom", "lone_surrogate"],
+)
+async def test_a_send_node_would_take_but_orjson_alone_would_not_is_routed(
+    sims: list[SimInstance], start_router: StartRouter, body: bytes
+) -> None:
+    """Express's JSON parser takes these; a 400 from the router would refuse a send Node
+    takes. Its session id is read, and the body goes as it came."""
+    port, _ = await serve(start_router, sims)
+    resp, _ = await exchange(port, request("POST", SEND, HOST, "Connection: close", body=body))
+    assert resp.status == 200 and resp.json()["success"] is True, resp
+    (sent,) = forwarded(sims[0], "POST", SEND)
+    assert sent.json is not None and sent.json["session_id"] == "s1"
+
+
 async def test_chunked_request_body_is_forwarded_whole(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:

@@ -124,14 +124,34 @@ def test_bad_session_ids_are_400(
 
 @pytest.mark.parametrize(
     ("raw", "ok"),
-    [(b"", True), (b"{}", True), (b"[1]", False), (b"{bad", False), (b"\xff\xfe", False)],
+    [
+        (b"", True),
+        (b"{}", True),
+        (b"[1]", False),
+        (b"{bad", False),
+        (b"\xff\xfe", False),
+        # What Node's body parser takes and orjson alone does not: taken too.
+        (b'\xef\xbb\xbf{"session_id": "s1"}', True),  # a UTF-8 byte order mark
+        (b'{"session_id": "s1", "n": 123456789012345678901234567890}', True),
+        (b'{"session_id": "s1", "n": 1e99999}', True),
+        (b'{"session_id": "s1", "t": "\\ud800"}', True),  # a lone surrogate, escaped
+        # ...and what JSON.parse refuses too.
+        (b'{"session_id": "s1", "n": NaN}', False),
+        (b'{"session_id": "s1", "n": Infinity}', False),
+        (b"\xef\xbb\xbf{bad", False),
+        (b"\xef\xbb\xbf[1]", False),
+        (b'{"n": 1e99999, "t": "\xff"}', False),  # not UTF-8
+        (b"\xef\xbb\xbf" + b"[" * 100_000, False),  # too deep for any parser's stack
+    ],
 )
 def test_parse_json_object(raw: bytes, ok: bool) -> None:
     if ok:
-        parse_json_object(raw)
+        doc = parse_json_object(raw)
+        assert doc is None or doc.get("session_id", "s1") == "s1"
     else:
-        with pytest.raises(RequestRejected):
+        with pytest.raises(RequestRejected) as info:
             parse_json_object(raw)
+        assert (info.value.status, info.value.code) == (400, "bad_request")
 
 
 @pytest.mark.parametrize(

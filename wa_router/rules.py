@@ -8,6 +8,7 @@ upstream path (`../health`, `a%2Fb`) or in an instance's session folder.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -167,15 +168,34 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        why = (
-            "is nested too deeply (over 1024 levels)"
-            if "depth limit" in str(exc)
-            else "is not valid JSON"
-        )
-        raise RequestRejected(400, "bad_request", f"the request body {why}") from None
+        if "depth limit" in str(exc):
+            raise _not_json("is nested too deeply (over 1024 levels)") from None
+        doc = _as_node_reads_it(body)
     if not isinstance(doc, dict):
         raise RequestRejected(400, "bad_request", "the request body must be a JSON object")
     return doc
+
+
+def _as_node_reads_it(body: bytes) -> Any:
+    """What orjson refuses and Node's body parser takes, read as Node does: a UTF-8 byte
+    order mark (stripped before JSON.parse), integers beyond 64 bits and numbers beyond a
+    double (JSON.parse makes them floats, Infinity). Refused here, such a send would be a
+    400 that Node would have taken. Only after orjson failed: never on the common path."""
+    try:
+        text = body.decode("utf-8")
+        return json.loads(text.removeprefix("\ufeff"), parse_constant=_no_constant)
+    except RecursionError:  # orjson's limit is lower, but the stack is the stack
+        raise _not_json("is nested too deeply (over 1024 levels)") from None
+    except ValueError:  # not JSON (or not UTF-8) for Node either
+        raise _not_json("is not valid JSON") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json takes NaN; JSON.parse does not
+
+
+def _not_json(why: str) -> RequestRejected:
+    return RequestRejected(400, "bad_request", f"the request body {why}")
 
 
 def path_session(segment: str, policy: SessionIdPolicy) -> str:

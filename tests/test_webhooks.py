@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient
 from wa_router.app import Router
 from wa_router.config import Config
 from wa_router.sim import SimInstance
+from wa_router.stores.base import Source, Status
 
 from .conftest import API_KEY, StartRouter, free_port, pool_config, send_body, sends, wait_for
 
@@ -335,6 +336,28 @@ async def test_a_session_id_no_request_may_name_is_not_learned_but_still_relayed
     assert code == 200
     assert await router.directory.lookup(session) is None
     assert router.webhooks.stats.bad_session_id == 1
+    assert [e["data"]["session_id"] for e in laravel.events] == [session]
+
+
+async def test_a_logout_forgets_a_session_id_learned_before_the_policy_refused_it(
+    sims: list[SimInstance], laravel: Laravel, start_router: StartRouter, tmp_path: Path
+) -> None:
+    """An id in the directory from before a reload tightened the id policy (put there
+    directly: no webhook could put it there now): its logout still forgets it, and Laravel
+    still hears of the logout, even from an instance that is not its owner."""
+    client, router = await routed_hooks(start_router, hook_config(sims, laravel, tmp_path), sims)
+    session = "a/b"
+    assert await router.directory.observe(
+        session, "node-0", Source.WEBHOOK, status=Status.CONNECTED
+    )
+    code, _ = await post_hook(
+        client,
+        "session_disconnected",
+        {"session_id": session, "reason": "LOGOUT"},
+        instance_url=local(sims[1]),
+    )
+    assert code == 200
+    assert await router.directory.lookup(session) is None
     assert [e["data"]["session_id"] for e in laravel.events] == [session]
 
 

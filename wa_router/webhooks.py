@@ -269,21 +269,27 @@ class Webhooks:
         what = learning(event, self.cfg.forget_reasons)
         if what is None or event.session is None:
             return False
-        if self._ids is not None and not self._ids.accepts(event.session):
+        action, status = what
+        refused = self._ids is not None and not self._ids.accepts(event.session)
+        if refused:
             # Signed, so from the pool; but an id no request may name (`a/b`, 300
             # characters) is not learned: relayed to Laravel, never in the directory. The
             # id itself is not logged (it may hold anything).
             self.stats.bad_session_id += 1
             log.warning("webhook_session_id_refused", webhook_event=event.name)
-            return False
-        action, status = what
+            if action != FORGET:
+                return False
+            # A logout still forgets (that writes nothing): an id learned before a reload
+            # tightened the policy must not outlive its logout, nor the logout be taken
+            # for a plain disconnect (laravel_view.py drops those from a non-owner).
         # The observation time is the webhook's own timestamp, so a late retry never beats
         # a newer fact. X-Timestamp has whole seconds: within its second, the receipt time
         # is the better estimate (a rediscovery 0.4 s into that second saw an older state).
         observed_at = min(self._clock(), ts + 0.999)
         if action == FORGET:
             if await self._directory.forget(event.session, Source.WEBHOOK, observed_at=observed_at):
-                log.info("session_forgotten", session=event.session, webhook_event=event.name)
+                named = None if refused else event.session
+                log.info("session_forgotten", session=named, webhook_event=event.name)
             return True
         if action == CHECK:
             self.on_hint(event.session)

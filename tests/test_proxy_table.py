@@ -9,6 +9,7 @@ harmless (an idempotent method, or an Idempotency-Key).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from wa_router.config import config_from_dict
 from wa_router.errors import ConnectFailed, Disconnected, PoolTimeout, ReadTimeout
 from wa_router.exchange import Inbound, Reply
 from wa_router.forward import UpstreamRequest
-from wa_router.memforward import MemoryForwarder, Outcome, answer, routes
+from wa_router.memforward import Handler, MemoryForwarder, Outcome, answer, routes
 from wa_router.pool import Instance
 from wa_router.stores import MemoryStore, Source
 from wa_router.stores.base import Status
@@ -41,7 +42,8 @@ VALID = answer(200, {"success": True, "valid": True})
 CONNECTED = answer(200, {"session_id": SESSION, "status": "connected"})
 SCANNING = answer(200, {"session_id": SESSION, "status": "qr_scanning"})
 NOT_HERE = answer(404, {"error": "Session not found"})
-NOT_CONNECTED = answer(400, {"error": "Session not connected. Current status: qr_scanning"})
+NOT_CONNECTED_ERROR = "Session not connected. Current status: qr_scanning"
+NOT_CONNECTED = answer(400, {"error": NOT_CONNECTED_ERROR})
 NO_ENDPOINT = answer(404, {"error": "Endpoint not found"})
 
 Table = dict[tuple[str, str], Outcome]
@@ -263,6 +265,49 @@ async def test_proxy_decides(case: Case) -> None:
         assert doc["success"] is True  # the instance's answer, as it gave it
     # Every upstream answer was handed back (read whole, or refused and read to decide).
     assert all(r.released for r in fw.responses)
+
+
+async def test_two_holders_neither_connected_get_one_send_not_one_each_in_turn() -> None:
+    """s1 held by node-1 and node-2, its QR scanned on neither; the instance that refused
+    the send last is the slower to answer the next probe (as after a refusal, any order
+    may come). The first one's own 400 is the answer. (Once, the send went to one, then
+    the other, in turn, until out of attempts, and the caller got a 503.)"""
+    sends: list[str] = []
+
+    def holder(name: str) -> Handler:
+        async def handle(req: UpstreamRequest) -> Outcome:
+            if req.method == "POST":
+                sends.append(name)
+                return NOT_CONNECTED
+            if sends and sends[-1] == name:
+                for _ in range(5):  # the other holder's probe answers first
+                    await asyncio.sleep(0)
+            return SCANNING
+
+        return handle
+
+    cfg = config_from_dict(
+        {
+            "instances": [
+                {"name": n, "url": f"http://127.0.0.1:{3000 + i}"} for i, n in enumerate(NODES)
+            ]
+        }
+    )
+    fw = MemoryForwarder(
+        {"node-0": routes(elsewhere()), "node-1": holder("node-1"), "node-2": holder("node-2")}
+    )
+    router = build_router(cfg, store=MemoryStore(), forwarder=fw)
+    await router.forwarder.start()
+    body = orjson.dumps(send_body(SESSION))
+    inbound = Inbound("POST", SEND[1], "", CIMultiDict(), body, "192.0.2.1")
+    try:
+        got = await router.proxy.answer(inbound, router.proxy.route(*SEND), time.perf_counter())
+    finally:
+        await router.parking.close()
+        await router.forwarder.close()
+    assert isinstance(got, Reply)
+    assert (got.status, orjson.loads(got.body)["error"]) == (400, NOT_CONNECTED_ERROR), got
+    assert len(sends) == 1, sends
 
 
 async def test_the_memory_forwarder_records_what_was_sent() -> None:

@@ -134,10 +134,16 @@ class Resolver:
             return Known(owner=believed.name), found
         if self._expected_back(session, believed, found):
             return Known(expected_back=True), found
-        if found.owner is not None and found.owner.name != excluded:
+        if (
+            found.owner is not None
+            and found.owner.name != excluded
+            and outcome is not Outcome.NOT_USABLE
+        ):
             # It holds the session, not connected and not about to be (its QR not scanned
             # yet): it says so itself, and its check comes before anything is sent. Its
-            # answer, not a 404 "on none of the instances asked" that reads as "gone".
+            # answer, not a 404 "on none of the instances asked" that reads as "gone". One
+            # such answer is enough: another holder not connected either would say the
+            # same (asked in turn, two of them took every attempt, and the caller a 503).
             return Known(owner=found.owner.name), found
         return Known(), found
 

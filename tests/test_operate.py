@@ -122,3 +122,21 @@ async def test_most_recently_connected_duplicate_is_kept(
     new.connected_at = "2026-11-30T02:00:00.000Z"
     report = await router.syncer.run()
     assert report.duplicated == [("d", "node-3", ["node-0"])]
+
+
+async def test_sync_does_not_learn_a_listed_session_id_no_request_may_name(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """An instance lists an id a request naming it would get a 400 for (as a webhook's,
+    it is never put in the directory); the rest of the listing is learned as usual."""
+    sims[0].add_session("good1")
+    sims[0].add_session("a/b")
+    sims[1].add_session("s" * 300)
+    client, router = await start_router(ops_config(sims, sync={"interval_s": 3600}))
+    await wait_for(lambda: router.warm, what="the warm sync")
+    report = await router.syncer.run()
+    assert report.refused_ids == 2 and report.to_json()["refused_ids"] == 2
+    assert "Refused: 2 listed session ids no request may name" in report.lines()
+    assert await router.directory.lookup("a/b") is None
+    assert await router.directory.lookup("s" * 300) is None
+    assert (await router.directory.lookup("good1")).instance == "node-0"  # type: ignore[union-attr]

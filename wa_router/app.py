@@ -209,6 +209,7 @@ def build_router(
         directory=directory,
         api_key=cfg.upstream.api_key,
         timeout_s=profile_list_timeout(profile),
+        ids=ids,
     )
     if cfg.upstream.api_key:
         parking.recheck = syncer.connected_now  # one listing per instance per round

@@ -30,6 +30,7 @@ from .errors import NotReached, UpstreamError, says_down
 from .forward import Forwarder, fetch
 from .pool import Instance, Pool
 from .profiles import Profile
+from .rules import SessionIdPolicy
 from .stores.base import Entry, Source, Status, may_replace
 
 log = structlog.get_logger("wa_router.sync")
@@ -53,6 +54,8 @@ class SyncReport:
     restoring: list[tuple[str, str]] = field(default_factory=list)  # session, instance
     gone: list[tuple[str, str]] = field(default_factory=list)  # session, restarted instance
     unverified: int = 0  # believed on an instance whose list could not be read
+    # Listed ids no request may name (`a/b`, 300 characters): not learned, as a webhook's.
+    refused_ids: int = 0
 
     @property
     def ok(self) -> bool:
@@ -80,6 +83,8 @@ class SyncReport:
         out += [
             f"Error: {name}: {state}" for name, state in self.instances.items() if state != "ok"
         ]
+        if self.refused_ids:
+            out.append(f"Refused: {self.refused_ids} listed session ids no request may name")
         out.append(
             f"Summary: {self.updated} updated, {self.verified} verified, {len(self.lost)} lost, "
             f"{len(self.duplicated)} duplicated" + (" (dry run)" if self.dry_run else "")
@@ -100,6 +105,7 @@ class SyncReport:
             "restoring": [{"session": s, "instance": i} for s, i in self.restoring],
             "gone": [{"session": s, "instance": i} for s, i in self.gone],
             "unverified": self.unverified,
+            "refused_ids": self.refused_ids,
             "summary": self.lines()[-1],
             "ok": self.ok,
         }
@@ -115,8 +121,10 @@ class Syncer:
         directory: Directory,
         api_key: str | None,
         timeout_s: float,
+        ids: SessionIdPolicy | None = None,
     ) -> None:
         self._pool = pool
+        self._ids = ids
         self._profile = profile
         self._forwarder = forwarder
         self._directory = directory
@@ -141,6 +149,7 @@ class Syncer:
             verified=report.verified,
             lost=len(report.lost),
             duplicated=len(report.duplicated),
+            refused_ids=report.refused_ids,
             duration_s=round(report.duration_s, 3),
         )
         return report
@@ -168,6 +177,9 @@ class Syncer:
             report.instances[inst.name] = "ok"
             inst.reported_sessions = len(listing)
             for n, (session, status, connected_at) in enumerate(listing):
+                if self._ids is not None and not self._ids.accepts(session):
+                    report.refused_ids += 1  # the id itself is not logged: it may hold anything
+                    continue
                 present.add((session, inst.name))
                 if rank(status) is not None:
                     # Interned: 100 k entries share a handful of status strings.

@@ -171,6 +171,19 @@ async def test_auth_query_for_get_body_for_post_header_ignored(
     assert status == 400 and "error" in body
 
 
+@pytest.mark.parametrize(("header_bytes", "status"), [(12 * 1024, 200), (20 * 1024, 431)])
+async def test_a_head_is_taken_up_to_node_s_16_kib(
+    make_sim: MakeSim, http: aiohttp.ClientSession, header_bytes: int, status: int
+) -> None:
+    """Node takes a head of up to 16 KiB (aiohttp alone refuses a line over 8 KiB) and
+    answers 431 past it: a router forwarding a large head sees what the real pool says."""
+    sim = await make_sim()
+    headers = {"X-Big": "x" * header_bytes}
+    async with http.get(f"{sim.url}/api/sessions?api_key={KEY}", headers=headers) as resp:
+        assert resp.status == status
+    assert len(sim.received) == (1 if status == 200 else 0)
+
+
 async def test_session_not_found_is_not_endpoint_not_found(
     make_sim: MakeSim, http: aiohttp.ClientSession
 ) -> None:

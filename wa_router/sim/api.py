@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from .instance import SimInstance
 
 INVALID_KEY = {"error": "Invalid API key"}
+# Node's http server takes a head of up to 16 KiB (its --max-http-header-size) and answers
+# a longer one 431, bodiless, closing; aiohttp alone would refuse any line over 8 KiB.
+NODE_MAX_HEAD = 16 * 1024
+AIOHTTP_LINE_LIMIT = 2 * NODE_MAX_HEAD  # aiohttp's per-line limits: the total is ours
 SESSION_NOT_FOUND = {"error": "Session not found"}
 
 
@@ -44,13 +48,24 @@ class _ApiError(Exception):
         self.body = body
 
 
+def _head_bytes(request: web.Request) -> int:
+    line = len(request.method) + len(request.raw_path) + 12  # "M /p HTTP/1.1\r\n"
+    return line + sum(len(k) + len(v) + 4 for k, v in request.raw_headers) + 2
+
+
 def _parse(raw: bytes) -> _Body:
     if not raw.strip():
         return _Body(raw, None, True)
     try:
-        return _Body(raw, json.loads(raw), True)
+        # As express.json reads it: a byte order mark is dropped (json.loads on bytes does
+        # that too), NaN and Infinity are not JSON.
+        return _Body(raw, json.loads(raw, parse_constant=_not_json), True)
     except ValueError:
         return _Body(raw, None, False)
+
+
+def _not_json(name: str) -> object:
+    raise ValueError(name)
 
 
 class BlazzApi:
@@ -86,6 +101,10 @@ class BlazzApi:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         sim = self.sim
+        if _head_bytes(request) > NODE_MAX_HEAD:
+            refused = web.Response(status=431)
+            refused.force_close()
+            return refused
         body = _parse(await request.read())
         request[BODY] = body
         sim.received.append(

@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .api import BlazzApi
+from .api import AIOHTTP_LINE_LIMIT, BlazzApi
 from .folder import SessionFolder
 from .lifecycle import Lifecycle, qr_event, status_event
 from .models import (
@@ -130,7 +130,12 @@ class SimInstance:
         # handler_cancellation: a handler whose client vanished is cancelled (a hung request
         # does not outlive its connection); shutdown_timeout=0: stop() never waits politely.
         runner = web.AppRunner(
-            self._api.app(), handler_cancellation=True, shutdown_timeout=0, access_log=None
+            self._api.app(),
+            handler_cancellation=True,
+            shutdown_timeout=0,
+            access_log=None,
+            max_line_size=AIOHTTP_LINE_LIMIT,
+            max_field_size=AIOHTTP_LINE_LIMIT,
         )
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)

@@ -1162,6 +1162,45 @@ async def test_a_send_whose_caller_goes_while_its_session_is_looked_for_never_wa
     await sent_once_more_when_back(port, sims, 1)
 
 
+@pytest.mark.parametrize("how", ["reset", "half_close"])
+async def test_a_send_found_elsewhere_after_its_caller_left_is_sent_only_if_it_can_read(
+    sims: list[SimInstance], start_router: StartRouter, how: str
+) -> None:
+    """s1 moved to sims[1] while its old owner is down; the router finds it there, but the
+    caller leaves while it looks. Reset, its send is not made (nobody would read the answer;
+    a caller that retries would have it twice); half-closed, it can still read: sent, and
+    answered. (A plain close looks like a half-close until a write fails.)"""
+    port, lean = await serve_lean(start_router, sims)
+    router = lean.router
+    resp, _ = await exchange(port, request("POST", SEND, HOST, "Connection: close", body=SEND_JSON))
+    assert resp.status == 200
+    await sims[0].stop()
+    sims[1].add_session("s1")
+    sims[1].pause()  # it has s1, and answers the rediscovery's question once resumed
+    asked = len(sims[1].received)
+    conn = await Conn.open(port)
+    try:
+        await conn.send(request("POST", SEND, HOST, body=SEND_JSON))
+        await wait_for(lambda: len(sims[1].received) > asked, 5, "s1 looked for on sims[1]")
+        if how == "half_close":
+            conn.writer.write_eof()
+            await wait_for(lambda: any(c.half_closed for c in lean.connections), 5, "the EOF")
+        else:
+            await leave(conn, how)
+            await wait_for(lambda: not lean.connections, 5, "the caller gone")
+        sims[1].resume()
+        if how == "half_close":
+            resp = await conn.response()
+            assert resp.status == 200 and resp.json()["success"] is True, resp
+            assert await conn.closed()
+            assert len(forwarded(sims[1], "POST", SEND)) == 1
+            return
+    finally:
+        await conn.close()
+    await wait_for(lambda: router.proxy.stats.caller_gone == 1, 5, "the send not made")
+    assert not forwarded(sims[1], "POST", SEND)
+
+
 async def test_after_a_half_close_what_came_whole_is_answered_in_order_and_the_rest_dropped(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:

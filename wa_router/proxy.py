@@ -77,6 +77,7 @@ class ProxyStats:
     unavailable: Counter[str] = field(default_factory=Counter)
     # express-lane requests (express.py): "relayed" | "handed_over"
     express: Counter[str] = field(default_factory=Counter)
+    caller_gone: int = 0  # requests not sent because their caller had gone
 
 
 _CLASSES = {n: f"{n}xx" for n in range(1, 6)}
@@ -411,6 +412,7 @@ class Proxy:
                     target = None
             if target is not None and call.request.caller_gone and sent is None:
                 # Nobody would read the answer; a caller that retries would have it twice.
+                self.stats.caller_gone += 1
                 raise caller_gone(session)
             if target is not None:
                 sends_left -= 1

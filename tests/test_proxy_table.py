@@ -21,7 +21,13 @@ from yarl import URL
 
 from wa_router.app import build_router
 from wa_router.config import config_from_dict
-from wa_router.errors import ConnectFailed, Disconnected, PoolTimeout, ReadTimeout
+from wa_router.errors import (
+    ConnectFailed,
+    Disconnected,
+    PoolTimeout,
+    ReadTimeout,
+    RequestRejected,
+)
 from wa_router.exchange import Inbound, Reply
 from wa_router.forward import UpstreamRequest
 from wa_router.memforward import Handler, MemoryForwarder, Outcome, answer, routes
@@ -330,3 +336,48 @@ async def test_the_memory_forwarder_records_what_was_sent() -> None:
     stranger = Instance("node-9", URL("http://127.0.0.1:3009"), "http://127.0.0.1:3009")
     with pytest.raises(ConnectFailed, match="nothing listens"):
         await fw.send(stranger, UpstreamRequest("GET", "/health", CIMultiDict(), b"", 1.0))
+
+
+LIST = ("GET", "/api/sessions")
+
+
+@pytest.mark.parametrize(
+    ("answers", "status", "error"),
+    [
+        # Every instance refuses the caller's request the same way: Node's own answer.
+        ((answer(400, {"error": "bad"}),) * 3, 400, "bad"),
+        # Each answered, none with its list: said so (once: "no instance answered").
+        ((answer(500, {"error": "x"}), answer(400, {"error": "bad"}), NO_ENDPOINT), 502, None),
+        ((answer(500, {"error": "x"}),) * 3, 502, None),
+        ((ConnectFailed,) * 3, 502, None),
+    ],
+)
+async def test_pool_listing_when_no_instance_gives_its_list(
+    answers: tuple[Outcome, ...], status: int, error: str | None
+) -> None:
+    cfg = config_from_dict(
+        {
+            "instances": [
+                {"name": n, "url": f"http://127.0.0.1:{3000 + i}"} for i, n in enumerate(NODES)
+            ]
+        }
+    )
+    fw = MemoryForwarder({n: routes({LIST: a}) for n, a in zip(NODES, answers, strict=True)})
+    router = build_router(cfg, store=MemoryStore(), forwarder=fw)
+    await router.forwarder.start()
+    req = UpstreamRequest("GET", "/api/sessions?api_key=k", CIMultiDict(), b"", 5.0)
+    try:
+        if status < 500:
+            got = await router.proxy.pooled.listing(req)
+            assert (got.status, orjson.loads(got.body)["error"]) == (status, error)
+            return
+        with pytest.raises(RequestRejected) as info:
+            await router.proxy.pooled.listing(req)
+    finally:
+        await router.forwarder.close()
+    assert (info.value.status, info.value.code) == (502, "upstream_unreachable")
+    answered = answers[0] is not ConnectFailed
+    assert info.value.message == (
+        "no instance gave its session list" if answered else "no instance answered the session list"
+    )
+    assert sorted(info.value.extra["errors"]) == list(NODES)

@@ -120,9 +120,19 @@ class PoolRoutes:
             else:
                 errors[a.instance.name] = a.error or f"HTTP {a.http_status}"
         if len(errors) == len(self._pool.instances):
-            raise RequestRejected(
-                502, "upstream_unreachable", "no instance answered the session list", errors=errors
-            )
+            statuses = {a.http_status for a in answers}
+            first = answers[0].http_status
+            if (
+                len(statuses) == 1
+                and first is not None
+                and 400 <= first < 500
+                and answers[0].doc is not None
+            ):
+                # Every instance refused the request the same way: Node's word on it.
+                return Reply(first, _JSON_TYPE.copy(), answers[0].raw)
+            answered = any(a.http_status is not None for a in answers)
+            why = "gave its session list" if answered else "answered the session list"
+            raise RequestRejected(502, "upstream_unreachable", f"no instance {why}", errors=errors)
         body: dict[str, Any] = {"success": True, "sessions": sessions, "total": len(sessions)}
         if errors:
             body["errors"] = errors

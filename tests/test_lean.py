@@ -908,6 +908,39 @@ async def test_a_send_node_would_take_but_orjson_alone_would_not_is_routed(
     assert sent.json is not None and sent.json["session_id"] == "s1"
 
 
+CLIENT_KEY = "laravel-key"
+
+
+async def test_the_node_key_goes_into_a_body_only_node_s_parser_reads(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """A client key, and a text cut mid-emoji (a lone surrogate escape): the body is read
+    as Node reads it and written again with the Node key, the text as it was. (Once a 500:
+    the body could not be encoded again.)"""
+    port, _ = await serve(start_router, sims, upstream={"client_keys": [CLIENT_KEY]})
+    doc = {k: v for k, v in send_body("s1").items() if k != "api_key"}
+    body = json.dumps(doc).encode()[:-1] + b', "caption": "\\ud83d"}'
+    target = f"{SEND}?api_key={CLIENT_KEY}"
+    resp, _ = await exchange(port, request("POST", target, HOST, "Connection: close", body=body))
+    assert resp.status == 200 and resp.json()["success"] is True, resp
+    (sent,) = forwarded(sims[0], "POST", SEND)
+    assert sent.json is not None and sent.json["api_key"] == API_KEY
+    assert sent.json["caption"] == "\ud83d" and "api_key" not in sent.query
+
+
+async def test_a_key_holding_a_lone_surrogate_is_no_client_key_and_goes_as_it_came(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """A key no URL or header can carry is nobody's key (once a 500: it could not be
+    encoded): the session is looked for without one, the instances refuse that, and the
+    caller hears 401; nothing is sent."""
+    port, _ = await serve(start_router, sims, upstream={"client_keys": [CLIENT_KEY]})
+    body = json.dumps({**send_body("s1"), "api_key": CLIENT_KEY + "\ud83d"}).encode()
+    resp, _ = await exchange(port, request("POST", SEND, HOST, "Connection: close", body=body))
+    assert resp.status == 401 and resp.error == "unauthorized", resp
+    assert nothing_forwarded(sims)
+
+
 async def test_chunked_request_body_is_forwarded_whole(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:

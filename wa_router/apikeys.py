@@ -10,6 +10,7 @@ request would be an open relay for it.
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,7 @@ class KeyPolicy:
         if p.api_key_field and body is not None:
             value = body.get(p.api_key_field)
             if isinstance(value, str):
-                return value
+                return value if _is_text(value) else None
         # Not in the body: some callers put it in the query string on every method.
         if p.api_key_query:
             return query.get(p.api_key_query)
@@ -92,8 +93,28 @@ class KeyPolicy:
             new_doc = dict(doc or {})
             new_doc[p.api_key_field] = key
             headers["Content-Type"] = "application/json"
-            return _without_query(path_qs, p.api_key_query), orjson.dumps(new_doc)
+            return _without_query(path_qs, p.api_key_query), _encode(new_doc)
         return path_qs, body
+
+
+def _is_text(key: str) -> bool:
+    """A key read from JSON may hold a lone surrogate (`"\\ud83d"`): no key of anyone's,
+    and nothing it could be sent on (a URL, a header) can carry it. Taken for no key: the
+    probes go without one and the instances say 401; the request itself goes as it came."""
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _encode(doc: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(doc)
+    except orjson.JSONEncodeError:
+        # A lone surrogate (read as Node reads it, rules.py) is not UTF-8: escaped, as
+        # JSON.stringify writes it, Node reads the same text.
+        return json.dumps(doc, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def _without_query(path_qs: str, name: str | None) -> str:

@@ -9,6 +9,7 @@ upstream path (`../health`, `a%2Fb`) or in an instance's session folder.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -162,7 +163,8 @@ class SessionIdPolicy:
 def parse_json_object(body: bytes) -> dict[str, Any] | None:
     """The body as a JSON object, None when it is empty; 400 when it is something else (not
     JSON, not an object, or nested deeper than orjson's limit of 1024 levels: refused,
-    where a recursive parser would overflow its stack)."""
+    where a recursive parser would overflow its stack). What orjson refuses and Node's
+    body parser takes is read as Node reads it (`_as_node_reads_it`)."""
     if not body.strip():
         return None
     try:
@@ -170,28 +172,44 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
     except orjson.JSONDecodeError as exc:
         if "depth limit" in str(exc):
             raise _not_json("is nested too deeply (over 1024 levels)") from None
-        doc = _as_node_reads_it(body)
+        doc = _as_node_reads_it(body, str(exc))
     if not isinstance(doc, dict):
         raise RequestRejected(400, "bad_request", "the request body must be a JSON object")
     return doc
 
 
-def _as_node_reads_it(body: bytes) -> Any:
-    """What orjson refuses and Node's body parser takes, read as Node does: a UTF-8 byte
-    order mark (stripped before JSON.parse), integers beyond 64 bits and numbers beyond a
-    double (JSON.parse makes them floats, Infinity). Refused here, such a send would be a
-    400 that Node would have taken. Only after orjson failed: never on the common path."""
+_BOM = b"\xef\xbb\xbf"
+# The slower parser reads a body that needs it only up to this size (a hostile one must
+# not hold the loop for a second); a send of text is a few KiB.
+_SLOW_PARSE_MAX_BYTES = 1024 * 1024
+
+
+def _as_node_reads_it(body: bytes, error: str) -> Any:
+    """What orjson refuses and Node's body parser (iconv, then JSON.parse) takes: a UTF-8
+    byte order mark, dropped before parsing; a lone surrogate escape (`"\\ud83d"`, as
+    JSON.stringify writes a text cut mid-emoji), which Python's json reads. Refused here,
+    such a send would be a 400 that Node would have taken. Only after orjson failed."""
+    if body.startswith(_BOM):
+        return parse_json_object(body[len(_BOM) :])
+    if "surrogate" not in error or len(body) > _SLOW_PARSE_MAX_BYTES:
+        raise _not_json("is not valid JSON")
     try:
-        text = body.decode("utf-8")
-        return json.loads(text.removeprefix("\ufeff"), parse_constant=_no_constant)
-    except RecursionError:  # orjson's limit is lower, but the stack is the stack
+        return json.loads(body.decode("utf-8"), parse_constant=_not_a_number, parse_float=_finite)
+    except RecursionError:
         raise _not_json("is nested too deeply (over 1024 levels)") from None
     except ValueError:  # not JSON (or not UTF-8) for Node either
         raise _not_json("is not valid JSON") from None
 
 
-def _no_constant(name: str) -> Any:
+def _not_a_number(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # Python's json takes NaN; JSON.parse does not
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):  # as orjson: beyond a double is refused
+        raise ValueError("number beyond a double")
+    return value
 
 
 def _not_json(why: str) -> RequestRejected:

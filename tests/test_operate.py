@@ -6,6 +6,7 @@ import pytest
 
 from wa_router.sim import SimInstance
 from wa_router.stores import Source
+from wa_router.stores.base import Status
 
 from .conftest import API_KEY, StartRouter, pool_config, send_body, sends, wait_for
 
@@ -140,3 +141,11 @@ async def test_sync_does_not_learn_a_listed_session_id_no_request_may_name(
     assert await router.directory.lookup("a/b") is None
     assert await router.directory.lookup("s" * 300) is None
     assert (await router.directory.lookup("good1")).instance == "node-0"  # type: ignore[union-attr]
+    # One learned before a reload tightened the policy: still listed, so neither "lost"
+    # (a false alarm for cron) nor "gone" after its instance's restart; never learned anew.
+    assert await router.directory.observe("a/b", "node-0", Source.SYNC, status=Status.CONNECTED)
+    report = await router.syncer.run()
+    assert report.ok and not report.lost and report.refused_ids == 2, report.lines()
+    report = await router.syncer.run(only=router.pool.get("node-0"))
+    assert not report.gone, report.lines()
+    assert all("a/b" not in line for line in report.lines())

@@ -177,10 +177,10 @@ class Syncer:
             report.instances[inst.name] = "ok"
             inst.reported_sessions = len(listing)
             for n, (session, status, connected_at) in enumerate(listing):
+                present.add((session, inst.name))  # where it is: not lost, not gone
                 if self._ids is not None and not self._ids.accepts(session):
                     report.refused_ids += 1  # the id itself is not logged: it may hold anything
                     continue
-                present.add((session, inst.name))
                 if rank(status) is not None:
                     # Interned: 100 k entries share a handful of status strings.
                     owner = (inst.name, sys.intern(status.lower()), connected_at)

@@ -1234,6 +1234,35 @@ async def test_a_send_found_elsewhere_after_its_caller_left_is_sent_only_if_it_c
     assert not forwarded(sims[1], "POST", SEND)
 
 
+async def test_a_caller_reset_as_the_lane_hands_over_leaves_nothing_in_flight(
+    sims: list[SimInstance], start_router: StartRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lane's attempt is refused (s1 is not on its owner any more) and the caller's
+    reset is read in the same loop pass (forced here: the order of two events of one pass
+    cannot be arranged on a socket). Nothing is left counted in flight: once a done task
+    stayed there, and the next shutdown waited its whole grace for it."""
+    port, lean = await serve_lean(start_router, sims)
+    router = lean.router
+    resp, _ = await exchange(port, request("POST", SEND, HOST, "Connection: close", body=SEND_JSON))
+    assert resp.status == 200
+    sims[0].sessions.pop("s1")  # the lane's next attempt: 404 Session not found
+    handed_over = lean_module.LeanConnection.express_fallback
+
+    def reset_then_hand_over(self: lean_module.LeanConnection, req: Any) -> None:
+        self.abort()  # the caller's reset, handled before the worker first runs
+        handed_over(self, req)
+
+    monkeypatch.setattr(lean_module.LeanConnection, "express_fallback", reset_then_hand_over)
+    conn = await Conn.open(port)
+    try:
+        await conn.send(request("POST", SEND, HOST, body=SEND_JSON))
+        await wait_for(lambda: router.proxy.stats.express["handed_over"] == 1, 5, "hand-over")
+        await wait_for(lambda: not lean.connections, 5, "the caller gone")
+    finally:
+        await conn.close()
+    await wait_for(lambda: not router.inflight.tasks, 5, "nothing in flight")
+
+
 async def test_after_a_half_close_what_came_whole_is_answered_in_order_and_the_rest_dropped(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:

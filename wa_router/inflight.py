@@ -45,7 +45,11 @@ class InFlight:
         return item in self.tasks
 
     def _waits(self) -> dict[asyncio.Future[Any], Quick | None]:
-        waits: dict[asyncio.Future[Any], Quick | None] = dict.fromkeys(self.tasks)
+        # A done task has nothing left to wait for (asyncio.wait would return it at once,
+        # and the drain ask again until its grace is over).
+        waits: dict[asyncio.Future[Any], Quick | None] = dict.fromkeys(
+            t for t in self.tasks if not t.done()
+        )
         for q in self.quick:
             waits[q.finished()] = q
         return waits

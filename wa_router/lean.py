@@ -756,6 +756,12 @@ class LeanConnection(asyncio.Protocol):
         finally:
             self._busy = False
             self._worker = self._wake = None
+            # Counted in flight by `express_fallback` before it ran: a caller reset in the
+            # same loop pass ends it before `_answer` (once left there, a done task that
+            # kept the next shutdown's drain waiting for its whole grace).
+            task = asyncio.current_task(self._loop)
+            if task is not None:
+                router.inflight.discard(task)
 
     async def _drained(self) -> bool:
         """Wait until the caller has read enough of what was written; False (the

@@ -87,6 +87,35 @@ def status_class(status: int) -> str:
     return _CLASSES.get(status // 100) or f"{status // 100}xx"
 
 
+class _AioInbound(Inbound):
+    """A request the aiohttp front read. aiohttp tells a handler neither that its caller
+    left nor that it half-closed (`serve` runs it without handler cancellation): whether
+    the caller is gone is asked of its connection, before each send and each wait."""
+
+    __slots__ = ("_gone", "_wait", "_web")
+
+    def __init__(self, web_request: web.BaseRequest, *args: Any) -> None:
+        self._web = web_request
+        super().__init__(*args)
+
+    @property
+    def caller_gone(self) -> bool:
+        transport = self._web.transport
+        return self._gone or transport is None or transport.is_closing()
+
+    @caller_gone.setter
+    def caller_gone(self, value: bool) -> None:
+        self._gone = value
+
+    @property
+    def may_wait(self) -> bool:
+        return self._wait and not self.caller_gone
+
+    @may_wait.setter
+    def may_wait(self, value: bool) -> None:
+        self._wait = value
+
+
 @dataclass(slots=True)
 class Call:
     """One caller request, as it will be sent upstream."""
@@ -191,7 +220,8 @@ class Proxy:
             body = await read_body(request, self.max_body_bytes)
         except RequestRejected as exc:
             return await send_answer(request, self.refuse(exc, started))
-        inbound = Inbound(
+        inbound = _AioInbound(
+            request,
             request.method,
             url.raw_path,
             url.raw_query_string,

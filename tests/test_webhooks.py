@@ -359,6 +359,16 @@ async def test_a_logout_forgets_a_session_id_learned_before_the_policy_refused_i
     assert code == 200
     assert await router.directory.lookup(session) is None
     assert [e["data"]["session_id"] for e in laravel.events] == [session]
+    # One the directory never had: nothing is written for it, not even a tombstone.
+    stored = len(router.directory.store)  # type: ignore[arg-type]
+    code, _ = await post_hook(
+        client,
+        "session_disconnected",
+        {"session_id": "c/d", "reason": "LOGOUT"},
+        instance_url=local(sims[1]),
+    )
+    assert code == 200 and len(router.directory.store) == stored  # type: ignore[arg-type]
+    assert [e["data"]["session_id"] for e in laravel.events] == [session, "c/d"]
 
 
 async def test_laravel_refusal_goes_back_to_node_and_is_not_queued(

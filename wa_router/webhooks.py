@@ -277,11 +277,12 @@ class Webhooks:
             # id itself is not logged (it may hold anything).
             self.stats.bad_session_id += 1
             log.warning("webhook_session_id_refused", webhook_event=event.name)
-            if action != FORGET:
-                return False
-            # A logout still forgets (that writes nothing): an id learned before a reload
+            # A logout still forgets one the directory has: an id learned before a reload
             # tightened the policy must not outlive its logout, nor the logout be taken
-            # for a plain disconnect (laravel_view.py drops those from a non-owner).
+            # for a plain disconnect (laravel_view.py drops those from a non-owner). One
+            # it does not have is not written, not even as a forgetting's tombstone.
+            if action != FORGET or await self._directory.lookup(event.session) is None:
+                return action == FORGET
         # The observation time is the webhook's own timestamp, so a late retry never beats
         # a newer fact. X-Timestamp has whole seconds: within its second, the receipt time
         # is the better estimate (a rediscovery 0.4 s into that second saw an older state).

@@ -279,15 +279,17 @@ async def test_two_holders_neither_connected_get_one_send_not_one_each_in_turn()
     may come). The first one's own 400 is the answer. (Once, the send went to one, then
     the other, in turn, until out of attempts, and the caller got a 503.)"""
     sends: list[str] = []
+    probed = {"node-1": asyncio.Event(), "node-2": asyncio.Event()}
 
-    def holder(name: str) -> Handler:
+    def holder(name: str, other: str) -> Handler:
         async def handle(req: UpstreamRequest) -> Outcome:
             if req.method == "POST":
                 sends.append(name)
+                probed[other].clear()
                 return NOT_CONNECTED
-            if sends and sends[-1] == name:
-                for _ in range(5):  # the other holder's probe answers first
-                    await asyncio.sleep(0)
+            if sends and sends[-1] == name:  # the other holder's probe answers first
+                await asyncio.wait_for(probed[other].wait(), 5.0)
+            probed[name].set()
             return SCANNING
 
         return handle
@@ -300,7 +302,11 @@ async def test_two_holders_neither_connected_get_one_send_not_one_each_in_turn()
         }
     )
     fw = MemoryForwarder(
-        {"node-0": routes(elsewhere()), "node-1": holder("node-1"), "node-2": holder("node-2")}
+        {
+            "node-0": routes(elsewhere()),
+            "node-1": holder("node-1", "node-2"),
+            "node-2": holder("node-2", "node-1"),
+        }
     )
     router = build_router(cfg, store=MemoryStore(), forwarder=fw)
     await router.forwarder.start()

@@ -1507,6 +1507,24 @@ async def test_a_trailer_never_becomes_a_header(
     await conn.close()
 
 
+async def test_an_endless_trailer_section_is_refused_like_an_endless_head(
+    sims: list[SimInstance], start_router: StartRouter
+) -> None:
+    """A chunked send whose trailer goes on past the head's limit: 431, closed, and the
+    send goes nowhere (once the trailer was read and dropped for as long as it came)."""
+    port, _ = await serve(start_router, sims, limits={"max_header_bytes": 4096})
+    head = f"POST {SEND} HTTP/1.1\r\n{HOST}\r\nContent-Type: application/json\r\n"
+    body = chunked(SEND_JSON)[: -len(b"\r\n")]  # the last chunk, its trailer to come
+    trailer = b"".join(b"X-T%d: %s\r\n" % (n, b"v" * 100) for n in range(60))
+    conn = await Conn.open(port)
+    try:
+        await conn.send(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + body + trailer)
+        await conn.refused(431, "header_fields_too_large")
+    finally:
+        await conn.close()
+    assert nothing_forwarded(sims)
+
+
 async def test_non_ascii_header_bytes_reach_node_unchanged(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:

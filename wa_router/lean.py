@@ -475,9 +475,13 @@ class LeanConnection(asyncio.Protocol):
             raise _rejected(414, "uri_too_long", "the request target is too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._pending is not None:
-            return  # a chunked body's trailer: never a header of the request
         self._head_bytes += len(name) + len(value) + 4
+        if self._pending is not None:
+            # A chunked body's trailer: never a header of the request, dropped; counted with
+            # the head, so an endless trailer section is refused like an endless head.
+            if self._head_bytes > self._server.max_head:
+                raise _rejected(431, "header_fields_too_large", "the request's trailer is too long")
+            return
         if self._head_bytes > self._server.max_head:
             raise _rejected(
                 431,

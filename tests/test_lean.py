@@ -928,6 +928,26 @@ async def test_the_node_key_goes_into_a_body_only_node_s_parser_reads(
     assert sent.json["caption"] == "\ud83d" and "api_key" not in sent.query
 
 
+@pytest.mark.parametrize(("depth", "status"), [(300, 200), (1000, 400)])
+async def test_the_node_key_goes_into_a_deep_body_or_the_caller_hears_why_not(
+    sims: list[SimInstance], start_router: StartRouter, depth: int, status: int
+) -> None:
+    """orjson reads 1024 levels and writes 255: a deeper body is written again another way,
+    and one too deep for that is a 400 that says so (once a 500), sent nowhere."""
+    port, _ = await serve(start_router, sims, upstream={"client_keys": [CLIENT_KEY]})
+    doc = {k: v for k, v in send_body("s1").items() if k != "api_key"}
+    body = json.dumps(doc).encode()[:-1] + b', "x": ' + b"[" * depth + b"]" * depth + b"}"
+    target = f"{SEND}?api_key={CLIENT_KEY}"
+    resp, _ = await exchange(port, request("POST", target, HOST, "Connection: close", body=body))
+    assert resp.status == status, resp
+    if status == 400:
+        assert resp.error == "bad_request" and "nested too deeply" in resp.json()["message"]
+        assert nothing_forwarded(sims)
+    else:
+        (sent,) = forwarded(sims[0], "POST", SEND)
+        assert sent.json is not None and sent.json["api_key"] == API_KEY
+
+
 async def test_a_key_holding_a_lone_surrogate_is_no_client_key_and_goes_as_it_came(
     sims: list[SimInstance], start_router: StartRouter
 ) -> None:

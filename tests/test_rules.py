@@ -140,6 +140,10 @@ def test_bad_session_ids_are_400(
         (b'{"session_id": "s1", "t": "\\ud800", "n": 1e99999}', False),
         (b'{"session_id": "s1", "t": "\\ud800", "pad": "' + b"x" * (1 << 20) + b'"}', False),
         (b"\xef\xbb\xbf{bad", False),
+        (b'\xef\xbb\xbf\xef\xbb\xbf{"session_id": "s1"}', False),  # Node strips one
+        (b"\xef\xbb\xbf" * 2000 + b'{"session_id": "s1"}', False),  # not one per call
+        (b'\xef\xbb\xbf{"session_id": "s1", "t": "\\ud800"}', True),  # both at once
+        (b'{"t": "\\ud800", "n": 1' + b"0" * 309 + b"}", False),  # an int beyond a double
         (b"\xef\xbb\xbf[1]", False),
         (b'{"t": "\\ud800", "u": "\xff"}', False),  # not UTF-8
         (b"\xef\xbb\xbf" + b"[" * 100_000, False),  # too deep for any parser's stack

@@ -114,7 +114,12 @@ def _encode(doc: dict[str, Any]) -> bytes:
     except orjson.JSONEncodeError:
         # A lone surrogate (read as Node reads it, rules.py) is not UTF-8: escaped, as
         # JSON.stringify writes it, Node reads the same text.
-        return json.dumps(doc, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+        try:
+            return json.dumps(doc, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+        except RecursionError:  # orjson reads 1024 levels, writes 255, Python's ~950
+            raise RequestRejected(
+                400, "bad_request", "the request body is nested too deeply to add the api key"
+            ) from None
 
 
 def _without_query(path_qs: str, name: str | None) -> str:

@@ -185,16 +185,29 @@ _SLOW_PARSE_MAX_BYTES = 1024 * 1024
 
 
 def _as_node_reads_it(body: bytes, error: str) -> Any:
-    """What orjson refuses and Node's body parser (iconv, then JSON.parse) takes: a UTF-8
-    byte order mark, dropped before parsing; a lone surrogate escape (`"\\ud83d"`, as
-    JSON.stringify writes a text cut mid-emoji), which Python's json reads. Refused here,
-    such a send would be a 400 that Node would have taken. Only after orjson failed."""
+    """What orjson refuses and Node's body parser (iconv, then JSON.parse) takes: one UTF-8
+    byte order mark, dropped before parsing (a second one Node refuses too); a lone
+    surrogate escape (`"\\ud83d"`, as JSON.stringify writes a text cut mid-emoji), which
+    Python's json reads, in a body up to 1 MiB (a larger one stays refused: that parser
+    would hold the loop). Refused here, such a send would be a 400 that Node would have
+    taken. Only after orjson failed."""
     if body.startswith(_BOM):
-        return parse_json_object(body[len(_BOM) :])
+        body = body[len(_BOM) :]
+        try:
+            return orjson.loads(body) if body.strip() else None
+        except orjson.JSONDecodeError as exc:
+            if "depth limit" in str(exc):
+                raise _not_json("is nested too deeply (over 1024 levels)") from None
+            error = str(exc)
     if "surrogate" not in error or len(body) > _SLOW_PARSE_MAX_BYTES:
         raise _not_json("is not valid JSON")
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_not_a_number, parse_float=_finite)
+        return json.loads(
+            body.decode("utf-8"),
+            parse_constant=_not_a_number,
+            parse_float=_finite,
+            parse_int=_finite_int,
+        )
     except RecursionError:
         raise _not_json("is nested too deeply (over 1024 levels)") from None
     except ValueError:  # not JSON (or not UTF-8) for Node either
@@ -210,6 +223,16 @@ def _finite(text: str) -> float:
     if value in (math.inf, -math.inf):  # as orjson: beyond a double is refused
         raise ValueError("number beyond a double")
     return value
+
+
+def _finite_int(text: str) -> int:
+    value = int(text)
+    if abs(value) >= _DOUBLE_MAX:  # as orjson: beyond a double is refused
+        raise ValueError("number beyond a double")
+    return value
+
+
+_DOUBLE_MAX = 2**1024
 
 
 def _not_json(why: str) -> RequestRejected:

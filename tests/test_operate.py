@@ -149,3 +149,8 @@ async def test_sync_does_not_learn_a_listed_session_id_no_request_may_name(
     report = await router.syncer.run(only=router.pool.get("node-0"))
     assert not report.gone, report.lines()
     assert all("a/b" not in line for line in report.lines())
+    # Listed elsewhere now than where the directory had it: not lost either.
+    del sims[0].sessions["a/b"]
+    sims[2].add_session("a/b")
+    report = await router.syncer.run()
+    assert report.ok and not report.lost, report.lines()

@@ -169,6 +169,7 @@ class Syncer:
         # session -> [(instance, status, connected_at)] of the instances where it is live.
         live: dict[str, list[tuple[str, str, str]]] = {}
         present: set[tuple[str, str]] = set()  # (session, instance), any status
+        refused: set[str] = set()  # listed ids the policy refuses (not learned)
         rank = self._profile.rank
         for inst, listing in zip(targets, listings, strict=True):
             if isinstance(listing, str):
@@ -180,6 +181,7 @@ class Syncer:
                 present.add((session, inst.name))  # where it is: not lost, not gone
                 if self._ids is not None and not self._ids.accepts(session):
                     report.refused_ids += 1  # the id itself is not logged: it may hold anything
+                    refused.add(session)  # listed somewhere: never "lost", wherever it was
                     continue
                 if rank(status) is not None:
                     # Interned: 100 k entries share a handful of status strings.
@@ -233,7 +235,7 @@ class Syncer:
                 n += 1
                 if n % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)
-                if session in live or (session, entry.instance) in present:
+                if session in live or session in refused or (session, entry.instance) in present:
                     continue
                 if entry.instance in answered and everyone_answered:
                     report.lost.append((session, entry.instance or ""))

@@ -443,6 +443,7 @@ class Proxy:
             if target is not None and call.request.caller_gone and sent is None:
                 # Nobody would read the answer; a caller that retries would have it twice.
                 self.stats.caller_gone += 1
+                log.info("request_dropped", reason="caller_gone", session=session)
                 raise caller_gone(session)
             if target is not None:
                 sends_left -= 1

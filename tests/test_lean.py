@@ -1117,6 +1117,17 @@ async def leave(conn: Conn, how: str) -> Response | None:
     return None
 
 
+async def leave_seen(conn: Conn, lean: LeanServer, how: str) -> None:
+    """The caller goes as `leave` says, and the router has seen it go (a half-closed one
+    stays, to read what comes)."""
+    if how == "half_close":
+        conn.writer.write_eof()
+        await wait_for(lambda: any(c.half_closed for c in lean.connections), 5, "the EOF")
+    else:
+        await leave(conn, how)
+        await wait_for(lambda: not lean.connections, 5, "the caller gone")
+
+
 def told_nothing_was_sent(resp: Response | None, how: str) -> None:
     """A caller that can still read hears that its send waits no more and went nowhere."""
     if how != "half_close":
@@ -1192,12 +1203,7 @@ async def test_a_send_whose_caller_goes_while_its_session_is_looked_for_never_wa
             5,
             "the session looked for",
         )
-        if how == "half_close":
-            conn.writer.write_eof()
-            await wait_for(lambda: any(c.half_closed for c in lean.connections), 5, "the EOF")
-        else:
-            await leave(conn, how)
-            await wait_for(lambda: not lean.connections, 5, "the caller gone")
+        await leave_seen(conn, lean, how)
         for sim in sims[1:]:
             sim.resume()
         if how == "half_close":
@@ -1235,12 +1241,7 @@ async def test_a_send_found_elsewhere_after_its_caller_left_is_sent_only_if_it_c
     try:
         await conn.send(request("POST", SEND, HOST, body=SEND_JSON))
         await wait_for(lambda: len(sims[1].received) > asked, 5, "s1 looked for on sims[1]")
-        if how == "half_close":
-            conn.writer.write_eof()
-            await wait_for(lambda: any(c.half_closed for c in lean.connections), 5, "the EOF")
-        else:
-            await leave(conn, how)
-            await wait_for(lambda: not lean.connections, 5, "the caller gone")
+        await leave_seen(conn, lean, how)
         sims[1].resume()
         if how == "half_close":
             resp = await conn.response()

@@ -413,7 +413,6 @@ class LeanConnection(asyncio.Protocol):
         if not (self._busy or self._queue or self._express is not None):
             return False  # nothing owed: the transport closes
         self._eof = True
-        self._continue = False  # no body comes now: no 100 Continue is owed
         self._head_bytes = 0  # a request begun is never whole now
         self._pending = self._request = None
         self._disarm()  # no request is read any more: no head, body or keep-alive clock
@@ -687,8 +686,6 @@ class LeanConnection(asyncio.Protocol):
             _drop(request)
             log.info("request_dropped", reason="caller_gone")
             return
-        if self._eof:
-            request.may_wait = False  # (see `eof_received`)
         self._queue.appendleft(request)
         self._kick()
         if self._worker is not None:

@@ -170,8 +170,6 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        if "depth limit" in str(exc):
-            raise _not_json("is nested too deeply (over 1024 levels)") from None
         doc = _as_node_reads_it(body, str(exc))
     if not isinstance(doc, dict):
         raise RequestRejected(400, "bad_request", "the request body must be a JSON object")
@@ -179,6 +177,8 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
 
 
 _BOM = b"\xef\xbb\xbf"
+_NESTED = "is nested too deeply (over 1024 levels)"
+_DOUBLE_MAX = 2**1024  # a number at or beyond it is infinity as a double
 # The slower parser reads a body that needs it only up to this size (a hostile one must
 # not hold the loop for a second); a send of text is a few KiB.
 _SLOW_PARSE_MAX_BYTES = 1024 * 1024
@@ -191,14 +191,14 @@ def _as_node_reads_it(body: bytes, error: str) -> Any:
     Python's json reads, in a body up to 1 MiB (a larger one stays refused: that parser
     would hold the loop). Refused here, such a send would be a 400 that Node would have
     taken. Only after orjson failed."""
-    if body.startswith(_BOM):
+    if body.startswith(_BOM):  # what orjson refused first, before anything after it
         body = body[len(_BOM) :]
         try:
             return orjson.loads(body) if body.strip() else None
         except orjson.JSONDecodeError as exc:
-            if "depth limit" in str(exc):
-                raise _not_json("is nested too deeply (over 1024 levels)") from None
             error = str(exc)
+    if "depth limit" in error:
+        raise _not_json(_NESTED)
     if "surrogate" not in error or len(body) > _SLOW_PARSE_MAX_BYTES:
         raise _not_json("is not valid JSON")
     try:
@@ -209,7 +209,7 @@ def _as_node_reads_it(body: bytes, error: str) -> Any:
             parse_int=_finite_int,
         )
     except RecursionError:
-        raise _not_json("is nested too deeply (over 1024 levels)") from None
+        raise _not_json(_NESTED) from None
     except ValueError:  # not JSON (or not UTF-8) for Node either
         raise _not_json("is not valid JSON") from None
 
@@ -230,9 +230,6 @@ def _finite_int(text: str) -> int:
     if abs(value) >= _DOUBLE_MAX:  # as orjson: beyond a double is refused
         raise ValueError("number beyond a double")
     return value
-
-
-_DOUBLE_MAX = 2**1024
 
 
 def _not_json(why: str) -> RequestRejected:

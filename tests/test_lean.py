@@ -1176,6 +1176,9 @@ async def test_a_send_waiting_for_its_session_is_given_up_when_its_caller_goes(
     m = await metrics(port)
     assert value(m, "wa_router_parked_total", outcome="abandoned") == 1
     assert value(m, "wa_router_parked_total", outcome="woken") == 0
+    dropped = "wa_router_requests_dropped_total"
+    assert value(m, dropped, reason="caller_gone_while_waiting") == 1
+    assert value(m, dropped, reason="caller_gone") == 0
     await sent_once_more_when_back(port, sims, 1)
 
 
@@ -1251,8 +1254,10 @@ async def test_a_send_found_elsewhere_after_its_caller_left_is_sent_only_if_it_c
             return
     finally:
         await conn.close()
-    await wait_for(lambda: router.proxy.stats.caller_gone == 1, 5, "the send not made")
+    await wait_for(lambda: router.proxy.stats.dropped["caller_gone"] == 1, 5, "the send not made")
     assert not forwarded(sims[1], "POST", SEND)
+    m = await metrics(port)
+    assert value(m, "wa_router_requests_dropped_total", reason="caller_gone") == 1
 
 
 async def test_a_caller_reset_as_the_lane_hands_over_leaves_nothing_in_flight(
@@ -1282,6 +1287,7 @@ async def test_a_caller_reset_as_the_lane_hands_over_leaves_nothing_in_flight(
     finally:
         await conn.close()
     await wait_for(lambda: not router.inflight.tasks, 5, "nothing in flight")
+    assert router.proxy.stats.dropped["caller_gone"] == 1  # taken nowhere else
 
 
 async def test_after_a_half_close_what_came_whole_is_answered_in_order_and_the_rest_dropped(

@@ -404,7 +404,9 @@ async def test_aiohttp_front_a_waiting_send_whose_caller_left_is_never_sent(
     await sims[2].start()
     sims[2].add_session("s1")
     await hook(client, sims[2], "session_ready", "s1", status="connected")
-    await wait_for(lambda: router.proxy.stats.caller_gone == 1, what="the woken send not made")
+    await wait_for(
+        lambda: router.proxy.stats.dropped["caller_gone"] == 1, what="the woken send not made"
+    )
     assert router.parking.stats.outcomes == {"woken": 1}
     assert sends(sims[2]) == 0
     assert (await send(client, "s1"))[0] == 200  # the next caller's send goes, alone

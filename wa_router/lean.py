@@ -362,10 +362,15 @@ class LeanConnection(asyncio.Protocol):
         # handed over, `express_fallback` drops it.
         # A request being answered finishes (its upstream answer is released); nothing
         # more is read or written.
+        dropped = 0
         for item in self._queue:
             if isinstance(item, Request):
                 _drop(item)
+                dropped += 1
         self._queue.clear()
+        if dropped:  # read whole, sent nowhere (more): nobody would read the answers
+            self._server.proxy.stats.dropped["caller_gone"] += dropped
+            log.info("request_dropped", reason="caller_gone", requests=dropped)
 
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
@@ -429,6 +434,7 @@ class LeanConnection(asyncio.Protocol):
         request already sent is answered."""
         worker = self._worker
         if worker is not None and self._busy and self._server.router.parking.abandon(worker):
+            self._server.proxy.stats.dropped["caller_gone_while_waiting"] += 1
             log.info("request_dropped", reason="caller_gone_while_waiting")
 
     @property
@@ -684,6 +690,7 @@ class LeanConnection(asyncio.Protocol):
             # The caller is gone: nobody would read the answer, and the request is not
             # taken further (a not-here answer is not sent elsewhere behind its back).
             _drop(request)
+            self._server.proxy.stats.dropped["caller_gone"] += 1
             log.info("request_dropped", reason="caller_gone")
             return
         self._queue.appendleft(request)

@@ -139,6 +139,16 @@ class RouterCollector(Collector):
         for outcome in ("relayed", "handed_over"):
             express.add_metric([outcome], v.proxy.express.get(outcome, 0))
         yield express
+        dropped = CounterMetricFamily(
+            "wa_router_requests_dropped",
+            "Requests taken no further because their caller had gone, by where: caller_gone "
+            "(a send not made, or not made elsewhere), caller_gone_while_waiting (its wait for "
+            "the session ended)",
+            labels=["reason"],
+        )
+        for reason in ("caller_gone", "caller_gone_while_waiting"):
+            dropped.add_metric([reason], v.proxy.dropped.get(reason, 0))
+        yield dropped
         placements = CounterMetricFamily(
             "wa_router_placements", "New sessions placed on an instance"
         )

@@ -77,7 +77,9 @@ class ProxyStats:
     unavailable: Counter[str] = field(default_factory=Counter)
     # express-lane requests (express.py): "relayed" | "handed_over"
     express: Counter[str] = field(default_factory=Counter)
-    caller_gone: int = 0  # requests not sent because their caller had gone
+    # Requests taken no further because their caller had gone, by where: "caller_gone" (a
+    # send not made, or not made elsewhere) | "caller_gone_while_waiting" (a wait ended)
+    dropped: Counter[str] = field(default_factory=Counter)
 
 
 _CLASSES = {n: f"{n}xx" for n in range(1, 6)}
@@ -442,7 +444,7 @@ class Proxy:
                     target = None
             if target is not None and call.request.caller_gone and sent is None:
                 # Nobody would read the answer; a caller that retries would have it twice.
-                self.stats.caller_gone += 1
+                self.stats.dropped["caller_gone"] += 1
                 log.info("request_dropped", reason="caller_gone", session=session)
                 raise caller_gone(session)
             if target is not None:

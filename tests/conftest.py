@@ -23,6 +23,13 @@ from wa_router.sim import SimInstance, sign_webhook
 API_KEY = "test-key"
 
 
+@pytest.fixture(autouse=True)
+def _own_cwd(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test in a directory of its own: a router configured without a state dir keeps
+    its directory snapshot in ./state, which must not be another test's (or the repo's)."""
+    monkeypatch.chdir(tmp_path)
+
+
 async def wait_until(
     cond: Callable[[], Awaitable[bool]], timeout_s: float = 5.0, what: str = ""
 ) -> None:

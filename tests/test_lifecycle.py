@@ -99,6 +99,7 @@ def write_config(
     raw = {
         "instances": [{"name": s.name, "url": s.url} for s in sims],
         "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": grace_s, "front": front},
+        "state": {"dir": str(tmp_path / "state")},  # its directory snapshot, not the repo's
     }
     path = tmp_path / "router.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -34,6 +34,7 @@ from .replay import SharedKV
 from .rules import RuleTable, SessionIdPolicy
 from .runtime import Router, RouterControl, answering, view_of
 from .stores import MemoryStore, RedisStore, Store
+from .stores.snapshot import Snapshot
 from .stream_backlog import StreamBacklog
 from .stream_relay import StreamRelay
 from .sync import Syncer
@@ -118,7 +119,15 @@ def build_router(
         fall=cfg.health.fall,
         rise=cfg.health.rise,
     )
-    store = build_store(cfg) if store is None else store
+    snapshot: Snapshot | None = None
+    if store is None:
+        store = build_store(cfg)
+        every_s = cfg.state.directory_snapshot_s
+        if isinstance(store, MemoryStore) and every_s is not None:
+            # Each worker has a directory of its own (server.py), and so a file.
+            name = "directory.json" if worker is None else f"directory-{worker}.json"
+            names = [i.name for i in cfg.instances]
+            snapshot = Snapshot(store, Path(cfg.state.dir) / name, every_s, names)
     # One for the store's Redis: whichever part sees it hang, all skip it for a moment.
     breaker = Breaker(cfg.store.deadline_s, cfg.store.breaker_s)
     directory = Directory(
@@ -237,6 +246,7 @@ def build_router(
         syncer,
         parking,
         SharedDrain(pool, store, deadline_s=cfg.store.deadline_s),
+        snapshot=snapshot,
     )
 
 
@@ -285,6 +295,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     stop them in reverse order."""
     router = app[ROUTER]
     tasks: list[asyncio.Task[None]] = []
+    if router.snapshot is not None:
+        await router.snapshot.load()  # before anything reads or writes the directory
     try:
         await router.store.start()
     except Exception as exc:
@@ -307,6 +319,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 tasks.append(delivering)
         tasks.append(asyncio.create_task(router.health.run()))
         tasks.append(asyncio.create_task(_sync_loop(router)))
+        if router.snapshot is not None:
+            tasks.append(asyncio.create_task(router.snapshot.run(), name="directory-snapshot"))
         log.info(
             "router_started",
             instances=[i.name for i in router.pool.instances],
@@ -328,6 +342,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await backlog.close()
         await router.forwarder.close()
         await router.directory.close()
+        if router.snapshot is not None:
+            await router.snapshot.save()  # what was learned since the last write
         await router.store.close()
         log.info("router_stopped")
 

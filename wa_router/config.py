@@ -300,6 +300,10 @@ class WebhookConfig:
 @dataclass(frozen=True, slots=True)
 class StateConfig:
     dir: str = "state"  # the webhook backlog (SQLite) lives here
+    # With the memory store: the directory is written to state.dir this often while it
+    # changed (and at the stop), and read back at the start, so a restarted router still
+    # knows whose sessions are restoring (stores/snapshot.py). null: not kept.
+    directory_snapshot_s: float | None = 5.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,8 @@ class HealthChecker:
             and uptime + _RESTART_SLACK_S < inst.uptime_s
         )
         inst.uptime_s = uptime
+        if uptime is not None:
+            self._pool.note_uptime(inst, uptime)
         if not self._pool.record_success(inst) and restarted:
             # Never seen down (it restarted between two checks), yet it is restoring.
             log.info("instance_restarted", instance=inst.name, uptime_s=uptime)

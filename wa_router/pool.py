@@ -181,6 +181,13 @@ class Pool:
         inst.uptime_s = None
         log.info("instance_back", instance=inst.name, reason=reason)
 
+    def note_uptime(self, inst: Instance, uptime_s: float) -> None:
+        """The instance's own uptime, the first the router sees of it: a router started
+        while the instance restores (both restarted at once) knows it came back then, not
+        never, and waits for its restoring sessions as a router that saw it go would."""
+        if inst.back_at is None:
+            inst.back_at = self._clock() - uptime_s
+
     def recently_back(self, inst: Instance, window_s: float) -> bool:
         return inst.back_at is not None and self._clock() - inst.back_at <= window_s
 

@@ -36,6 +36,7 @@ from .proxy import Proxy
 from .refusals import head_refusal
 from .stores import Store
 from .stores.base import Source
+from .stores.snapshot import Snapshot
 from .stream_backlog import StreamBacklog
 from .stream_relay import StreamRelay
 from .sync import Syncer, SyncReport
@@ -59,6 +60,8 @@ class Router:
     syncer: Syncer
     parking: Parking
     drain: SharedDrain
+    # The memory store's directory kept across restarts (None: another store, or off).
+    snapshot: Snapshot | None = None
     # Warm: the first sync is done (or gave up); /readyz says so.
     warm: bool = False
     # Requests in flight, so shutdown can wait for them (and only for its grace).

@@ -20,6 +20,7 @@ class MemoryStore:
         self._clock = clock
         self._drained: set[str] = set()
         self._drain_listeners: list[DrainListener] = []
+        self.changes = 0  # counts every change kept: a snapshot is written when it moved
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -56,6 +57,7 @@ class MemoryStore:
         if entry.instance is not None:
             self._counts[entry.instance] += 1
         self._entries[session] = entry
+        self.changes += 1
         return True
 
     async def put_many(self, items: list[tuple[str, Entry]]) -> list[bool]:
@@ -85,11 +87,16 @@ class MemoryStore:
             key=lambda kv: kv[0],
         )
 
+    def entries(self) -> list[tuple[str, Entry]]:
+        """Every entry, tombstones included (they keep late, older news out): a copy."""
+        return list(self._entries.items())
+
     async def set_draining(self, instance: str, draining: bool) -> None:
         if draining:
             self._drained.add(instance)
         else:
             self._drained.discard(instance)
+        self.changes += 1
         for callback in list(self._drain_listeners):
             callback(instance, draining)
 

@@ -213,7 +213,8 @@ def _sentinel_clients(
     auth: dict[str, Any] = {
         k: v for k, v in parse_url(url).items() if k in ("username", "password", "db")
     }
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # redis-py 8 types these calls, older releases do not: the ignores allow both.
+    sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
         list(sentinels), socket_timeout=1.0, socket_connect_timeout=1.0
     )
     client = sentinel.master_for(master, max_connections=_MAX_CONNECTIONS, **auth, **commands)
@@ -398,7 +399,7 @@ class RedisStore:
         try:
             await pubsub.subscribe(self.channel, self.pool_channel)
         except BaseException:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
             raise
         return pubsub
 
@@ -442,7 +443,7 @@ class RedisStore:
     async def _drop(pubsub: PubSub | None) -> None:
         if pubsub is not None:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
     def _deliver(self, payload: Any) -> None:
         try:

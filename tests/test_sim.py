@@ -284,8 +284,7 @@ async def test_send_ids_unique_and_not_connected_is_400(
         f"{sim.url}/api/messages/send",
         json={**msg, "session_id": "s2", "api_key": KEY},
     )
-    assert status == 400 and body["error"].startswith("Session not connected")
-    assert body["status"] == "qr_scanning"
+    assert (status, body) == (400, {"error": "Session not connected. Please check session status."})
     status, body = await call(
         http,
         "POST",
@@ -725,8 +724,7 @@ async def test_authenticated_window_answers_400_then_200(
     node = await restoring(make_sim, laravel, folder, ready_delay_s=0.3)
     await wait_for(lambda: "s1" in node.sessions and node.sessions["s1"].status == "authenticated")
     status, body = await send(http, node, "s1")
-    assert status == 400 and body["status"] == "authenticated"
-    assert body["error"] == "Session not connected. Current status: authenticated"
+    assert (status, body) == (400, {"error": "Session not connected. Please check session status."})
     _, state = await call(http, "GET", f"{node.url}/api/sessions/s1/status?api_key={KEY}")
     assert state["status"] == "authenticated"
     await wait_for(lambda: node.sessions["s1"].status == "connected")
@@ -787,12 +785,20 @@ async def test_last_connected_copy_takes_over_after_a_conflict(
     await wait_for(lambda: old.sessions["s1"].status == "disconnected")
     assert new.sessions["s1"].status == "connected"
     status, body = await send(http, old, "s1")
-    assert status == 400 and body["status"] == "disconnected"
+    assert status == 400 and body["error"].startswith("Session not connected")
+    _, state = await call(http, "GET", f"{old.url}/api/sessions/s1/status?api_key={KEY}")
+    assert state["status"] == "disconnected"
     assert (await send(http, new, "s1"))[0] == 200
     await old.wait_webhooks_idle()
     dropped = [e for e in laravel.events if e.event == "session_disconnected"]
     assert len(dropped) == 1 and dropped[0].instance_url == f"http://localhost:{old.port}"
     assert dropped[0].data == {"session_id": "s1", "workspace_id": 5, "reason": "CONFLICT"}
+    # AutoReconnect's reconnect that is not: announced, and the copy stays disconnected.
+    hint = [e for e in laravel.events if e.event == "session_reconnected"]
+    assert [(e.instance_url, e.data) for e in hint] == [
+        (f"http://localhost:{old.port}", {"session_id": "s1", "workspace_id": 5})
+    ]
+    assert old.sessions["s1"].status == "disconnected"
     # Blazz's Laravel takes any disconnect at its word: its copy now says disconnected,
     # although `new` holds the session (the router is the one that knows better).
     assert laravel.accounts["s1"].status == "disconnected"

@@ -19,7 +19,10 @@ from .forward import UpstreamRequest
 from .stores.base import Status
 
 # Node's own per-route timeouts (routes/index.js): sessions 60 s, send 45 s, health 5 s,
-# else 30 s. Waiting as long as Node does lets Node's own 408 reach the caller first.
+# else 30 s. Waiting as long as Node does lets Node's own 408 reach the caller first; a
+# send past its 45 s does not get one: the process dies instead (node-pool-api.md, "A slow
+# send kills Node"), which the router sees as a dropped connection (502, not re-sent: the
+# message may be out) and as the instance down.
 SESSIONS_S = 60.0
 SEND_S = 45.0
 HEALTH_S = 5.0

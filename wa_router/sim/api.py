@@ -29,6 +29,7 @@ INVALID_KEY = {"error": "Invalid API key"}
 NODE_MAX_HEAD = 16 * 1024
 AIOHTTP_LINE_LIMIT = 2 * NODE_MAX_HEAD  # aiohttp's per-line limits: the total is ours
 SESSION_NOT_FOUND = {"error": "Session not found"}
+NOT_CONNECTED = "Session not connected. Please check session status."
 
 
 @dataclass(frozen=True)
@@ -270,13 +271,8 @@ class BlazzApi:
             raise _ApiError(400, {"error": f"Missing required fields: {', '.join(missing)}"})
         session = self._session(str(body["session_id"]))
         if session.status != CONNECTED:
-            raise _ApiError(
-                400,
-                {
-                    "error": f"Session not connected. Current status: {session.status}",
-                    "status": session.status,
-                },
-            )
+            # The real text (SessionManager.js): it names no status; GET .../status does.
+            raise _ApiError(400, {"error": NOT_CONNECTED})
         return session
 
     def _sent(self, session: SimSession, recipient: str, kind: str) -> dict[str, Any]:

@@ -96,6 +96,9 @@ class SimInstance:
         self.delay_s = 0.0
         self.route_delay_s: dict[str, float] = {}
         self.hang = False  # wedged for good: requests are read, never answered
+        # AutoReconnect's "reconnect that is not" (node-pool-api.md): after a CONFLICT drop
+        # it sends session_reconnected, and the session stays disconnected.
+        self.false_reconnects = True
         self.unhealthy = False
         self.started_monotonic = time.monotonic()
         self._api = BlazzApi(self)

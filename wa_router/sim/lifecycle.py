@@ -144,6 +144,12 @@ class Lifecycle:
                     "reason": CONFLICT,
                 },
             )
+            if sim.false_reconnects:
+                # Still disconnected: a hint to check, not a connected owner.
+                sim.notify(
+                    "session_reconnected",
+                    {"session_id": session_id, "workspace_id": session.workspace_id},
+                )
         finally:
             if self._drops.get(session_id) is asyncio.current_task():
                 del self._drops[session_id]

@@ -379,6 +379,8 @@ async def routers(
         "laravel_url": ctx.laravel.url,
         "retry_base_s": plan.retry_base_s,
         "retry_max_s": retry_max_s,
+        # The stand-in has no webhook limiter; the bench measures delivery, not Laravel's.
+        "laravel_max_per_minute": None,
     }
     if plan.relay_timeout_s is not None:
         wh["relay_timeout_s"] = plan.relay_timeout_s

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from wa_router.gate import PASS, REFUSE, WEBHOOK, decide_path
-from wa_router.sim import SimInstance
+from wa_router.sim import SimInstance, sign_webhook
 
 from .conftest import StartRouter
-from .test_webhooks import Laravel, hook_config
+from .test_webhooks import SECRET, Laravel, hook_config
 
 HOOK = "/api/whatsapp/webhooks/webjs"
 
@@ -118,3 +118,50 @@ async def test_no_spelling_gets_a_forged_webhook_or_a_stray_call_to_laravel(
     )
     assert status == 200 and [o[1] for o in laravel.other] == ["/api/whatsapp/accounts/active"]
     assert router.webhooks.stats.rejected.get("bad_signature") == 4
+
+
+async def test_a_timestamp_in_other_digits_and_a_body_nested_too_deep_are_refused_in_json(
+    sims: list[SimInstance], stand_in: Laravel, start_router: StartRouter, tmp_path: Path
+) -> None:
+    """Both correctly signed (the sender has the secret), neither a webhook Laravel could
+    take: `int()` reads Arabic-Indic digits as a time PHP reads as 0, and a body nested
+    deeper than the parser's stack once answered a plain-text 500 (the event lost)."""
+    laravel = stand_in
+    client, router = await start_router(hook_config(sims, laravel, tmp_path))
+    port = client.port
+    assert port is not None
+    body = b'{"event":"message_received","data":{"session_id":"s1","text":"hi"}}'
+    digits = "".join(chr(0x0660 + int(d)) for d in str(int(time.time())))  # same time
+    head = (
+        f"POST {HOOK} HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+        f"X-Timestamp: {digits}\r\nX-HMAC-Signature: {sign_webhook(SECRET, digits, body)}\r\n"
+        f"X-Instance-Url: http://localhost:1\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n"
+    )
+    status, doc = await raw_request(port, head, body)
+    assert (status, doc["error"], doc["reason"]) == (401, "unauthorized", "bad_timestamp")
+
+    deep = b'{"event":"message_received","data":{"session_id":"s1","x":%s1%s}}' % (
+        b"[" * 5000,
+        b"]" * 5000,
+    )
+    stamp = str(int(time.time()))
+    head = (
+        f"POST {HOOK} HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+        f"X-Timestamp: {stamp}\r\nX-HMAC-Signature: {sign_webhook(SECRET, stamp, deep)}\r\n"
+        f"X-Instance-Url: http://localhost:1\r\nContent-Length: {len(deep)}\r\n"
+        "Connection: close\r\n"
+    )
+    status, doc = await raw_request(port, head, deep)
+    assert status == 400 and "nested too deeply" in str(doc["message"]), (status, doc)
+    assert laravel.events == []  # neither went on
+    # The router still serves: a plain webhook after them is relayed.
+    stamp = str(int(time.time()))
+    head = (
+        f"POST {HOOK} HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+        f"X-Timestamp: {stamp}\r\nX-HMAC-Signature: {sign_webhook(SECRET, stamp, body)}\r\n"
+        f"X-Instance-Url: http://localhost:1\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n"
+    )
+    status, _ = await raw_request(port, head, body)
+    assert status == 200 and len(laravel.events) == 1

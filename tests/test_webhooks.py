@@ -469,10 +469,29 @@ async def test_nodes_other_calls_to_laravel_pass_through(
     resp = await client.get("/api/whatsapp/accounts/active?instance=3001")
     assert resp.status == 200 and (await resp.json())["success"] is True
     body = b'{"session_id":"s","chats":[]}'
+    # chats/sync is signed as webhooks are: a forged one is refused here, and so never
+    # counts against Laravel's per-IP limiter, which is the router's (laravel_budget.py).
+    stamp = str(int(time.time()))
     resp = await client.post(
         "/api/whatsapp/chats/sync",
         data=body,
-        headers={"X-Timestamp": "1", "X-HMAC-Signature": "abc", "Content-Type": "application/json"},
+        headers={
+            "X-Timestamp": stamp,
+            "X-HMAC-Signature": "0" * 64,
+            "Content-Type": "application/json",
+        },
+    )
+    assert resp.status == 401 and (await resp.json())["reason"] == "bad_signature"
+    assert laravel.other[-1][1] != "/api/whatsapp/chats/sync"  # not passed on
+    signature = sign(SECRET, stamp, body)
+    resp = await client.post(
+        "/api/whatsapp/chats/sync",
+        data=body,
+        headers={
+            "X-Timestamp": stamp,
+            "X-HMAC-Signature": signature,
+            "Content-Type": "application/json",
+        },
     )
     assert resp.status == 200
     resp = await client.post("/api/whatsapp/mobile-activity", json={"session_id": "s"})
@@ -480,7 +499,7 @@ async def test_nodes_other_calls_to_laravel_pass_through(
     (m1, p1, _, _), (m2, p2, b2, h2), (m3, p3, _, _) = laravel.other
     assert (m1, p1) == ("GET", "/api/whatsapp/accounts/active?instance=3001")
     assert (m2, p2, b2) == ("POST", "/api/whatsapp/chats/sync", body)
-    assert h2["X-HMAC-Signature"] == "abc" and h2["X-Timestamp"] == "1"
+    assert h2["X-HMAC-Signature"] == signature and h2["X-Timestamp"] == stamp
     assert (m3, p3) == ("POST", "/api/whatsapp/mobile-activity")
     await laravel.stop()
     resp = await client.get("/api/whatsapp/accounts/active")

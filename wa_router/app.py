@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .forward import AiohttpForwarder, Forwarder
 from .h1 import LeanForwarder
 from .health import HealthChecker
+from .laravel_budget import LaravelBudget
 from .lean import LeanServer
 from .metrics import Metrics
 from .parking import Parking
@@ -68,12 +69,21 @@ def sentinel_address(hostport: str) -> tuple[str, int]:
 
 
 def build_backlog(
-    cfg: Config, forwarder: Forwarder, breaker: Breaker, *, worker: int | None = None
+    cfg: Config,
+    forwarder: Forwarder,
+    breaker: Breaker,
+    *,
+    worker: int | None = None,
+    workers: int = 1,
 ) -> tuple[Backlog | None, Delivering | None]:
     """Where webhooks wait for Laravel, and what delivers them; none without relaying."""
     wh = cfg.webhooks
     if not (wh.secrets and wh.laravel_url):
         return None, None
+    # Laravel counts per client IP: the workers of one router share its allowance.
+    per_minute = wh.laravel_max_per_minute
+    if per_minute is not None:
+        per_minute = max(1, per_minute // workers)
     relay = Relay(
         forwarder,
         laravel_instance(wh.laravel_url),
@@ -83,6 +93,7 @@ def build_backlog(
         retry_base_s=wh.retry_base_s,
         retry_max_s=wh.retry_max_s,
         inflight_s=wh.inflight_s,
+        budget=LaravelBudget(per_minute, window_s=wh.laravel_limit_window_s),
     )
     state = Path(cfg.state.dir)
     if backlog_kind(cfg) == "sqlite":
@@ -108,6 +119,7 @@ def build_router(
     *,
     store: Store | None = None,
     worker: int | None = None,
+    workers: int = 1,
     forwarder: Forwarder | None = None,
 ) -> Router:
     """Every part, wired; `store` and `forwarder` replace the configured ones (tests give
@@ -186,7 +198,7 @@ def build_router(
         parking=parking,
         parking_cfg=cfg.parking,
     )
-    backlog, deliverer = build_backlog(cfg, forwarder, breaker, worker=worker)
+    backlog, deliverer = build_backlog(cfg, forwarder, breaker, worker=worker, workers=workers)
     # Replay memory outlives the process: in Redis when routers share it, else in the
     # backlog's file (one router).
     shared: SharedKV | None = (
@@ -422,9 +434,9 @@ class RouterRunner(web.AppRunner):
 
 
 def build_app(
-    cfg: Config, *, store: Store | None = None, worker: int | None = None
+    cfg: Config, *, store: Store | None = None, worker: int | None = None, workers: int = 1
 ) -> web.Application:
-    router = build_router(cfg, store=store, worker=worker)
+    router = build_router(cfg, store=store, worker=worker, workers=workers)
     # Bodies are read by the proxy itself (JSON 413); aiohttp's own limit only backs it up.
     # auto_decompress off: a gzip request body must reach Node as the gzip bytes it is,
     # matching the Content-Encoding header that goes with it.

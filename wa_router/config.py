@@ -278,6 +278,12 @@ class WebhookConfig:
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
     resign_after_s: float = 240.0  # re-sign queued webhooks older than this
+    # Laravel's VerifyWhatsAppHmac allows 1,000 webhooks a minute per client IP, and every
+    # hit re-arms the minute: the router sends at most this many before a minute of quiet
+    # (the rest wait in the backlog), and after a 429 nothing for a minute
+    # (laravel_budget.py). null: no count (a 429 still pauses), for a Laravel without it.
+    laravel_max_per_minute: int | None = 950
+    laravel_limit_window_s: float = 60.0  # Laravel's minute
     # The router's URL as Laravel reaches it: relayed webhooks carry it in X-Instance-Url,
     # so Laravel (which sends to the last session_ready's X-Instance-Url) keeps sending
     # through the router. None: http://<server.host>:<server.port> (0.0.0.0 as 127.0.0.1).

@@ -24,6 +24,7 @@ from yarl import URL
 from .backlog import Pending, Queue
 from .errors import SentNoAnswer, UpstreamError
 from .forward import Forwarder, UpstreamRequest, fetch
+from .laravel_budget import LaravelBudget, retry_after
 from .pool import Instance
 from .signing import SIGNATURE, TIMESTAMP, sign
 
@@ -37,6 +38,8 @@ _IDLE_WAIT_S = 30.0
 _WAKE_EVERY_S = 1.0
 # While every session backs off from a Laravel outage, one of them is tried this often.
 _PROBE_S = 2.0
+# A web server's answers for a PHP behind it that is down: Laravel's limiter never ran.
+_GATEWAY = frozenset({502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ class RelayResult:
     content_type: str = "application/json"
     detail: str = ""
     unknown: bool = False  # sent, no answer: Laravel may still be processing it
+    retry_after_s: float | None = None  # a 429's Retry-After
 
 
 def verdict_for(status: int) -> str:
@@ -82,7 +86,37 @@ async def post_raw(
         answer.body,
         answer.headers.get("Content-Type", "application/json"),
         detail=f"HTTP {answer.status}",
+        retry_after_s=retry_after(answer.headers.get("Retry-After"))
+        if answer.status == 429
+        else None,
     )
+
+
+async def post_within(
+    budget: LaravelBudget,
+    forwarder: Forwarder,
+    laravel: Instance,
+    path: str,
+    body: bytes,
+    headers: Sequence[tuple[str, str]],
+    timeout_s: float,
+) -> RelayResult | None:
+    """`post_raw` when Laravel's limiter leaves room (`laravel_budget.py`); None, and
+    nothing sent, when it does not. A 429 closes the budget for a while."""
+    if budget.defer() > 0:
+        return None
+    budget.sent()
+    result = await post_raw(forwarder, laravel, path, body, headers, timeout_s)
+    if result.status == 429:
+        throttled(budget, result.retry_after_s)
+    elif (result.status is None and not result.unknown) or result.status in _GATEWAY:
+        budget.refund()  # not reached (a timeout did reach it), or a gateway's answer
+    return result
+
+
+def throttled(budget: LaravelBudget, retry_after_s: float | None) -> None:
+    pause = budget.throttled(retry_after_s)
+    log.warning("laravel_throttled", pause_s=round(pause, 1), throttles=budget.throttles)
 
 
 def resign(
@@ -126,6 +160,7 @@ class Outcome:
     done: bool  # delivered, or refused for good: remove it from the backlog
     delay_s: float  # not done: how long its session waits before the next try
     result: RelayResult
+    sent: bool = True  # False: held back by Laravel's limiter, not an attempt
 
 
 class Relay:
@@ -145,8 +180,10 @@ class Relay:
         retry_max_s: float,
         inflight_s: float = 60.0,
         wall: Callable[[], float] = time.time,
+        budget: LaravelBudget | None = None,
     ) -> None:
         self._forwarder = forwarder
+        self.budget = budget or LaravelBudget(None)
         self._laravel = laravel
         self.secret = secret
         self._resign_after_s = resign_after_s
@@ -164,14 +201,25 @@ class Relay:
         now = self._wall()
         if now - item.timestamp > self._resign_after_s and self.secret:
             headers = resign(headers, item.body, self.secret, int(now))
-        result = await post_raw(
-            self._forwarder, self._laravel, item.path, item.body, headers, self.timeout_s
+        result = await post_within(
+            self.budget,
+            self._forwarder,
+            self._laravel,
+            item.path,
+            item.body,
+            headers,
+            self.timeout_s,
         )
+        if result is None:
+            # Held back, not tried: it goes once Laravel's limiter has room again.
+            wait = self.budget.wait_s()
+            return Outcome(False, wait, RelayResult("retry", None, detail="laravel_limit"), False)
         if result.verdict == "retry":
             self.failures += 1
             delay = backoff_s(item.attempts + 1, self._base_s, self._max_s, random.random())
             if result.unknown:
                 delay = max(delay, self.inflight_s)
+            delay = max(delay, self.budget.closed_s())
             log.info(
                 "webhook_delivery_failed",
                 id=item.id,
@@ -279,7 +327,8 @@ class Deliverer:
             self._last_attempt = self._monotonic()
             outcome = await self.relay.attempt(item)
             if not outcome.done:
-                await self._backlog.attempted(item.id)
+                if outcome.sent:
+                    await self._backlog.attempted(item.id)
                 self._not_before[item.session] = self._monotonic() + outcome.delay_s
                 if outcome.result.unknown:
                     self._inflight.add(item.session)

@@ -46,6 +46,11 @@ def parse_event(body: bytes) -> Event:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise RequestRejected(400, "bad_request", "the webhook body is not JSON") from None
+    except RecursionError:
+        # Signed, yet no event Laravel could read either (PHP's json_decode stops at 512).
+        raise RequestRejected(
+            400, "bad_request", "the webhook body is JSON nested too deeply"
+        ) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("event"), str):
         raise RequestRejected(400, "bad_request", 'the webhook body has no "event"')
     data = doc.get("data")

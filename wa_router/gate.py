@@ -16,6 +16,11 @@ from urllib.parse import unquote
 
 WEBHOOK, PASS, REFUSE = "webhook", "pass", "refuse"
 
+# Node's calls that carry the webhooks' signature (node-pool-api.md: "the same signing is
+# used for POST /api/whatsapp/chats/sync"): verified here before they go on, so no stranger
+# reaching the router can spend Laravel's per-IP allowance, which is the router's.
+SIGNED_ROUTES: frozenset[tuple[str, str]] = frozenset({("POST", "/api/whatsapp/chats/sync")})
+
 # (method, path template): `{id}` is one segment (a session id).
 PASSTHROUGH_ROUTES: tuple[tuple[str, str], ...] = (
     ("GET", "/api/whatsapp/accounts/active"),
@@ -30,6 +35,7 @@ class Decision:
     kind: str  # WEBHOOK | PASS | REFUSE
     status: int = 200  # of a refusal: 400 (malformed) or 404 (no such route)
     reason: str = ""
+    signed: bool = False  # PASS: Node signs it as it signs webhooks (`SIGNED_ROUTES`)
 
 
 def decide_path(
@@ -53,7 +59,7 @@ def decide_path(
         return Decision(REFUSE, 400, "empty segments in the path")
     for route_method, template in routes:
         if route_method == method and _matches(template, decoded):
-            return Decision(PASS)
+            return Decision(PASS, signed=(route_method, template) in SIGNED_ROUTES)
     return Decision(REFUSE, 404, f"{method} {canonical} is not a call Node makes to Laravel")
 
 

@@ -206,6 +206,15 @@ class RouterCollector(Collector):
             later.add_metric(["failed"], delivery.failed)
             later.add_metric(["refused"], delivery.refused)
             yield later
+            limit = CounterMetricFamily(
+                "wa_router_laravel_limit",
+                "Laravel's webhook limiter: its 429s (throttled), and sends the router held "
+                "back to stay under it (held_back; they wait in the backlog)",
+                labels=["event"],
+            )
+            limit.add_metric(["throttled"], delivery.throttled)
+            limit.add_metric(["held_back"], delivery.held_back)
+            yield limit
             if delivery.shards_held is not None:
                 yield _gauge(
                     "wa_router_webhook_shards_held",

@@ -92,6 +92,8 @@ def view_of(router: Router) -> RouterView:
             refused=counts.dropped,
             shards_held=len(deliverer.held) if isinstance(deliverer, StreamRelay) else None,
             spooled=backlog.spooled if streams and isinstance(backlog, StreamBacklog) else None,
+            throttled=deliverer.relay.budget.throttles,
+            held_back=deliverer.relay.budget.deferred,
         )
 
     return RouterView(

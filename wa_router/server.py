@@ -75,6 +75,7 @@ def serve(
     loop_kind: str = "uvloop",
     reuse_port: bool = False,
     worker: int | None = None,
+    workers: int = 1,
     config_path: str | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT: stop accepting, let requests in flight finish (bounded by
@@ -95,7 +96,7 @@ def serve(
         pid=os.getpid(),
     )
     raise_file_limit()
-    app = build_app(cfg, worker=worker)
+    app = build_app(cfg, worker=worker, workers=workers)
     # What exists now lives as long as the process: out of the collector's sight, so a full
     # collection walks only what requests made (it stalled every request for ~15 ms).
     gc.collect()
@@ -207,6 +208,7 @@ def serve_workers(
                     loop_kind=loop_kind,
                     reuse_port=True,
                     worker=index,
+                    workers=workers,
                     config_path=config_path,
                 )
             except BaseException as exc:

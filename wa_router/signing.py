@@ -33,7 +33,9 @@ def verify(
     sig = headers.get(SIGNATURE)
     if not ts_raw or not sig:
         raise _unauthorized("missing_headers", f"{TIMESTAMP} and {SIGNATURE} are required")
-    if not ts_raw.isdigit() or len(ts_raw) > 12:
+    # ASCII digits only: str.isdigit() and int() take any script's digits ("١٧٩٦..."),
+    # which Laravel's (int) cast reads as 0.
+    if not (ts_raw.isascii() and ts_raw.isdigit()) or len(ts_raw) > 12:
         raise _unauthorized("bad_timestamp", f"{TIMESTAMP} must be Unix seconds")
     ts = int(ts_raw)
     if now - ts > window_s:

@@ -363,7 +363,8 @@ class StreamRelay:
             self._last_attempt = self._monotonic()
             outcome = await self.relay.attempt(item)
         if not outcome.done:
-            queue[0] = dataclasses.replace(item, attempts=item.attempts + 1)
+            if outcome.sent:
+                queue[0] = dataclasses.replace(item, attempts=item.attempts + 1)
             if outcome.result.unknown:
                 with contextlib.suppress(Exception):
                     await self._backlog.hold(str(item.id), self.relay.inflight_s)

@@ -53,6 +53,8 @@ class DeliveryReading:
     refused: int
     shards_held: int | None  # Redis Stream backlog only
     spooled: int | None  # Redis Stream backlog only
+    throttled: int = 0  # 429s from Laravel's webhook limiter
+    held_back: int = 0  # sends held back so as not to reach it (laravel_budget.py)
 
 
 @dataclass(frozen=True, slots=True)

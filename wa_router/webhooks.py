@@ -24,10 +24,10 @@ from aiohttp import web
 from .backlog import Backlog
 from .breaker import Breaker
 from .config import WebhookConfig
-from .delivery import Delivering, RelayResult, laravel_instance, post_raw
+from .delivery import Delivering, RelayResult, laravel_instance, post_within, throttled
 from .directory import Directory
 from .discovery import Discovery
-from .errors import RequestRejected, UpstreamError
+from .errors import NotReached, RequestRejected, UpstreamError
 from .events import (
     CHECK,
     DEMOTE,
@@ -40,6 +40,7 @@ from .events import (
 from .forward import Forwarder, UpstreamRequest
 from .gate import REFUSE, WEBHOOK, decide_path
 from .httpio import forward_headers, json_error, method_not_allowed, read_body, relay
+from .laravel_budget import LaravelBudget, retry_after
 from .laravel_view import DROP, HOLD, RELAY, Held, Holding, relayed_headers, verdict
 from .pool import Pool, State
 from .replay import Memory, SharedKV
@@ -109,6 +110,9 @@ class Webhooks:
         # A `session_reconnected`: the app points it at the parking (ask about it now).
         self.on_hint: Callable[[str], None] = lambda session: None
         self.deliverer = deliverer
+        # Laravel's webhook limiter, counted for everything this router sends there: the
+        # relay's own when there is one (the backlog's deliveries count with ours).
+        self.budget = deliverer.relay.budget if deliverer is not None else LaravelBudget(None)
         # Node's key, for the probes that check a disconnect against the pool (app.py).
         self.probe_key: str | None = None
 
@@ -333,10 +337,19 @@ class Webhooks:
         assert self.backlog is not None
         # Per-session order: behind anything already waiting for this session (with
         # several routers, always through the shared backlog).
+        result: RelayResult | None = None
         if self.backlog.direct and await self.backlog.pending(session) == 0:
-            result = await post_raw(
-                self._forwarder, self.laravel, path, body, headers, self.cfg.relay_timeout_s
+            # None: Laravel's limiter has no room now; it waits in the backlog.
+            result = await post_within(
+                self.budget,
+                self._forwarder,
+                self.laravel,
+                path,
+                body,
+                headers,
+                self.cfg.relay_timeout_s,
             )
+        if result is not None:
             if result.verdict != "retry":
                 self.stats.relayed += 1
                 resp = web.Response(
@@ -380,8 +393,9 @@ class Webhooks:
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Everything else under the prefix (gate.py): another spelling of the webhook path
         is verified as a webhook; Node's other calls to Laravel (accounts/active, chats/sync,
-        mark-disconnected, mobile-activity) go on unchanged, Laravel checks them itself;
-        anything else is refused here."""
+        mark-disconnected, mobile-activity) go on unchanged, Laravel checks them itself
+        (chats/sync, which Node signs as it signs webhooks, is verified first); anything
+        else is refused here."""
         decision = decide_path(request.method, request.rel_url.raw_path, self.cfg.path)
         if decision.kind == WEBHOOK:
             if request.method == "POST":
@@ -398,6 +412,27 @@ class Webhooks:
                     503, "not_configured", "no Laravel to pass this to: set webhooks.laravel_url"
                 )
             body = await read_body(request, self.cfg.max_body_bytes)
+            # Counted only when verified: anyone may reach the other routes, and a count
+            # strangers could fill would hold back the webhooks. Those others are not
+            # Laravel's webhook middleware's, as far as anyone knows, and go on even in a
+            # pause: a restarting instance must fetch its accounts/active.
+            counted = decision.signed and bool(self.cfg.secrets)
+            if counted:
+                # Refused here, not by Laravel: its refusal would count against the router.
+                verify(request.headers, body, self.cfg.secrets, self._clock(), self.cfg.window_s)
+            closed_s = self.budget.closed_s() if counted else 0.0
+            if closed_s > 0:
+                # Laravel said 429 lately: one more call would re-arm its minute for all.
+                refused = RequestRejected(
+                    429,
+                    "laravel_throttled",
+                    "Laravel is rate-limiting this router's calls; retry later",
+                    retry_after_s=int(closed_s) + 1,
+                )
+                refused.headers["Retry-After"] = str(int(closed_s) + 1)
+                raise refused
+            if counted:
+                self.budget.sent()
             req = UpstreamRequest(
                 request.method,
                 request.rel_url.raw_path_qs,
@@ -408,7 +443,13 @@ class Webhooks:
             try:
                 up = await self._forwarder.send(self.laravel, req)
             except UpstreamError as exc:
+                if counted and isinstance(exc, NotReached):
+                    self.budget.refund()
                 raise failure_answer(exc, None, retried=False) from None
+            if up.status == 429:
+                throttled(self.budget, retry_after(up.headers.get("Retry-After")))
+            elif counted and up.status in (502, 503, 504):
+                self.budget.refund()  # a gateway's: Laravel's limiter never saw it
             return await relay(request, up, None)
         except RequestRejected as exc:
             return json_error(exc)

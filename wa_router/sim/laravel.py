@@ -110,6 +110,13 @@ class SimLaravel:
         self.refusals: list[str] = []  # why each refused webhook was refused
         self.failed = 0  # webhooks answered `answer_status` != 2xx, not processed
         self.accounts_calls = 0
+        # VerifyWhatsAppHmac's limiter: this many webhooks per client IP, the count kept
+        # until a whole minute passes with none (every hit re-arms it, refused ones too).
+        # None: off (the benchmarks, which measure more than that).
+        self.rate_limit: int | None = 1000
+        self.rate_window_s = 60.0
+        self.throttled = 0  # webhooks answered 429
+        self._hits: dict[str, tuple[int, float]] = {}  # client IP -> (count, last hit)
         self.calls: list[LaravelCall] = []
         self._next_id = 1
         self._runner: web.AppRunner | None = None
@@ -228,8 +235,26 @@ class SimLaravel:
             return "invalid_signature"
         return None
 
+    def _limited(self, request: web.Request) -> bool:
+        """A hit on the limiter; True when it is over (429)."""
+        if self.rate_limit is None:
+            return False
+        now = time.monotonic()
+        ip = request.remote or ""
+        count, last = self._hits.get(ip, (0, float("-inf")))
+        count = 1 if now - last >= self.rate_window_s else count + 1
+        self._hits[ip] = (count, now)
+        return count > self.rate_limit
+
     async def _webhook(self, request: web.Request) -> web.Response:
         raw = await request.read()  # the raw bytes: never re-serialised JSON
+        if self._limited(request):
+            self.throttled += 1
+            return web.json_response(
+                {"message": "Too Many Attempts."},
+                status=429,
+                headers={"Retry-After": str(int(self.rate_window_s))},
+            )
         refusal = self._verify(request, raw)
         if refusal is not None:
             self.refusals.append(refusal)

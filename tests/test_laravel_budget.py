@@ -1,0 +1,208 @@
+"""Laravel's webhook limiter (1,000 a minute per client IP, re-armed by every hit:
+node-pool-api.md, "Laravel's own limits"), kept clear of: behind the router every webhook
+comes from one IP, and a router that kept retrying into a 429 would keep Laravel closed."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from wa_router.laravel_budget import LaravelBudget, retry_after
+from wa_router.sim import SimInstance, SimLaravel
+
+from .conftest import StartRouter, pool_config, signed_webhook, wait_for
+
+SECRET = "limit-secret"
+HOOK = "/api/whatsapp/webhooks/webjs"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# Each step: (seconds later, action, the wait_s() expected after it).
+@pytest.mark.parametrize(
+    ("per_window", "steps"),
+    [
+        # Three sends fit; the fourth waits for a minute of quiet after the third.
+        (3, [(0, "send", 0), (1, "send", 0), (1, "send", 60), (30, "check", 30)]),
+        # ...then the count starts afresh.
+        (3, [(0, "send", 0), (0, "send", 0), (0, "send", 60), (60, "check", 0)]),
+        # Sends a little under a minute apart never let Laravel's count go.
+        (2, [(0, "send", 0), (59, "send", 60), (59, "check", 1)]),
+        # A send that never reached Laravel (unreachable, a gateway's 503) is given back.
+        (2, [(0, "send", 0), (0, "send", 60), (0, "refund", 0), (0, "send", 60)]),
+        (1, [(0, "refund", 0), (0, "send", 60)]),  # nothing to give back: no credit
+        # A 429 closes it for a whole window, whatever the count.
+        (None, [(0, "send", 0), (0, "429", 60), (59, "check", 1), (1, "check", 0)]),
+        (100, [(0, "send", 0), (0, "429", 60), (60, "check", 0)]),
+        # A longer Retry-After is taken, up to ten minutes.
+        (None, [(0, "429:120", 120)]),
+        (None, [(0, "429:999999", 600)]),
+        (None, [(0, "429:5", 60)]),
+    ],
+)
+def test_the_budget(per_window: int | None, steps: list[tuple[float, str, float]]) -> None:
+    clock = Clock()
+    budget = LaravelBudget(per_window, window_s=60.0, clock=clock)
+    for later, action, wait in steps:
+        clock.now += later
+        if action == "send":
+            assert budget.wait_s() == 0
+            budget.sent()
+        elif action == "refund":
+            budget.refund()
+        elif action.startswith("429"):
+            _, _, after = action.partition(":")
+            budget.throttled(float(after) if after else None)
+        assert budget.wait_s() == pytest.approx(wait), (action, later)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("120", 120.0), (" 7 ", 7.0), ("Wed, 21 Oct 2026 07:28:00 GMT", None), ("-1", None),
+     ("1.5", None), ("", None), (None, None)],
+)  # fmt: skip
+def test_retry_after(value: str | None, seconds: float | None) -> None:
+    assert retry_after(value) == seconds
+
+
+EVENTS = 24
+
+
+async def post_all(client: object, port: int) -> list[int]:
+    statuses = []
+    for seq in range(EVENTS):
+        body, headers = signed_webhook(
+            SECRET, "message_received", {"session_id": f"s{seq % 3}", "seq": seq}, port
+        )
+        resp = await client.post(HOOK, data=body, headers=headers)  # type: ignore[attr-defined]
+        statuses.append(resp.status)
+    return statuses
+
+
+@pytest.mark.parametrize("counted", [True, False])
+async def test_a_limited_laravel_gets_every_webhook_once_and_is_never_kept_closed(
+    counted: bool, sims: list[SimInstance], start_router: StartRouter, tmp_path: Path
+) -> None:
+    """Laravel allows 8 per 0.5 s window. Counted, the router stays under it: no 429 at
+    all. Not counted (null), the first 429 pauses it for a whole window of quiet, so the
+    limiter lets go: a few 429s, not one per retry. Either way every webhook arrives
+    once, each session's in order, and Node heard success for each (none is lost)."""
+    window_s = 0.5
+    async with SimLaravel(secret=SECRET) as laravel:
+        laravel.rate_limit, laravel.rate_window_s = 8, window_s
+        cfg = pool_config(
+            sims,
+            webhooks={
+                "secrets": [SECRET],
+                "laravel_url": laravel.url,
+                "retry_base_s": 0.05,
+                "laravel_max_per_minute": 8 if counted else None,
+                "laravel_limit_window_s": window_s,
+            },
+            state={"dir": str(tmp_path / "state")},
+            sync={"interval_s": 3600},
+        )
+        client, router = await start_router(cfg)
+        statuses = await post_all(client, sims[0].port)
+        assert set(statuses) <= {200, 202}, statuses  # relayed, or queued (kept)
+        await wait_for(lambda: len(laravel.events) >= EVENTS, 15, "every webhook delivered")
+        await asyncio.sleep(0)  # nothing more is on its way: the backlog is empty
+        seqs = [e.data["seq"] for e in laravel.events]
+        assert sorted(seqs) == list(range(EVENTS))  # each once
+        for s in range(3):
+            mine = [q for q in seqs if q % 3 == s]
+            assert mine == sorted(mine)  # a session's own order
+        if counted:
+            assert laravel.throttled == 0
+        else:
+            # Each 429 is followed by a window of quiet: 24 events at 8 a window need at
+            # most two more windows, so at most a few refusals.
+            assert 1 <= laravel.throttled <= 3, laravel.throttled
+        assert router.webhooks.budget.throttles == laravel.throttled
+
+
+async def test_after_a_429_a_signed_call_waits_too_and_a_restore_still_gets_its_list(
+    sims: list[SimInstance], start_router: StartRouter, tmp_path: Path
+) -> None:
+    async with SimLaravel(secret=SECRET) as laravel:
+        laravel.rate_limit = 1  # its minute: 60 s, as the router's
+        cfg = pool_config(
+            sims,
+            webhooks={"secrets": [SECRET], "laravel_url": laravel.url},
+            state={"dir": str(tmp_path / "state")},
+            sync={"interval_s": 3600},
+        )
+        client, router = await start_router(cfg)
+        statuses = []
+        for seq in range(2):
+            body, headers = signed_webhook(
+                SECRET, "message_received", {"session_id": "s1", "seq": seq}, sims[0].port
+            )
+            statuses.append((await client.post(HOOK, data=body, headers=headers)).status)
+        assert statuses == [200, 202]  # the second refused by Laravel: kept, sent later
+        assert laravel.throttled == 1
+        body, headers = signed_webhook(SECRET, "ignored", {"session_id": "s1"}, sims[0].port)
+        resp = await client.post("/api/whatsapp/chats/sync", data=body, headers=headers)
+        assert resp.status == 429  # signed as webhooks are: Laravel's limiter would count it
+        assert (await resp.json())["error"] == "laravel_throttled"
+        assert 55 <= int(resp.headers["Retry-After"]) <= 61
+        assert not any(c.path == "/api/whatsapp/chats/sync" for c in laravel.calls)
+        # A restarting instance's list goes on: without it, it would restore nothing.
+        assert (await client.get("/api/whatsapp/accounts/active")).status == 200
+        assert laravel.accounts_calls == 1
+        assert router.webhooks.backlog is not None
+        assert await router.webhooks.backlog.pending("s1") == 1  # waiting, not lost
+
+
+@pytest.mark.parametrize(("workers", "per_window"), [(1, 950), (2, 475), (4, 237)])
+def test_the_workers_of_one_router_share_its_allowance(
+    workers: int, per_window: int, sims: list[SimInstance], tmp_path: Path
+) -> None:
+    from wa_router.app import build_router
+
+    cfg = pool_config(
+        sims,
+        webhooks={"secrets": [SECRET], "laravel_url": "http://127.0.0.1:9"},
+        state={"dir": str(tmp_path)},
+        store={"kind": "redis", "redis_url": "redis://127.0.0.1:9"},  # not connected here
+    )
+    router = build_router(cfg, worker=0, workers=workers)
+    assert router.webhooks.budget.per_window == per_window
+
+
+async def test_strangers_calls_to_laravel_do_not_spend_the_webhooks_allowance(
+    sims: list[SimInstance], start_router: StartRouter, tmp_path: Path
+) -> None:
+    """Anyone who reaches the router may call accounts/active; had those calls counted, a
+    few of them a minute would hold every verified webhook back for good."""
+    async with SimLaravel(secret=SECRET) as laravel:
+        cfg = pool_config(
+            sims,
+            webhooks={
+                "secrets": [SECRET],
+                "laravel_url": laravel.url,
+                "laravel_max_per_minute": 3,
+            },
+            state={"dir": str(tmp_path / "state")},
+            sync={"interval_s": 3600},
+        )
+        client, router = await start_router(cfg)
+        for _ in range(10):
+            assert (await client.get("/api/whatsapp/accounts/active")).status == 200
+        unsigned = await client.post("/api/whatsapp/chats/sync", json={"session_id": "s1"})
+        assert unsigned.status == 401  # Node signs it: a stranger's goes nowhere
+        body, headers = signed_webhook(
+            SECRET, "message_received", {"session_id": "s1", "seq": 0}, sims[0].port
+        )
+        resp = await client.post(HOOK, data=body, headers=headers)
+        assert resp.status == 200  # relayed at once, not held back
+        assert len(laravel.events) == 1 and laravel.accounts_calls == 10
+        assert router.webhooks.budget.deferred == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,6 +77,16 @@ def test_retry_after(value: str | None, seconds: float | None) -> None:
 EVENTS = 24
 
 
+def relaying(sims: list[SimInstance], laravel: SimLaravel, tmp_path: Path, **wh: Any) -> Any:
+    """A router relaying to `laravel`, with `wh` over its webhooks section."""
+    return pool_config(
+        sims,
+        webhooks={"secrets": [SECRET], "laravel_url": laravel.url, **wh},
+        state={"dir": str(tmp_path / "state")},
+        sync={"interval_s": 3600},
+    )
+
+
 async def post_all(client: object, port: int) -> list[int]:
     statuses = []
     for seq in range(EVENTS):
@@ -98,17 +109,13 @@ async def test_a_limited_laravel_gets_every_webhook_once_and_is_never_kept_close
     window_s = 0.5
     async with SimLaravel(secret=SECRET) as laravel:
         laravel.rate_limit, laravel.rate_window_s = 8, window_s
-        cfg = pool_config(
+        cfg = relaying(
             sims,
-            webhooks={
-                "secrets": [SECRET],
-                "laravel_url": laravel.url,
-                "retry_base_s": 0.05,
-                "laravel_max_per_minute": 8 if counted else None,
-                "laravel_limit_window_s": window_s,
-            },
-            state={"dir": str(tmp_path / "state")},
-            sync={"interval_s": 3600},
+            laravel,
+            tmp_path,
+            retry_base_s=0.05,
+            laravel_max_per_minute=8 if counted else None,
+            laravel_limit_window_s=window_s,
         )
         client, router = await start_router(cfg)
         statuses = await post_all(client, sims[0].port)
@@ -134,12 +141,7 @@ async def test_after_a_429_a_signed_call_waits_too_and_a_restore_still_gets_its_
 ) -> None:
     async with SimLaravel(secret=SECRET) as laravel:
         laravel.rate_limit = 1  # its minute: 60 s, as the router's
-        cfg = pool_config(
-            sims,
-            webhooks={"secrets": [SECRET], "laravel_url": laravel.url},
-            state={"dir": str(tmp_path / "state")},
-            sync={"interval_s": 3600},
-        )
+        cfg = relaying(sims, laravel, tmp_path)
         client, router = await start_router(cfg)
         statuses = []
         for seq in range(2):
@@ -184,16 +186,7 @@ async def test_strangers_calls_to_laravel_do_not_spend_the_webhooks_allowance(
     """Anyone who reaches the router may call accounts/active; had those calls counted, a
     few of them a minute would hold every verified webhook back for good."""
     async with SimLaravel(secret=SECRET) as laravel:
-        cfg = pool_config(
-            sims,
-            webhooks={
-                "secrets": [SECRET],
-                "laravel_url": laravel.url,
-                "laravel_max_per_minute": 3,
-            },
-            state={"dir": str(tmp_path / "state")},
-            sync={"interval_s": 3600},
-        )
+        cfg = relaying(sims, laravel, tmp_path, laravel_max_per_minute=3)
         client, router = await start_router(cfg)
         for _ in range(10):
             assert (await client.get("/api/whatsapp/accounts/active")).status == 200

@@ -93,9 +93,10 @@ def session_unavailable(
     reason: str,
 ) -> RequestRejected:
     """503 with Retry-After: the session is known and expected back, not usable now."""
-    where = f" (its owner {owner} is {owner_state})" if owner else ""
+    # As last known: an instance killed a moment ago may still read healthy here.
+    where = f" (its owner {owner} was {owner_state} at its last check)" if owner else ""
     if owner and status:
-        where = f" (on {owner}, which is {owner_state}, it is {status})"
+        where = f" (last seen {status} on {owner}, which was {owner_state} at its last check)"
     why = _REASONS.get(reason, reason)
     ans = RequestRejected(
         503,

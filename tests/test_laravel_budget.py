@@ -9,11 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
+from wa_router.breaker import Breaker
 from wa_router.laravel_budget import LaravelBudget, retry_after
+from wa_router.shared_budget import SharedBudget
 from wa_router.sim import SimInstance, SimLaravel
 
-from .conftest import StartRouter, pool_config, signed_webhook, wait_for
+from .conftest import StartRouter, pool_config, signed_webhook, wait_for, wait_until
+from .redis_server import RedisServer, redis_server_fixture, unique_prefix
+
+redis_server = redis_server_fixture()
 
 SECRET = "limit-secret"
 HOOK = "/api/whatsapp/webhooks/webjs"
@@ -164,9 +170,9 @@ async def test_after_a_429_a_signed_call_waits_too_and_a_restore_still_gets_its_
         assert await router.webhooks.backlog.pending("s1") == 1  # waiting, not lost
 
 
-@pytest.mark.parametrize(("workers", "per_window"), [(1, 950), (2, 475), (4, 237)])
-def test_the_workers_of_one_router_share_its_allowance(
-    workers: int, per_window: int, sims: list[SimInstance], tmp_path: Path
+@pytest.mark.parametrize(("workers", "share"), [(1, 950), (2, 475), (4, 237)])
+def test_the_workers_of_one_router_count_in_redis_and_each_has_a_share_for_an_outage(
+    workers: int, share: int, sims: list[SimInstance], tmp_path: Path
 ) -> None:
     from wa_router.app import build_router
 
@@ -176,8 +182,65 @@ def test_the_workers_of_one_router_share_its_allowance(
         state={"dir": str(tmp_path)},
         store={"kind": "redis", "redis_url": "redis://127.0.0.1:9"},  # not connected here
     )
-    router = build_router(cfg, worker=0, workers=workers)
-    assert router.webhooks.budget.per_window == per_window
+    budget = build_router(cfg, worker=0, workers=workers).webhooks.budget
+    assert isinstance(budget, SharedBudget)
+    assert (budget.per_window, budget.fallback.per_window) == (950, share)
+
+
+async def test_one_count_and_one_pause_for_every_worker(redis_server: RedisServer) -> None:
+    """Two workers (or routers behind one IP): what one sends counts for the other, a 429
+    one of them hears pauses both, and a whole window of quiet lets the count go."""
+    client = aioredis.from_url(redis_server.url)
+    prefix = unique_prefix()
+    try:
+        a, b = (
+            SharedBudget(
+                client,
+                key_prefix=prefix,
+                per_window=3,
+                window_s=0.3,
+                breaker=Breaker(),
+                fallback=LaravelBudget(1, window_s=0.3),
+            )
+            for _ in range(2)
+        )
+        assert [await a.take(), await b.take(), await a.take()] == [0, 0, 0]
+        assert 0 < await b.take() <= 0.3  # the third was the allowance's last
+        assert b.deferred == 1
+        await wait_until(lambda: _zero(b.take()), 5, "a quiet window: the count lapsed")
+        assert await a.pause(None) == pytest.approx(0.3, abs=0.05)
+        assert 0 < await b.take() <= 0.3  # b heard no 429, and holds off all the same
+        await wait_until(lambda: _zero(b.take()), 5, "the pause over")
+        await a.give_back()  # the one b took never reached Laravel
+        assert [await a.take(), await a.take(), await a.take()] == [0, 0, 0]
+        assert await a.take() > 0
+    finally:
+        await client.aclose()
+
+
+async def _zero(wait: Any) -> bool:
+    return bool(await wait == 0)
+
+
+async def test_without_redis_a_worker_keeps_to_its_share() -> None:
+    client = aioredis.from_url("redis://127.0.0.1:9", socket_connect_timeout=0.2)
+    try:
+        own = LaravelBudget(2, window_s=60.0)
+        budget = SharedBudget(
+            client,
+            key_prefix="p:",
+            per_window=950,
+            window_s=60.0,
+            breaker=Breaker(deadline_s=0.5),
+            fallback=own,
+        )
+        assert [await budget.take(), await budget.take()] == [0, 0]
+        assert await budget.take() > 0  # its share, not the whole allowance
+        assert budget.store_errors >= 1
+        assert await budget.pause(None) == pytest.approx(60.0, abs=1)
+        assert own.wait_s() == pytest.approx(60.0, abs=1)  # kept where it will be read
+    finally:
+        await client.aclose()
 
 
 async def test_strangers_calls_to_laravel_do_not_spend_the_webhooks_allowance(

@@ -8,6 +8,9 @@ sends it once it is back, as a router that kept running would have."""
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,14 @@ TOKEN = "a-token-of-16-chars-or-more"
 NAMES = ("node-0", "node-1")
 
 
+NOW = 1800000000.0  # the start reading the file
+
+
 def doc(entries: list[Any], drained: list[Any] | None = None, **extra: Any) -> bytes:
-    return orjson.dumps({"version": VERSION, "drained": drained or [], "entries": entries, **extra})
+    return orjson.dumps(
+        {"version": VERSION, "written_at": NOW - 10, "drained": drained or [], "entries": entries}
+        | extra
+    )
 
 
 # -- the file's contents: a table ------------------------------------------------------------
@@ -57,10 +66,13 @@ GOOD = ["s1", "node-1", 1700000000.5, "webhook", "connected"]
         (["s1", "node-1", 1700000000, "sync"], False),  # a field short
         ({"s1": "node-1"}, False),
         (None, False),
+        (["s1", ["node-1"], 1700000000, "sync", "connected"], False),  # not a name
+        (["s1", "node-1", 1700000000, ["sync"], "connected"], False),
+        (["s1", "node-1", 1700000000, "sync", {}], False),
     ],
 )
 def test_a_row_is_kept_only_when_whole_and_for_this_pool(row: Any, kept: bool) -> None:
-    got = decode(doc([row, [*GOOD[:1], "node-0", *GOOD[2:]]]), NAMES)
+    got = decode(doc([row, [*GOOD[:1], "node-0", *GOOD[2:]]]), NAMES, NOW)
     assert len(got.entries) == (2 if kept else 1)
     assert got.skipped == (0 if kept else 1)
 
@@ -75,11 +87,25 @@ def test_a_row_is_kept_only_when_whole_and_for_this_pool(row: Any, kept: bool) -
         orjson.dumps({"drained": [], "entries": []}),
         orjson.dumps({"version": VERSION, "drained": [], "entries": {}}),
         orjson.dumps({"version": VERSION, "entries": []}),
+        orjson.dumps({"version": VERSION, "drained": [], "entries": []}),  # no written_at
+        orjson.dumps({"version": VERSION, "written_at": "now", "drained": [], "entries": []}),
     ],
 )
 def test_a_file_that_is_not_a_snapshot_of_this_version_is_refused(data: bytes) -> None:
     with pytest.raises(ValueError):
-        decode(data, NAMES)
+        decode(data, NAMES, NOW)
+
+
+def test_nothing_read_back_is_newer_than_the_file_or_the_clock() -> None:
+    # A reboot with the clock behind (no NTP yet): otherwise every webhook, sync and
+    # demotion would be older than the restored entries, and refused.
+    rows = [["s1", "node-1", NOW + 3600, "webhook", "connected"], GOOD]
+    for written_at, now, first in [
+        (NOW + 3600, NOW, NOW),  # clock behind: nothing newer than now
+        (NOW - 60, NOW, NOW - 60),  # written a minute ago: nothing newer than the file
+    ]:
+        got = decode(doc(rows, written_at=written_at), NAMES, now)
+        assert [e.observed_at for _, e in got.entries] == [first, GOOD[2]]
 
 
 def test_what_is_written_reads_back_the_same() -> None:
@@ -88,7 +114,7 @@ def test_what_is_written_reads_back_the_same() -> None:
         ("s2", Entry(None, 1700000001.0, Source.SYNC)),
         ("s3", Entry("node-0", 1700000002.0, Source.PLACEMENT)),
     ]
-    got = decode(encode(entries, ["node-1", "node-7"], 1700000003.0), NAMES)
+    got = decode(encode(entries, ["node-1", "node-7"], 1700000003.0), NAMES, NOW)
     assert got.entries == entries
     assert got.drained == ["node-1"]  # node-7 left the pool
     assert got.skipped == 0
@@ -101,13 +127,48 @@ async def test_a_save_writes_only_what_changed_and_a_bad_path_is_not_fatal(tmp_p
     assert not await snap.save()  # nothing changed
     await store.put("s1", Entry("node-1", 1700000000.0, Source.SYNC, Status.CONNECTED))
     assert await snap.save()
-    assert [s for s, _ in decode(snap.path.read_bytes(), NAMES).entries] == ["s1"]
+    assert [s for s, _ in decode(snap.path.read_bytes(), NAMES, NOW).entries] == ["s1"]
     assert not list(snap.path.parent.glob("*.tmp"))  # renamed into place, nothing left over
 
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     bad = Snapshot(store, blocked / "directory.json", 60.0, NAMES)  # its dir is a file
     assert not await bad.save()  # said in the log; the router goes on
+
+
+async def test_a_save_at_the_stop_waits_for_a_write_still_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic save is cancelled at the stop while its write runs in a thread (which a
+    cancel cannot stop); the stop's own save must land after it, never under it."""
+    from wa_router.stores import snapshot
+
+    started, first_done = threading.Event(), threading.Event()
+    real_write = snapshot._write
+
+    def slow_write(path: Path, data: bytes) -> None:
+        if started.is_set():  # the next writes: at once
+            real_write(path, data)
+            return
+        started.set()
+        # A disk slow for a second: a write that does not wait for this one lands first.
+        threading.Event().wait(1.0)
+        real_write(path, data)
+        first_done.set()
+
+    store = MemoryStore()
+    snap = Snapshot(store, tmp_path / "directory.json", 60.0, NAMES)
+    await store.put("s1", Entry("node-1", 1700000000.0, Source.SYNC, Status.CONNECTED))
+    monkeypatch.setattr(snapshot, "_write", slow_write)
+    periodic = asyncio.ensure_future(snap.save())
+    await wait_for(started.is_set, 5, "the first write running in its thread")
+    periodic.cancel()
+    await store.put("s2", Entry("node-0", 1700000001.0, Source.SYNC, Status.CONNECTED))
+    assert await snap.save()  # waits for the write in flight, then writes its own
+    await wait_for(first_done.is_set, 5, "the first write over")
+    got = decode(snap.path.read_bytes(), NAMES, time.time())
+    assert sorted(s for s, _ in got.entries) == ["s1", "s2"]
+    assert os.listdir(tmp_path) == ["directory.json"]  # no temp file left over
 
 
 # -- the router restarted while an instance restores --------------------------------------
@@ -205,7 +266,8 @@ async def test_an_unreadable_snapshot_is_logged_and_the_router_starts_empty(
     # Nothing was believed: the session is found where it is, as with no file at all.
     assert (await client.post(SEND, json=send_body("s1"))).status == 200
     await client.close()
-    assert [s for s, _ in decode((state / "directory.json").read_bytes(), NAMES).entries] == ["s1"]
+    got = decode((state / "directory.json").read_bytes(), NAMES, time.time())
+    assert [s for s, _ in got.entries] == ["s1"]
 
 
 @pytest.mark.parametrize(

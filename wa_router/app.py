@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .forward import AiohttpForwarder, Forwarder
 from .h1 import LeanForwarder
 from .health import HealthChecker
-from .laravel_budget import LaravelBudget
+from .laravel_budget import Budget, LaravelBudget
 from .lean import LeanServer
 from .metrics import Metrics
 from .parking import Parking
@@ -34,6 +34,7 @@ from .proxy import Proxy
 from .replay import SharedKV
 from .rules import RuleTable, SessionIdPolicy
 from .runtime import Router, RouterControl, answering, view_of
+from .shared_budget import SharedBudget
 from .stores import MemoryStore, RedisStore, Store
 from .stores.snapshot import Snapshot
 from .stream_backlog import StreamBacklog
@@ -80,25 +81,31 @@ def build_backlog(
     wh = cfg.webhooks
     if not (wh.secrets and wh.laravel_url):
         return None, None
-    # Laravel counts per client IP: the workers of one router share its allowance.
+    # Laravel counts per client IP: this process's share of the allowance, which is all of
+    # it with one process (the SQLite backlog); with the streams the count is shared in
+    # Redis and the share only decides while Redis does not answer (shared_budget.py).
     per_minute = wh.laravel_max_per_minute
-    if per_minute is not None:
-        per_minute = max(1, per_minute // workers)
-    relay = Relay(
-        forwarder,
-        laravel_instance(wh.laravel_url),
-        secret=wh.secrets[0],
-        resign_after_s=wh.resign_after_s,
-        timeout_s=wh.relay_timeout_s,
-        retry_base_s=wh.retry_base_s,
-        retry_max_s=wh.retry_max_s,
-        inflight_s=wh.inflight_s,
-        budget=LaravelBudget(per_minute, window_s=wh.laravel_limit_window_s),
-    )
+    share = None if per_minute is None else max(1, per_minute // workers)
+    own = LaravelBudget(share, window_s=wh.laravel_limit_window_s)
+    laravel = laravel_instance(wh.laravel_url)
+
+    def relay(budget: Budget) -> Relay:
+        return Relay(
+            forwarder,
+            laravel,
+            secret=wh.secrets[0],
+            resign_after_s=wh.resign_after_s,
+            timeout_s=wh.relay_timeout_s,
+            retry_base_s=wh.retry_base_s,
+            retry_max_s=wh.retry_max_s,
+            inflight_s=wh.inflight_s,
+            budget=budget,
+        )
+
     state = Path(cfg.state.dir)
     if backlog_kind(cfg) == "sqlite":
         sqlite = SqliteBacklog(state / "webhooks.sqlite3", max_items=wh.backlog_max_items)
-        return sqlite, Deliverer(sqlite, relay)
+        return sqlite, Deliverer(sqlite, relay(own))
     # Each process its own spool file: two movers of one file would both move its items.
     name = "webhooks-spool.sqlite3" if worker is None else f"webhooks-spool-{worker}.sqlite3"
     streams = StreamBacklog(
@@ -111,7 +118,15 @@ def build_backlog(
         sentinel_master=cfg.store.sentinel_master,
         breaker=breaker,
     )
-    return streams, StreamRelay(streams, relay, claim_after_s=wh.claim_after_s)
+    shared = SharedBudget(
+        streams.redis,
+        key_prefix=cfg.store.key_prefix,
+        per_window=per_minute,
+        window_s=wh.laravel_limit_window_s,
+        breaker=breaker,
+        fallback=own,
+    )
+    return streams, StreamRelay(streams, relay(shared), claim_after_s=wh.claim_after_s)
 
 
 def build_router(

@@ -11,6 +11,7 @@ refuse a webhook that only waited for it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from yarl import URL
 from .backlog import Pending, Queue
 from .errors import SentNoAnswer, UpstreamError
 from .forward import Forwarder, UpstreamRequest, fetch
-from .laravel_budget import LaravelBudget, retry_after
+from .laravel_budget import Budget, LaravelBudget, retry_after
 from .pool import Instance
 from .signing import SIGNATURE, TIMESTAMP, sign
 
@@ -39,7 +40,7 @@ _WAKE_EVERY_S = 1.0
 # While every session backs off from a Laravel outage, one of them is tried this often.
 _PROBE_S = 2.0
 # A web server's answers for a PHP behind it that is down: Laravel's limiter never ran.
-_GATEWAY = frozenset({502, 503, 504})
+GATEWAY = frozenset({502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,7 @@ class RelayResult:
     detail: str = ""
     unknown: bool = False  # sent, no answer: Laravel may still be processing it
     retry_after_s: float | None = None  # a 429's Retry-After
+    pause_s: float = 0.0  # a 429's: how long nothing more goes to Laravel
 
 
 def verdict_for(status: int) -> str:
@@ -93,30 +95,32 @@ async def post_raw(
 
 
 async def post_within(
-    budget: LaravelBudget,
+    budget: Budget,
     forwarder: Forwarder,
     laravel: Instance,
     path: str,
     body: bytes,
     headers: Sequence[tuple[str, str]],
     timeout_s: float,
-) -> RelayResult | None:
-    """`post_raw` when Laravel's limiter leaves room (`laravel_budget.py`); None, and
-    nothing sent, when it does not. A 429 closes the budget for a while."""
-    if budget.defer() > 0:
-        return None
-    budget.sent()
+) -> RelayResult | float:
+    """`post_raw` when Laravel's limiter leaves room (`laravel_budget.py`); else, and
+    nothing sent, how long to hold off. A 429 pauses the budget (`pause_s` says how long)."""
+    wait = await budget.take()
+    if wait > 0:
+        return wait
     result = await post_raw(forwarder, laravel, path, body, headers, timeout_s)
     if result.status == 429:
-        throttled(budget, result.retry_after_s)
-    elif (result.status is None and not result.unknown) or result.status in _GATEWAY:
-        budget.refund()  # not reached (a timeout did reach it), or a gateway's answer
+        pause = await throttled(budget, result.retry_after_s)
+        return dataclasses.replace(result, pause_s=pause)
+    if (result.status is None and not result.unknown) or result.status in GATEWAY:
+        await budget.give_back()  # not reached (a timeout did reach it), or a gateway's
     return result
 
 
-def throttled(budget: LaravelBudget, retry_after_s: float | None) -> None:
-    pause = budget.throttled(retry_after_s)
+async def throttled(budget: Budget, retry_after_s: float | None) -> float:
+    pause = await budget.pause(retry_after_s)
     log.warning("laravel_throttled", pause_s=round(pause, 1), throttles=budget.throttles)
+    return pause
 
 
 def resign(
@@ -180,10 +184,10 @@ class Relay:
         retry_max_s: float,
         inflight_s: float = 60.0,
         wall: Callable[[], float] = time.time,
-        budget: LaravelBudget | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self._forwarder = forwarder
-        self.budget = budget or LaravelBudget(None)
+        self.budget: Budget = budget or LaravelBudget(None)
         self._laravel = laravel
         self.secret = secret
         self._resign_after_s = resign_after_s
@@ -210,16 +214,16 @@ class Relay:
             headers,
             self.timeout_s,
         )
-        if result is None:
+        if isinstance(result, float):
             # Held back, not tried: it goes once Laravel's limiter has room again.
-            wait = self.budget.wait_s()
-            return Outcome(False, wait, RelayResult("retry", None, detail="laravel_limit"), False)
+            held = RelayResult("retry", None, detail="laravel_limit")
+            return Outcome(False, result, held, sent=False)
         if result.verdict == "retry":
             self.failures += 1
             delay = backoff_s(item.attempts + 1, self._base_s, self._max_s, random.random())
             if result.unknown:
                 delay = max(delay, self.inflight_s)
-            delay = max(delay, self.budget.closed_s())
+            delay = max(delay, result.pause_s)
             log.info(
                 "webhook_delivery_failed",
                 id=item.id,

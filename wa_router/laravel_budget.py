@@ -9,19 +9,40 @@ sends: at most `per_window` sends since it was last silent for a whole `window_s
 429 came, nothing at all for `window_s` (or the answer's Retry-After, if longer). What is
 not sent now waits in the backlog, in order; nothing is dropped.
 
-Pure but for the clock: `wait_s()` says how long to hold off (0: send now), `sent()`
-counts a send (`refund()` takes back one that never reached Laravel), `throttled()`
-records a 429.
+`LaravelBudget` is one process's count, pure but for the clock: `wait_s()` says how long
+to hold off (0: send now), `sent()` counts a send (`refund()` takes back one that never
+reached Laravel), `throttled()` records a 429. What sends to Laravel uses the `Budget`
+face (`take`, `give_back`, `pause`): this one's, or the one kept in Redis for every
+worker and router on the key prefix (`shared_budget.py`), since Laravel counts them all
+as one IP's.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 # A Retry-After longer than this is taken as this: a wrong one must not stop relaying for
 # good (the backlog would only grow), and Laravel's own window is a minute.
 MAX_PAUSE_S = 600.0
+
+
+class Budget(Protocol):
+    throttles: int  # 429s Laravel answered (this process saw)
+    deferred: int  # times a send was held back here (a waiting webhook each time it is tried)
+
+    async def take(self) -> float:
+        """0: a send may go now, and is counted; else how long to hold off (not counted)."""
+        ...
+
+    async def give_back(self) -> None:
+        """The send taken never reached Laravel's limiter (`LaravelBudget.refund`)."""
+        ...
+
+    async def pause(self, retry_after_s: float | None) -> float:
+        """Laravel answered 429: nothing for a window at least; the pause, in s."""
+        ...
 
 
 class LaravelBudget:
@@ -52,16 +73,19 @@ class LaravelBudget:
             return 0.0
         return self._last + self.window_s - now
 
-    def closed_s(self) -> float:
-        """How long the pause after a 429 still runs (0: none)."""
-        return max(0.0, self._closed_until - self._clock())
-
-    def defer(self) -> float:
-        """`wait_s`, counting a send held back when there is a wait."""
+    async def take(self) -> float:
         wait = self.wait_s()
         if wait > 0:
             self.deferred += 1
-        return wait
+            return wait
+        self.sent()
+        return 0.0
+
+    async def give_back(self) -> None:
+        self.refund()
+
+    async def pause(self, retry_after_s: float | None) -> float:
+        return self.throttled(retry_after_s)
 
     def sent(self) -> None:
         now = self._clock()
@@ -80,7 +104,7 @@ class LaravelBudget:
     def throttled(self, retry_after_s: float | None) -> float:
         """Laravel answered 429: silence for a whole window at least. The pause, in s."""
         now = self._clock()
-        pause = max(self.window_s, min(retry_after_s or 0.0, MAX_PAUSE_S))
+        pause = pause_s(self.window_s, retry_after_s)
         self._closed_until = max(self._closed_until, now + pause)
         self.throttles += 1
         return self._closed_until - now
@@ -94,4 +118,9 @@ def retry_after(value: str | None) -> float | None:
     return float(value.strip())
 
 
-__all__ = ["LaravelBudget", "retry_after"]
+def pause_s(window_s: float, retry_after_s: float | None) -> float:
+    """A 429's pause: a whole window at least, its Retry-After if longer (up to a cap)."""
+    return max(window_s, min(retry_after_s or 0.0, MAX_PAUSE_S))
+
+
+__all__ = ["MAX_PAUSE_S", "Budget", "LaravelBudget", "pause_s", "retry_after"]

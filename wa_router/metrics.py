@@ -208,8 +208,8 @@ class RouterCollector(Collector):
             yield later
             limit = CounterMetricFamily(
                 "wa_router_laravel_limit",
-                "Laravel's webhook limiter: its 429s (throttled), and sends the router held "
-                "back to stay under it (held_back; they wait in the backlog)",
+                "Laravel's webhook limiter: its 429s (throttled), and times a send was held "
+                "back to stay under it (held_back: a waiting webhook counts at every try)",
                 labels=["event"],
             )
             limit.add_metric(["throttled"], delivery.throttled)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import time
 import uuid
 from collections import Counter
@@ -24,7 +25,14 @@ from aiohttp import web
 from .backlog import Backlog
 from .breaker import Breaker
 from .config import WebhookConfig
-from .delivery import Delivering, RelayResult, laravel_instance, post_within, throttled
+from .delivery import (
+    GATEWAY,
+    Delivering,
+    RelayResult,
+    laravel_instance,
+    post_within,
+    throttled,
+)
 from .directory import Directory
 from .discovery import Discovery
 from .errors import NotReached, RequestRejected, UpstreamError
@@ -40,7 +48,7 @@ from .events import (
 from .forward import Forwarder, UpstreamRequest
 from .gate import REFUSE, WEBHOOK, decide_path
 from .httpio import forward_headers, json_error, method_not_allowed, read_body, relay
-from .laravel_budget import LaravelBudget, retry_after
+from .laravel_budget import Budget, LaravelBudget, retry_after
 from .laravel_view import DROP, HOLD, RELAY, Held, Holding, relayed_headers, verdict
 from .pool import Pool, State
 from .replay import Memory, SharedKV
@@ -112,7 +120,9 @@ class Webhooks:
         self.deliverer = deliverer
         # Laravel's webhook limiter, counted for everything this router sends there: the
         # relay's own when there is one (the backlog's deliveries count with ours).
-        self.budget = deliverer.relay.budget if deliverer is not None else LaravelBudget(None)
+        self.budget: Budget = (
+            deliverer.relay.budget if deliverer is not None else LaravelBudget(None)
+        )
         # Node's key, for the probes that check a disconnect against the pool (app.py).
         self.probe_key: str | None = None
 
@@ -337,9 +347,9 @@ class Webhooks:
         assert self.backlog is not None
         # Per-session order: behind anything already waiting for this session (with
         # several routers, always through the shared backlog).
-        result: RelayResult | None = None
+        result: RelayResult | float | None = None
         if self.backlog.direct and await self.backlog.pending(session) == 0:
-            # None: Laravel's limiter has no room now; it waits in the backlog.
+            # A float: Laravel's limiter has no room now; it waits in the backlog.
             result = await post_within(
                 self.budget,
                 self._forwarder,
@@ -349,7 +359,7 @@ class Webhooks:
                 headers,
                 self.cfg.relay_timeout_s,
             )
-        if result is not None:
+        if isinstance(result, RelayResult):
             if result.verdict != "retry":
                 self.stats.relayed += 1
                 resp = web.Response(
@@ -420,19 +430,19 @@ class Webhooks:
             if counted:
                 # Refused here, not by Laravel: its refusal would count against the router.
                 verify(request.headers, body, self.cfg.secrets, self._clock(), self.cfg.window_s)
-            closed_s = self.budget.closed_s() if counted else 0.0
-            if closed_s > 0:
-                # Laravel said 429 lately: one more call would re-arm its minute for all.
+            wait_s = await self.budget.take() if counted else 0.0
+            if wait_s > 0:
+                # Past the allowance, or Laravel said 429 lately: one more call would re-arm
+                # its minute for every webhook.
+                after = math.ceil(wait_s)
                 refused = RequestRejected(
                     429,
                     "laravel_throttled",
-                    "Laravel is rate-limiting this router's calls; retry later",
-                    retry_after_s=int(closed_s) + 1,
+                    "Laravel's limit for this router's calls is reached; retry later",
+                    retry_after_s=after,
                 )
-                refused.headers["Retry-After"] = str(int(closed_s) + 1)
+                refused.headers["Retry-After"] = str(after)
                 raise refused
-            if counted:
-                self.budget.sent()
             req = UpstreamRequest(
                 request.method,
                 request.rel_url.raw_path_qs,
@@ -444,12 +454,14 @@ class Webhooks:
                 up = await self._forwarder.send(self.laravel, req)
             except UpstreamError as exc:
                 if counted and isinstance(exc, NotReached):
-                    self.budget.refund()
+                    await self.budget.give_back()
                 raise failure_answer(exc, None, retried=False) from None
-            if up.status == 429:
-                throttled(self.budget, retry_after(up.headers.get("Retry-After")))
-            elif counted and up.status in (502, 503, 504):
-                self.budget.refund()  # a gateway's: Laravel's limiter never saw it
+            # A 429 on a call nobody verified says nothing of the webhooks' allowance (it
+            # may be another limiter's), and strangers could use it to pause them.
+            if counted and up.status == 429:
+                await throttled(self.budget, retry_after(up.headers.get("Retry-After")))
+            elif counted and up.status in GATEWAY:
+                await self.budget.give_back()  # a gateway's: Laravel's limiter never saw it
             return await relay(request, up, None)
         except RequestRejected as exc:
             return json_error(exc)

@@ -88,8 +88,13 @@ class MemoryStore:
         )
 
     def entries(self) -> list[tuple[str, Entry]]:
-        """Every entry, tombstones included (they keep late, older news out): a copy."""
-        return list(self._entries.items())
+        """Every entry, tombstones included while they keep late, older news out: a copy."""
+        expired = self._clock() - self._tombstone_ttl_s
+        return [
+            (session, e)
+            for session, e in self._entries.items()
+            if e.instance is not None or e.observed_at >= expired
+        ]
 
     async def set_draining(self, instance: str, draining: bool) -> None:
         if draining:

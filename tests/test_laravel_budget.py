@@ -262,3 +262,23 @@ async def test_strangers_calls_to_laravel_do_not_spend_the_webhooks_allowance(
         assert resp.status == 200  # relayed at once, not held back
         assert len(laravel.events) == 1 and laravel.accounts_calls == 10
         assert router.webhooks.budget.deferred == 0
+
+
+async def test_a_429_nobody_verified_pauses_nothing_and_a_signed_call_keeps_to_the_count(
+    sims: list[SimInstance], start_router: StartRouter, tmp_path: Path
+) -> None:
+    async with SimLaravel(secret=SECRET) as laravel:
+        laravel.accounts_status = 429  # another limiter of Laravel's, or a stranger's doing
+        client, router = await start_router(
+            relaying(sims, laravel, tmp_path, laravel_max_per_minute=1)
+        )
+        assert (await client.get("/api/whatsapp/accounts/active")).status == 429
+        body, headers = signed_webhook(SECRET, "message_received", {"session_id": "s1"}, 1)
+        assert (await client.post(HOOK, data=body, headers=headers)).status == 200
+        assert router.webhooks.budget.throttles == 0 and len(laravel.events) == 1
+        # The allowance (1) is spent: a signed chats/sync would be Laravel's 1,001st hit.
+        body, headers = signed_webhook(SECRET, "chats", {"session_id": "s1"}, 1)
+        resp = await client.post("/api/whatsapp/chats/sync", data=body, headers=headers)
+        assert resp.status == 429 and (await resp.json())["error"] == "laravel_throttled"
+        assert 0 < int(resp.headers["Retry-After"]) <= 60
+        assert not any(c.path == "/api/whatsapp/chats/sync" for c in laravel.calls)

@@ -307,5 +307,14 @@ class SimLaravel:
         return web.json_response({"message": "Not Found"}, status=404)
 
     async def _other(self, request: web.Request) -> web.Response:
+        # chats/sync goes through VerifyWhatsAppHmac too, and so through its limiter.
+        if request.path == "/api/whatsapp/chats/sync" and self._limited(request):
+            self.throttled += 1
+            await self._record(request, 429)
+            return web.json_response(
+                {"message": "Too Many Attempts."},
+                status=429,
+                headers={"Retry-After": str(int(self.rate_window_s))},
+            )
         await self._record(request, 200)
         return web.json_response({"success": True})

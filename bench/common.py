@@ -402,6 +402,8 @@ def speedscope_top(path: Path, count: int = 15) -> list[tuple[str, float, float]
     weight_sum = 0.0
     for profile in doc["profiles"]:
         for stack, weight in zip(profile["samples"], profile["weights"], strict=True):
+            if stack and _waiting_for_work(frames[stack[-1]]):
+                continue  # an idle executor thread py-spy's idle filter does not see
             if stack:  # root first, leaf last
                 leaf = func(stack[-1])
                 weight_sum += weight
@@ -411,6 +413,14 @@ def speedscope_top(path: Path, count: int = 15) -> list[tuple[str, float, float]
     hottest = {f: line for (f, line), _ in sorted(lines.items(), key=lambda kv: kv[1])}
     pct = 100 / weight_sum
     return [(f"{f}:{hottest[f]})", w * pct, total[f] * pct) for f, w in own.most_common(count)]
+
+
+def _waiting_for_work(frame: dict[str, object]) -> bool:
+    """An executor thread blocked in its queue (`concurrent/futures/thread.py` `_worker`
+    as the leaf: any work it does has frames of its own below it)."""
+    return frame.get("name") == "_worker" and str(frame.get("file", "")).endswith(
+        "concurrent/futures/thread.py"
+    )
 
 
 def pyspy_record(pid: int, seconds: int, out: Path, log_dir: Path, prefix: Sequence[str]) -> Proc:

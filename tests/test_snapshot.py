@@ -276,6 +276,7 @@ async def test_an_unreadable_snapshot_is_logged_and_the_router_starts_empty(
         (3.0, False, True),  # young: restoring, though this router never saw it go
         (3600.0, False, False),  # up for an hour: long done restoring
         (3.0, True, False),  # seen back long ago: its own account, not overwritten
+        (-5.0, False, False),  # nonsense: not taken for a restart
     ],
 )
 def test_the_first_uptime_seen_says_when_an_instance_came_back(

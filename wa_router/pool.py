@@ -185,7 +185,7 @@ class Pool:
         """The instance's own uptime, the first the router sees of it: a router started
         while the instance restores (both restarted at once) knows it came back then, not
         never, and waits for its restoring sessions as a router that saw it go would."""
-        if inst.back_at is None:
+        if inst.back_at is None and uptime_s >= 0:  # a negative one says nothing
             inst.back_at = self._clock() - uptime_s
 
     def recently_back(self, inst: Instance, window_s: float) -> bool:

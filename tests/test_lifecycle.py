@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import re
 import shutil
@@ -43,9 +44,18 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "wa_router.cli", *args]
 
 
-async def spawn(argv: Sequence[str], *, stdout: Any, stderr: Any) -> asyncio.subprocess.Process:
+async def spawn(
+    argv: Sequence[str], *, stdout: Any, stderr: Any, cwd: Path = ROOT
+) -> asyncio.subprocess.Process:
+    # The repo's package whatever the working directory (`python -m` looks there first).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return await asyncio.create_subprocess_exec(
-        *argv, cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=stderr
+        *argv,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": path},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
     )
 
 
@@ -82,6 +92,9 @@ async def router_process(
             [sys.executable, "-m", "wa_router.cli", "serve", "-c", str(cfg), *extra],
             stdout=out,
             stderr=err,
+            # Beside its config: a config without state.dir keeps ./state there, not in
+            # the repo (the directory snapshot is written at every stop).
+            cwd=cfg.parent,
         )
         try:
             yield proc

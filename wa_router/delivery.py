@@ -1,17 +1,16 @@
 """Relaying webhooks to Laravel, now or later.
 
-`post_raw` makes one attempt and says what it means (`delivered`, `final`: Laravel refused
-it for good, `retry`: try again later). `Deliverer` empties the durable backlog in the
-background: the oldest webhook of each session first (per-session order), exponential
-backoff with jitter per session while Laravel is down, no limit on age. A webhook whose
-timestamp has aged past Laravel's window is re-signed with a fresh one, or Laravel would
-refuse a webhook that only waited for it.
+`post_within` makes one attempt, within Laravel's limiter, and says what it means
+(`delivered`, `final`: Laravel refused it for good, `retry`: try again later). `Deliverer`
+empties the durable backlog in the background: the oldest webhook of each session first
+(per-session order), exponential backoff with jitter per session while Laravel is down, no
+limit on age. A webhook whose timestamp has aged past Laravel's window is re-signed with a
+fresh one, or Laravel would refuse a webhook that only waited for it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +39,7 @@ _WAKE_EVERY_S = 1.0
 # While every session backs off from a Laravel outage, one of them is tried this often.
 _PROBE_S = 2.0
 # A web server's answers for a PHP behind it that is down: Laravel's limiter never ran.
-GATEWAY = frozenset({502, 503, 504})
+_GATEWAY = frozenset({502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,31 +68,6 @@ def laravel_instance(url: str) -> Instance:
     return Instance(name="laravel", url=URL(url), base=url.rstrip("/"))
 
 
-async def post_raw(
-    forwarder: Forwarder,
-    laravel: Instance,
-    path: str,
-    body: bytes,
-    headers: Sequence[tuple[str, str]],
-    timeout_s: float,
-) -> RelayResult:
-    req = UpstreamRequest("POST", path, CIMultiDict(headers), body, timeout_s)
-    try:
-        answer = await fetch(forwarder, laravel, req, timeout_s)
-    except UpstreamError as exc:
-        return RelayResult("retry", None, detail=exc.detail, unknown=isinstance(exc, SentNoAnswer))
-    return RelayResult(
-        verdict_for(answer.status),
-        answer.status,
-        answer.body,
-        answer.headers.get("Content-Type", "application/json"),
-        detail=f"HTTP {answer.status}",
-        retry_after_s=retry_after(answer.headers.get("Retry-After"))
-        if answer.status == 429
-        else None,
-    )
-
-
 async def post_within(
     budget: Budget,
     forwarder: Forwarder,
@@ -103,24 +77,42 @@ async def post_within(
     headers: Sequence[tuple[str, str]],
     timeout_s: float,
 ) -> RelayResult | float:
-    """`post_raw` when Laravel's limiter leaves room (`laravel_budget.py`); else, and
-    nothing sent, how long to hold off. A 429 pauses the budget (`pause_s` says how long)."""
+    """One attempt when Laravel's limiter leaves room (`laravel_budget.py`), and what it
+    means; else, and nothing sent, how long to hold off. A 429 pauses the budget
+    (`pause_s` says how long)."""
     wait = await budget.take()
     if wait > 0:
         return wait
-    result = await post_raw(forwarder, laravel, path, body, headers, timeout_s)
-    if result.status == 429:
-        pause = await throttled(budget, result.retry_after_s)
-        return dataclasses.replace(result, pause_s=pause)
-    if (result.status is None and not result.unknown) or result.status in GATEWAY:
-        await budget.give_back()  # not reached (a timeout did reach it), or a gateway's
-    return result
+    req = UpstreamRequest("POST", path, CIMultiDict(headers), body, timeout_s)
+    try:
+        answer = await fetch(forwarder, laravel, req, timeout_s)
+    except UpstreamError as exc:
+        unknown = isinstance(exc, SentNoAnswer)
+        if not unknown:
+            await budget.give_back()  # not reached (a timeout did reach it)
+        return RelayResult("retry", None, detail=exc.detail, unknown=unknown)
+    after = retry_after(answer.headers.get("Retry-After")) if answer.status == 429 else None
+    return RelayResult(
+        verdict_for(answer.status),
+        answer.status,
+        answer.body,
+        answer.headers.get("Content-Type", "application/json"),
+        detail=f"HTTP {answer.status}",
+        retry_after_s=after,
+        pause_s=await settle(budget, answer.status, after),
+    )
 
 
-async def throttled(budget: Budget, retry_after_s: float | None) -> float:
-    pause = await budget.pause(retry_after_s)
-    log.warning("laravel_throttled", pause_s=round(pause, 1), throttles=budget.throttles)
-    return pause
+async def settle(budget: Budget, status: int, retry_after_s: float | None) -> float:
+    """What Laravel's answer to a counted send says of its limiter: a 429 pauses it (the
+    pause, in s; 0 otherwise), a gateway's 5xx never reached it (given back)."""
+    if status == 429:
+        pause = await budget.pause(retry_after_s)
+        log.warning("laravel_throttled", pause_s=round(pause, 1), throttles=budget.throttles)
+        return pause
+    if status in _GATEWAY:
+        await budget.give_back()
+    return 0.0
 
 
 def resign(

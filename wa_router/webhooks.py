@@ -25,14 +25,7 @@ from aiohttp import web
 from .backlog import Backlog
 from .breaker import Breaker
 from .config import WebhookConfig
-from .delivery import (
-    GATEWAY,
-    Delivering,
-    RelayResult,
-    laravel_instance,
-    post_within,
-    throttled,
-)
+from .delivery import Delivering, RelayResult, laravel_instance, post_within, settle
 from .directory import Directory
 from .discovery import Discovery
 from .errors import NotReached, RequestRejected, UpstreamError
@@ -458,10 +451,8 @@ class Webhooks:
                 raise failure_answer(exc, None, retried=False) from None
             # A 429 on a call nobody verified says nothing of the webhooks' allowance (it
             # may be another limiter's), and strangers could use it to pause them.
-            if counted and up.status == 429:
-                await throttled(self.budget, retry_after(up.headers.get("Retry-After")))
-            elif counted and up.status in GATEWAY:
-                await self.budget.give_back()  # a gateway's: Laravel's limiter never saw it
+            if counted:
+                await settle(self.budget, up.status, retry_after(up.headers.get("Retry-After")))
             return await relay(request, up, None)
         except RequestRejected as exc:
             return json_error(exc)
